@@ -1,0 +1,182 @@
+"""The event types of one run and their JSON form.
+
+Adapters turn trainer lines into these; the engine adds its own (started, signal,
+exited, outcome). Each event becomes one line of ``events.jsonl`` with the run-relative
+time ``t`` in front, and the report is rebuilt from those lines alone, so the JSON form
+is the contract: absent values are left out, never filled with a placeholder.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar
+
+SCHEMA = "lorasup.events/1"
+
+
+def _number(value: float) -> float | str:
+    """JSON has no NaN/inf; a diverged loss must still be written, so spell it."""
+    if math.isfinite(value):
+        return value
+    return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+
+
+def read_number(value: Any) -> float | None:
+    """Inverse of the spelled-out non-finite floats above."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return float(value)
+    return float(value)
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """Base: subclasses set ``kind`` and declare their fields."""
+
+    kind: ClassVar[str] = "event"
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"kind": self.kind}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is None:
+                continue
+            if isinstance(value, float):
+                value = _number(value)
+            elif isinstance(value, tuple):
+                value = list(value)
+            out[f.name] = value
+        return out
+
+    def to_json(self, t: float) -> str:
+        record = {"t": round(t, 6)}
+        record.update(self.to_dict())
+        return json.dumps(record, ensure_ascii=False, separators=(",", ":"))
+
+
+@dataclass(frozen=True, slots=True)
+class Started(Event):
+    kind: ClassVar[str] = "started"
+    run_id: str
+    trainer: str
+    argv: tuple[str, ...]
+    pid: int
+    steps_requested: int
+    wall_time: float
+
+
+@dataclass(frozen=True, slots=True)
+class Step(Event):
+    """Progress at optimizer step ``step``; a step may be reported again with more values.
+
+    ``loss`` is the per-step loss, ``avg_loss`` the trainer's own running average; either
+    is None when the trainer's output does not carry it.
+    """
+
+    kind: ClassVar[str] = "step"
+    step: int
+    total: int | None = None
+    loss: float | None = None
+    avg_loss: float | None = None
+    lr: float | None = None
+    epoch: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Resumed(Event):
+    """The trainer continues an earlier run: its step numbers start after ``step``."""
+
+    kind: ClassVar[str] = "resumed"
+    step: int
+
+
+@dataclass(frozen=True, slots=True)
+class Scalar(Event):
+    """A named metric at a step from a richer source (e.g. TensorBoard event files)."""
+
+    kind: ClassVar[str] = "scalar"
+    tag: str
+    step: int
+    value: float
+    source: str = "console"
+    wall_time: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Epoch(Event):
+    kind: ClassVar[str] = "epoch"
+    epoch: int
+    total: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Checkpoint(Event):
+    kind: ClassVar[str] = "checkpoint"
+    path: str
+    step: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Finished(Event):
+    """The trainer printed its completion marker (e.g. kohya's ``model saved.``)."""
+
+    kind: ClassVar[str] = "finished"
+    marker: str
+
+
+@dataclass(frozen=True, slots=True)
+class Problem(Event):
+    """A known failure pattern in the output: ``problem`` names it, ``line`` shows it."""
+
+    kind: ClassVar[str] = "problem"
+    problem: str
+    line: str
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected(Event):
+    """A step beyond the requested N: counted, never recorded as a step."""
+
+    kind: ClassVar[str] = "rejected"
+    step: int
+
+
+@dataclass(frozen=True, slots=True)
+class SignalSent(Event):
+    kind: ClassVar[str] = "signal"
+    signal: str
+    reason: str
+    pids: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Exited(Event):
+    kind: ClassVar[str] = "exited"
+    returncode: int
+
+
+@dataclass(frozen=True, slots=True)
+class Note(Event):
+    """Something the supervisor wants on record (a watchdog firing, a fallback taken)."""
+
+    kind: ClassVar[str] = "note"
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome(Event):
+    kind: ClassVar[str] = "outcome"
+    outcome: str
+    exit_code: int
+    reason: str
+    trainer_returncode: int | None = None
+
+
+EVENT_TYPES: dict[str, type[Event]] = {
+    cls.kind: cls
+    for cls in (Started, Step, Resumed, Scalar, Epoch, Checkpoint, Finished, Problem, Rejected,
+                SignalSent, Exited, Note, Outcome)
+}

@@ -1,0 +1,126 @@
+"""The adapter protocol: everything lorasup knows about one trainer program.
+
+The engine drives any trainer through this surface only: the argv to run (with the
+step limit injected), how to read its lines, whether it stops by itself at the limit,
+and which signals stop it gracefully.
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from supervisor.events import Event, Problem
+
+
+class UsageError(ValueError):
+    """The job cannot be run as given; nothing was started (exit code 2)."""
+
+
+@dataclass(frozen=True, slots=True)
+class TrainerJob:
+    """What an adapter needs to build the command: the resolved job, nothing else."""
+
+    steps: int
+    argv: tuple[str, ...]
+    run_dir: str
+    options: tuple[tuple[str, str], ...] = ()
+
+    def option(self, name: str, default: str | None = None) -> str | None:
+        return dict(self.options).get(name, default)
+
+
+class Adapter(Protocol):
+    name: str
+    #: whether the program ends by itself at the injected step limit (then lorasup waits
+    #: for its final save instead of stopping it at step N)
+    stops_by_itself: bool
+    #: the graceful ladder before SIGKILL, in order
+    stop_signals: tuple[signal.Signals, ...]
+
+    def resolve_steps(self, steps: int | None, argv: Sequence[str]) -> int:
+        """The step count to enforce; raise UsageError when none can be known."""
+
+    def command(self, job: TrainerJob) -> list[str]:
+        """The argv to spawn (never a shell string), step limit injected."""
+
+    def environment(self) -> dict[str, str]:
+        """Extra environment for the child (on top of lorasup's own)."""
+
+    def parse(self, line: str) -> Iterable[Event]:
+        """One decoded line in, zero or more events out. Pure, fast, never raises."""
+
+
+@dataclass(frozen=True, slots=True)
+class ProblemPattern:
+    """A failure signature as data: a cheap substring test, then an optional regex."""
+
+    problem: str
+    needle: str
+    regex: re.Pattern[str] | None = None
+
+    def match(self, line: str) -> Problem | None:
+        if self.needle not in line:
+            return None
+        if self.regex is not None and self.regex.search(line) is None:
+            return None
+        return Problem(problem=self.problem, line=line.strip()[:500])
+
+
+#: signatures common to Python/PyTorch trainers
+PYTHON_PROBLEMS: tuple[ProblemPattern, ...] = (
+    ProblemPattern(
+        "cuda_out_of_memory", "out of memory", re.compile(r"CUDA (?:error: )?out of memory")
+    ),
+    ProblemPattern("cuda_out_of_memory", "OutOfMemoryError"),
+    ProblemPattern("traceback", "Traceback (most recent call last)"),
+)
+
+
+def match_problems(line: str, patterns: Iterable[ProblemPattern]) -> list[Event]:
+    """All distinct problems a line shows (first pattern per problem name wins)."""
+    found: list[Event] = []
+    seen: set[str] = set()
+    for pattern in patterns:
+        if pattern.problem in seen:
+            continue
+        event = pattern.match(line)
+        if event is not None:
+            seen.add(pattern.problem)
+            found.append(event)
+    return found
+
+
+def replace_flag(argv: Sequence[str], flag: str, value: str, *, style: str = "=") -> list[str]:
+    """argv with every ``flag`` (``--f=v`` or ``--f v``) removed and ``flag value`` appended.
+
+    ``style`` "=" appends ``--flag=value``; " " appends ``--flag value``.
+    """
+    out: list[str] = []
+    skip_next = False
+    for arg in argv:
+        if skip_next:
+            skip_next = False
+            continue
+        if arg == flag:
+            skip_next = True
+            continue
+        if arg.startswith(flag + "="):
+            continue
+        out.append(arg)
+    out.extend([f"{flag}={value}"] if style == "=" else [flag, value])
+    return out
+
+
+def flag_value(argv: Sequence[str], flag: str) -> str | None:
+    """The last value given for ``flag`` (``--f=v`` or ``--f v``), or None."""
+    value: str | None = None
+    for i, arg in enumerate(argv):
+        if arg == flag and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif arg.startswith(flag + "="):
+            value = arg[len(flag) + 1:]
+    return value
