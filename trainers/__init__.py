@@ -1,0 +1,24 @@
+"""Trainer adapters, looked up by name; the engine imports trainers only through here."""
+
+from __future__ import annotations
+
+from importlib import import_module
+
+from trainers.base import Adapter, UsageError
+
+#: name → "module:Class"; imported on demand so an unused adapter costs nothing
+REGISTRY: dict[str, str] = {
+    "builtin": "trainers.builtin.adapter:BuiltinAdapter",
+    "kohya": "trainers.kohya:KohyaAdapter",
+    "native": "trainers.native:NativeAdapter",
+}
+
+
+def get_adapter(name: str) -> Adapter:
+    try:
+        target = REGISTRY[name]
+    except KeyError:
+        known = ", ".join(sorted(REGISTRY))
+        raise UsageError(f"unknown trainer {name!r} (known: {known})") from None
+    module_name, class_name = target.split(":")
+    return getattr(import_module(module_name), class_name)()

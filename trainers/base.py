@@ -94,11 +94,8 @@ def match_problems(line: str, patterns: Iterable[ProblemPattern]) -> list[Event]
     return found
 
 
-def replace_flag(argv: Sequence[str], flag: str, value: str, *, style: str = "=") -> list[str]:
-    """argv with every ``flag`` (``--f=v`` or ``--f v``) removed and ``flag value`` appended.
-
-    ``style`` "=" appends ``--flag=value``; " " appends ``--flag value``.
-    """
+def drop_flag(argv: Sequence[str], flag: str) -> list[str]:
+    """argv without any ``flag`` (``--f=v`` or ``--f v`` forms)."""
     out: list[str] = []
     skip_next = False
     for arg in argv:
@@ -111,6 +108,15 @@ def replace_flag(argv: Sequence[str], flag: str, value: str, *, style: str = "="
         if arg.startswith(flag + "="):
             continue
         out.append(arg)
+    return out
+
+
+def replace_flag(argv: Sequence[str], flag: str, value: str, *, style: str = "=") -> list[str]:
+    """argv with every ``flag`` removed and ``flag value`` appended.
+
+    ``style`` "=" appends ``--flag=value``; " " appends ``--flag value``.
+    """
+    out = drop_flag(argv, flag)
     out.extend([f"{flag}={value}"] if style == "=" else [flag, value])
     return out
 

@@ -1,0 +1,117 @@
+"""Bytes from a trainer's pipe → decoded, cleaned lines, without ever waiting for a newline.
+
+Trainers redraw progress bars with a bare ``\\r`` and flush each frame with no terminator
+after it. A splitter that waits for the next terminator sees every frame one frame late,
+so the fragment a chunk ends with is handed out *provisionally* when it follows a ``\\r``
+(it is a redraw); when the same line is later terminated it is handed out again only if
+it grew. Lines are capped so a trainer that never prints a newline cannot grow memory.
+"""
+
+from __future__ import annotations
+
+import codecs
+import re
+
+#: the default cap on one line, in characters; the excess is dropped and counted
+MAX_LINE = 64 * 1024
+
+_TERMINATORS = re.compile(r"\r\n|\r|\n")
+# CSI sequences, OSC sequences (ended by BEL or ST), and two-byte escapes.
+_ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|\x1b[@-Z\\-_]")
+
+
+def clean(line: str) -> str:
+    """Strip ANSI escapes and NUL bytes (cheap when there are none)."""
+    if "\x1b" in line:
+        line = _ANSI.sub("", line)
+    if "\x00" in line:
+        line = line.replace("\x00", "")
+    return line
+
+
+class LineSplitter:
+    """Incremental splitter for one stream: ``feed(chunk)`` returns the lines it completes.
+
+    Splits on ``\\n``, ``\\r`` and ``\\r\\n`` (a ``\\r`` ending one chunk may be the first
+    half of a ``\\r\\n``). Decodes UTF-8 incrementally with replacement, so a character
+    split across two reads survives and invalid bytes become U+FFFD.
+    """
+
+    def __init__(self, max_line: int = MAX_LINE) -> None:
+        self._decode = codecs.getincrementaldecoder("utf-8")(errors="replace").decode
+        self._max_line = max_line
+        self._partial = ""
+        self._partial_after_cr = False
+        self._emitted = 0
+        self._pending_cr = False
+        #: characters dropped because a line exceeded ``max_line``
+        self.dropped_chars = 0
+        #: lines that were cut at ``max_line``
+        self.truncated_lines = 0
+
+    def feed(self, data: bytes) -> list[str]:
+        return self._split(self._decode(data))
+
+    def close(self) -> list[str]:
+        """End of stream: whatever is left is a line."""
+        lines = self._split(self._decode(b"", True))
+        if self._partial and len(self._partial) > self._emitted:
+            lines.append(clean(self._partial))
+        self._partial = ""
+        self._emitted = 0
+        return lines
+
+    def _cap(self, text: str) -> str:
+        if len(text) > self._max_line:
+            self.dropped_chars += len(text) - self._max_line
+            self.truncated_lines += 1
+            return text[: self._max_line]
+        return text
+
+    def _split(self, text: str) -> list[str]:
+        if not text:
+            return []
+        if self._pending_cr:
+            self._pending_cr = False
+            if text[0] == "\n":
+                text = text[1:]
+                if not text:
+                    return []
+        pieces = _TERMINATORS.split(text)
+        lines: list[str] = []
+        if len(pieces) == 1:
+            self._grow(text)
+        else:
+            first = pieces[0]
+            partial = self._partial
+            if len(partial) >= self._max_line:
+                self.dropped_chars += len(first)
+            else:
+                partial = self._cap(partial + first) if partial else self._cap(first)
+            if partial and len(partial) > self._emitted:
+                lines.append(clean(partial))
+            for piece in pieces[1:-1]:
+                if piece:
+                    lines.append(clean(self._cap(piece)))
+            tail = pieces[-1]
+            self._partial = ""
+            self._emitted = 0
+            if text[-1] == "\r":
+                self._pending_cr = True
+                self._partial_after_cr = True
+            else:
+                # The terminator right before the tail decides whether it is a redraw.
+                self._partial_after_cr = text[len(text) - len(tail) - 1] == "\r"
+                self._grow(tail)
+        if self._partial_after_cr and len(self._partial) > self._emitted:
+            lines.append(clean(self._partial))
+            self._emitted = len(self._partial)
+        return lines
+
+    def _grow(self, text: str) -> None:
+        if len(self._partial) >= self._max_line:
+            self.dropped_chars += len(text)
+        elif len(self._partial) + len(text) > self._max_line:
+            self._partial = self._cap(self._partial + text)
+        else:
+            self._partial += text

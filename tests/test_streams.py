@@ -1,0 +1,85 @@
+"""The line splitter, without any process: terminators, provisional redraws, caps, decoding."""
+
+from __future__ import annotations
+
+from supervisor.streams import LineSplitter, clean
+
+
+def feed_all(splitter: LineSplitter, *chunks: bytes) -> list[str]:
+    lines: list[str] = []
+    for chunk in chunks:
+        lines.extend(splitter.feed(chunk))
+    return lines
+
+
+def test_splits_on_lf_cr_and_crlf() -> None:
+    s = LineSplitter()
+    assert feed_all(s, b"a\nb\rc\r\nd\n") == ["a", "b", "c", "d"]
+
+
+def test_crlf_split_across_chunks_is_one_terminator() -> None:
+    s = LineSplitter()
+    assert feed_all(s, b"one\r", b"\ntwo\n") == ["one", "two"]
+
+
+def test_tqdm_frame_at_chunk_end_is_seen_at_once_and_only_once() -> None:
+    s = LineSplitter()
+    assert s.feed(b"\rsteps: 1/3") == ["steps: 1/3"]
+    # The next frame terminates the first: it must not come back a second time.
+    assert s.feed(b"\rsteps: 2/3") == ["steps: 2/3"]
+    assert s.close() == []
+
+
+def test_provisional_frame_that_grows_is_seen_again_whole() -> None:
+    s = LineSplitter()
+    assert s.feed(b"\rsteps: 1/3 [") == ["steps: 1/3 ["]
+    assert s.feed(b"avr_loss=1.1]\n") == ["steps: 1/3 [avr_loss=1.1]"]
+
+
+def test_text_after_newline_waits_for_its_terminator() -> None:
+    s = LineSplitter()
+    assert s.feed(b"saving checkpoint: out/a") == []
+    assert s.feed(b"b.safetensors\n") == ["saving checkpoint: out/ab.safetensors"]
+
+
+def test_utf8_character_split_across_reads_survives() -> None:
+    s = LineSplitter()
+    data = "学習開始\n".encode()
+    assert feed_all(s, data[:2], data[2:5], data[5:]) == ["学習開始"]
+
+
+def test_invalid_utf8_becomes_replacement_character() -> None:
+    s = LineSplitter()
+    assert s.feed(b"bad \xff\xfe bytes\n") == ["bad \ufffd\ufffd bytes"]
+
+
+def test_ansi_and_nul_are_stripped() -> None:
+    assert clean("\x1b[31mred\x1b[0m a\x00b \x1b]0;title\x07x") == "red ab x"
+
+
+def test_long_line_is_capped_and_counted() -> None:
+    s = LineSplitter(max_line=100)
+    lines = feed_all(s, b"x" * 70, b"x" * 70, b"y" * 1000, b"\nnext\n")
+    assert lines == ["x" * 100, "next"]
+    assert s.dropped_chars == 1040
+    assert s.truncated_lines == 1
+
+
+def test_ten_megabytes_without_newline_stay_bounded() -> None:
+    s = LineSplitter()
+    for _ in range(160):
+        s.feed(b"z" * 65536)
+    assert len(s._partial) <= 64 * 1024
+    assert s.close() == ["z" * 64 * 1024]
+
+
+def test_close_flushes_unterminated_tail() -> None:
+    s = LineSplitter()
+    assert s.feed(b"last words") == []
+    assert s.close() == ["last words"]
+
+
+def test_cr_only_progress_each_redraw_is_a_line() -> None:
+    s = LineSplitter()
+    lines = feed_all(s, b"\r10%", b"\r20%\r30%", b"\r40%")
+    assert lines == ["10%", "20%", "30%", "40%"]

@@ -1,0 +1,143 @@
+"""kohya-ss sd-scripts: ``train_network.py`` and its ``sdxl_``/``flux_``/``sd3_`` variants.
+
+What its output looks like (from real recordings, see tests/data/kohya and the shared
+recordings README):
+
+- stderr: a tqdm bar ``steps:  25%|██▌       | 3/12 [00:04<00:13,  1.50s/it, avr_loss=1.16]``
+  redrawn with ``\\r``, two frames per step (the first still shows the previous
+  ``avr_loss``); ``avr_loss`` is tqdm's 3-significant-digit running mean; other bars
+  (``read caption:``, ``Loading pipeline components...:``, unlabeled caching bars) are
+  not training steps.
+- stderr: rich log records (``INFO     model saved.   train_network.py:1729``), wrapped at
+  the terminal width unless COLUMNS says otherwise; they may follow a bar frame with no
+  newline in between.
+- stdout: ``epoch 1/1`` and ``saving checkpoint: <path>``.
+- an empty or missing dataset logs ``ERROR No data found`` and exits 0 without a step.
+
+The console never shows the per-step loss or the learning rate (they go to TensorBoard).
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+from collections.abc import Iterable, Sequence
+
+from supervisor.events import Checkpoint, Epoch, Event, Finished, Problem, Step
+from trainers.base import (
+    PYTHON_PROBLEMS,
+    ProblemPattern,
+    TrainerJob,
+    UsageError,
+    drop_flag,
+    flag_value,
+    match_problems,
+    replace_flag,
+)
+
+_BAR = re.compile(
+    r"steps:\s+\d+%\|[^|]*\|\s*(?P<step>\d+)/(?P<total>\d+)\s+\[(?P<info>[^\]]*)\]"
+)
+_AVR_LOSS = re.compile(r"avr_loss=([^,\]\s]+)")
+_EPOCH = re.compile(r"^epoch (\d+)/(\d+)\s*$")
+_CHECKPOINT = re.compile(r"^saving checkpoint: (.+?)\s*$")
+_EXCEPTION = re.compile(r"^(?:[A-Za-z_][\w.]*\.)?[A-Z]\w*(?:Error|Exception|Interrupt)\b(?::|$)")
+
+KOHYA_PROBLEMS: tuple[ProblemPattern, ...] = (
+    ProblemPattern("no_data", "No data found"),
+    *PYTHON_PROBLEMS,
+)
+
+STEPS_FLAG = "--max_train_steps"
+#: kohya computes the step count from this flag when given, ignoring --max_train_steps
+EPOCHS_FLAG = "--max_train_epochs"
+
+
+def _float(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def parse_bar(line: str) -> tuple[Step, str] | None:
+    """The ``steps:`` bar frame in a line, and whatever text was glued after it."""
+    if "steps:" not in line:
+        return None
+    match = _BAR.search(line)
+    if match is None:
+        return None
+    avg: float | None = None
+    info = match["info"]
+    if "avr_loss=" in info:
+        loss_match = _AVR_LOSS.search(info)
+        if loss_match is not None:
+            avg = _float(loss_match[1])
+    step = Step(step=int(match["step"]), total=int(match["total"]), avg_loss=avg)
+    return step, line[match.end():]
+
+
+class KohyaAdapter:
+    name = "kohya"
+    stops_by_itself = True
+    # SIGINT raises KeyboardInterrupt (finally blocks and atexit run); SIGTERM ends Python
+    # at once. Neither makes kohya save: it saves only at its own end.
+    stop_signals = (signal.SIGINT, signal.SIGTERM)
+
+    def resolve_steps(self, steps: int | None, argv: Sequence[str]) -> int:
+        if not argv:
+            raise UsageError(
+                "--trainer kohya needs the trainer command after '--' "
+                "(e.g. -- accelerate launch train_network.py ...)"
+            )
+        if steps is not None:
+            return steps
+        given = flag_value(argv, STEPS_FLAG)
+        if given is None:
+            raise UsageError(
+                f"give --steps N (or {STEPS_FLAG}=N in the trainer command); "
+                "kohya would silently default to 1600 steps"
+            )
+        try:
+            value = int(given)
+        except ValueError as exc:
+            raise UsageError(f"{STEPS_FLAG}={given!r} is not a whole number") from exc
+        if value <= 0:
+            raise UsageError(f"{STEPS_FLAG} must be positive, got {value}")
+        return value
+
+    def command(self, job: TrainerJob) -> list[str]:
+        return replace_flag(drop_flag(job.argv, EPOCHS_FLAG), STEPS_FLAG, str(job.steps))
+
+    def environment(self) -> dict[str, str]:
+        # Wide enough that rich does not wrap log records; tqdm bars are unaffected.
+        return {"COLUMNS": "200"}
+
+    def parse(self, line: str) -> Iterable[Event]:
+        bar = parse_bar(line)
+        if bar is not None:
+            step, rest = bar
+            # A log record or a traceback glued to the frame still has to be read.
+            if len(rest) > 1:
+                return [step, *self._parse_text(rest.lstrip())]
+            return [step]
+        return self._parse_text(line)
+
+    def _parse_text(self, line: str) -> list[Event]:
+        if line.startswith("epoch "):
+            match = _EPOCH.match(line)
+            if match is not None:
+                return [Epoch(epoch=int(match[1]), total=int(match[2]))]
+        if line.startswith("saving checkpoint: "):
+            match = _CHECKPOINT.match(line)
+            if match is not None:
+                return [Checkpoint(path=match[1])]
+        events: list[Event] = []
+        if "model saved." in line:
+            events.append(Finished(marker="model saved."))
+        if "rror" in line or "No data" in line or "Traceback" in line or "memory" in line:
+            events.extend(match_problems(line, KOHYA_PROBLEMS))
+            stripped = line.strip()
+            if _EXCEPTION.match(stripped):
+                events.append(Problem(problem="exception", line=stripped[:500]))
+        return events
