@@ -89,7 +89,7 @@ def main() -> int:
         os.write(1, b"\n")
     n = args.max_train_steps
     total = args.total_shown or n
-    out("running training / 学習開始\n  total optimization steps / 学習ステップ数: %d\n" % n)
+    out(f"running training / 学習開始\n  total optimization steps / 学習ステップ数: {n}\n")
     err(frame(0, total, 0, None).replace(", 0.00s/it", ", ?it/s"))
     out("\nepoch 1/1\n\n")
     avr = None

@@ -28,7 +28,8 @@ def main() -> int:
     parser.add_argument("--speed", type=float, default=1.0)
     parser.add_argument("--stop-at-signal", action="store_true")
     args, _ignored = parser.parse_known_args()
-    records = [json.loads(line) for line in open(args.recording, encoding="utf-8")]
+    with open(args.recording, encoding="utf-8") as fh:
+        records = [json.loads(line) for line in fh]
     start = time.monotonic()
     offset = 0.0
     received: list[int] = []

@@ -1,0 +1,129 @@
+"""The ``lorasup`` command: a thin translation of flags into a Job, then one run.
+
+Exit codes are the outcome table of the README (0 completed, 1 trainer_failed, 2 usage,
+3 timeout, 4 stalled, 5 diverged, 130/143 interrupted).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import anyio
+import typer
+
+from supervisor import logs
+from supervisor.config import ConfigError, build_job, load_toml
+
+USAGE_EXIT = 2
+
+app = typer.Typer(
+    name="lorasup",
+    help="Supervise a LoRA training run: exact step stops, watchdogs, clean kills, reports.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _fail(message: str) -> typer.Exit:
+    typer.echo(f"lorasup: error: {message}", err=True)
+    return typer.Exit(USAGE_EXIT)
+
+
+@app.command(
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    help="Start and supervise a trainer. The trainer's own argv goes after '--'.",
+)
+def start(
+    ctx: typer.Context,
+    trainer: Annotated[str | None, typer.Option(help="builtin, kohya or native")] = None,
+    steps: Annotated[int | None, typer.Option(help="optimizer steps to run, exactly")] = None,
+    run_dir: Annotated[Path | None, typer.Option(help="the run directory, exactly")] = None,
+    logs_dir: Annotated[
+        Path | None, typer.Option(help="parent of <run-id>/ [training_logs]")] = None,
+    timeout: Annotated[float | None, typer.Option(help="total seconds [steps × 30]")] = None,
+    no_output_timeout: Annotated[
+        float | None, typer.Option(help="seconds of silence that count as a hang [300]")] = None,
+    grace: Annotated[
+        float | None, typer.Option(help="seconds from the graceful stop to SIGKILL [30]")] = None,
+    finish_timeout: Annotated[
+        float | None,
+        typer.Option(help="seconds a self-stopping trainer may save after step N [900]")] = None,
+    nan_patience: Annotated[
+        int | None, typer.Option(help="non-finite losses tolerated before 'diverged' [0]")] = None,
+    log_format: Annotated[
+        str | None, typer.Option(help="auto, json or console [auto: console on a TTY]")] = None,
+    config: Annotated[Path | None, typer.Option(help="TOML job file; flags win")] = None,
+    new: Annotated[bool, typer.Option("--new", help="builtin: start fresh")] = False,
+    continue_: Annotated[
+        bool, typer.Option("--continue", help="builtin: resume and run --steps more")] = False,
+    dataset: Annotated[str | None, typer.Option(help="builtin: dataset folder")] = None,
+    output_dir: Annotated[str | None, typer.Option(help="builtin: LoRA output folder")] = None,
+) -> None:
+    from supervisor.prepare import plan_run
+    from supervisor.run import Supervisor
+    from trainers.base import UsageError
+
+    if new and continue_:
+        raise _fail("--new and --continue exclude each other")
+    options = {k: v for k, v in
+               {"mode": "new" if new else ("continue" if continue_ else None),
+                "dataset": dataset, "output_dir": output_dir}.items() if v is not None}
+    try:
+        file_values: dict[str, Any] = load_toml(config) if config is not None else {}
+        if options:
+            file_values["options"] = {**file_values.get("options", {}), **options}
+        job = build_job(file_values, {
+            "trainer": trainer, "steps": steps, "run_dir": run_dir, "logs_dir": logs_dir,
+            "timeout": timeout, "no_output_timeout": no_output_timeout, "grace": grace,
+            "finish_timeout": finish_timeout, "nan_patience": nan_patience,
+            "log_format": log_format,
+            "trainer_argv": tuple(ctx.args) if ctx.args else None,
+        })
+        chosen = logs.configure(job.log_format)  # type: ignore[arg-type]
+        plan, adapter = plan_run(job, progress_tty=chosen == "console" and sys.stderr.isatty())
+    except (ConfigError, UsageError) as exc:
+        raise _fail(str(exc)) from None
+
+    async def _main() -> Any:
+        return await Supervisor(plan, adapter).run()
+
+    result = anyio.run(_main)
+    raise typer.Exit(result.exit_code)
+
+
+@app.command(help="Rebuild report.json, losses.csv and loss_curves.png from events.jsonl.")
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="a run directory")],
+    log_format: Annotated[str, typer.Option(help="auto, json or console")] = "auto",
+) -> None:
+    from supervisor.report import rebuild
+
+    logs.configure(_format(log_format))
+    if not (run_dir / "events.jsonl").is_file():
+        raise _fail(f"no events.jsonl in {run_dir}")
+    rebuilt = rebuild(run_dir)
+    typer.echo(json.dumps({"report": str(run_dir / "report.json"),
+                           "outcome": rebuilt.get("outcome"),
+                           "steps": rebuilt.get("steps")}))
+
+
+@app.command(help="Show the outcome and progress of a run from its report.json.")
+def status(run_dir: Annotated[Path, typer.Argument(help="a run directory")]) -> None:
+    path = run_dir / "report.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise _fail(f"cannot read {path}: {exc}") from None
+    steps = data.get("steps") or {}
+    typer.echo(json.dumps({"run_id": data.get("run_id"), "outcome": data.get("outcome"),
+                           "exit_code": data.get("exit_code"), "steps": steps}))
+
+
+def _format(value: str) -> Literal["auto", "json", "console"]:
+    if value not in ("auto", "json", "console"):
+        raise _fail(f"--log-format must be auto, json or console, not {value!r}")
+    return value  # type: ignore[return-value]

@@ -1,0 +1,62 @@
+"""The exact-step gate: steps 1..N are recorded, nothing beyond, and reaching N is noticed
+the moment its line is parsed.
+
+Trainers redraw the same step several times (kohya draws two frames per step, and a
+provisional line may come back whole); the gate passes a step again only when it carries
+new values, so a step is never counted twice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from supervisor.events import Rejected, Step
+
+
+class StepGate:
+    """Admits step events up to ``limit`` steps past the resume point; reports the rest."""
+
+    def __init__(self, limit: int, *, stop_at_limit: bool,
+                 on_stop: Callable[[str], None], on_limit: Callable[[], None]) -> None:
+        self.limit = limit
+        self.offset = 0
+        self.last = 0
+        self.rejected = 0
+        self._max_rejected = 0
+        self._previous: Step | None = None
+        self._stop_at_limit = stop_at_limit
+        self._on_stop = on_stop
+        self._on_limit = on_limit
+        self.reached = False
+
+    @property
+    def final_step(self) -> int:
+        return self.offset + self.limit
+
+    def resume(self, step: int) -> None:
+        """The trainer continues after ``step``: the N steps count from there."""
+        if self.last == 0:
+            self.offset = step
+            self.last = step
+
+    def admit(self, event: Step) -> Step | Rejected | None:
+        """The event to record, a Rejected for a step past N, or None for a mere redraw."""
+        step = event.step
+        if step > self.final_step:
+            self._on_stop("overshoot")
+            if step > self._max_rejected:
+                self._max_rejected = step
+                self.rejected += 1
+                return Rejected(step=step)
+            return None
+        if step < self.last or (step == self.last and event == self._previous):
+            return None
+        self._previous = event
+        if step > self.last:
+            self.last = step
+            if step == self.final_step:
+                self.reached = True
+                self._on_limit()
+                if self._stop_at_limit:
+                    self._on_stop("step_limit")
+        return event

@@ -1,0 +1,94 @@
+"""structlog setup: JSON lines for machines (journald, files, pipes), console for people.
+
+Every entry carries the run id through structlog's context variables. Secrets in argv
+and values are redacted here, once, so no caller has to remember to.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from collections.abc import Sequence
+from typing import Any, Literal, TextIO
+
+import structlog
+
+REDACTED = "***"
+
+_SECRET_NAME = re.compile(r"(token|secret|passw(or)?d|passwd|api[-_]?key|access[-_]?key|"
+                          r"private[-_]?key|auth|credential|cookie|session[-_]?key)", re.I)
+_SECRET_VALUE = re.compile(
+    r"\b(hf_[A-Za-z0-9]{20,}|sk-[A-Za-z0-9_-]{16,}|ghp_[A-Za-z0-9]{20,}|"
+    r"xox[baprs]-[A-Za-z0-9-]{10,}|AKIA[0-9A-Z]{16})\b"
+)
+
+
+def redact_text(text: str) -> str:
+    """Mask values that look like well-known token formats."""
+    return _SECRET_VALUE.sub(REDACTED, text)
+
+
+def redact_argv(argv: Sequence[str]) -> list[str]:
+    """argv with the values of secret-named flags and token-shaped strings masked.
+
+    Handles ``--hf_token=abc``, ``--hf_token abc`` and ``KEY=value`` environment-style items.
+    """
+    out: list[str] = []
+    hide_next = False
+    for arg in argv:
+        if hide_next:
+            out.append(REDACTED)
+            hide_next = False
+            continue
+        name, sep, _value = arg.partition("=")
+        if sep and _SECRET_NAME.search(name):
+            out.append(f"{name}={REDACTED}")
+            continue
+        if arg.startswith("-") and not sep and _SECRET_NAME.search(arg):
+            hide_next = True
+        out.append(redact_text(arg))
+    return out
+
+
+def redact_mapping(values: dict[str, str]) -> dict[str, str]:
+    return {k: (REDACTED if _SECRET_NAME.search(k) else redact_text(v)) for k, v in values.items()}
+
+
+def _redact_event(_logger: Any, _name: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+    for key, value in event_dict.items():
+        if isinstance(value, str) and key != "event":
+            event_dict[key] = redact_text(value)
+    return event_dict
+
+
+def resolve_format(log_format: Literal["auto", "json", "console"], stream: TextIO) -> str:
+    if log_format != "auto":
+        return log_format
+    isatty = getattr(stream, "isatty", None)
+    return "console" if isatty is not None and isatty() else "json"
+
+
+def configure(log_format: Literal["auto", "json", "console"] = "auto",
+              stream: TextIO | None = None) -> str:
+    """Configure structlog for the process; returns the format chosen."""
+    stream = stream or sys.stdout
+    chosen = resolve_format(log_format, stream)
+    processors: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        _redact_event,
+    ]
+    if chosen == "json":
+        processors += [structlog.processors.format_exc_info,
+                       structlog.processors.JSONRenderer(ensure_ascii=False)]
+    else:
+        processors += [structlog.dev.ConsoleRenderer(colors=stream.isatty())]
+    structlog.configure(
+        processors=processors,
+        wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
+        logger_factory=structlog.PrintLoggerFactory(file=stream),
+        cache_logger_on_first_use=False,
+    )
+    return chosen

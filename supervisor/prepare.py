@@ -1,0 +1,84 @@
+"""From a validated job to a run plan: adapter, step count, argv, run directory.
+
+Every check that can refuse a job happens here, before a process is started, and each
+refusal is one line for the user (exit code 2). A run directory that already holds a
+run is never written over.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from supervisor.config import Job
+from supervisor.run import RunPlan, new_run_id
+from trainers import get_adapter
+from trainers.base import Adapter, TrainerJob, UsageError
+
+
+def _check_program(argv: list[str], cwd: Path) -> None:
+    program = argv[0]
+    if os.sep in program:
+        path = Path(program)
+        path = path if path.is_absolute() else cwd / path
+        if not path.is_file():
+            raise UsageError(f"trainer program not found: {program}")
+        if not os.access(path, os.X_OK):
+            raise UsageError(f"trainer program is not executable: {program}")
+    elif shutil.which(program) is None:
+        raise UsageError(f"trainer program not found on PATH: {program}")
+
+
+def _run_dir_path(job: Job, run_id: str, cwd: Path) -> Path:
+    run_dir = job.run_dir if job.run_dir is not None else job.logs_dir / run_id
+    return run_dir if run_dir.is_absolute() else cwd / run_dir
+
+
+def _make_run_dir(run_dir: Path) -> None:
+    if (run_dir / "events.jsonl").exists():
+        raise UsageError(f"{run_dir} already holds a run (events.jsonl); choose another --run-dir")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".lorasup-write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        reason = exc.strerror or exc
+        raise UsageError(f"cannot write the run directory {run_dir}: {reason}") from exc
+
+
+def plan_run(job: Job, *, progress_tty: bool = False) -> tuple[RunPlan, Adapter]:
+    """Resolve the job; raises UsageError (nothing started, nothing written) when it can't run."""
+    adapter = get_adapter(job.trainer)
+    cwd = (job.cwd or Path.cwd()).resolve()
+    steps = adapter.resolve_steps(job.steps, list(job.trainer_argv))
+    run_id = job.run_id or (
+        job.run_dir.name if job.run_dir is not None else new_run_id(job.trainer)
+    )
+    run_dir = _run_dir_path(job, run_id, cwd)
+    trainer_job = TrainerJob(steps=steps, argv=tuple(job.trainer_argv), run_dir=str(run_dir),
+                             options=tuple(sorted(job.options.items())))
+    argv = adapter.command(trainer_job)
+    if not argv:
+        raise UsageError("the trainer command is empty")
+    _check_program(argv, cwd)
+    _make_run_dir(run_dir)
+    output_dirs = getattr(adapter, "output_dirs", None)
+    plan = RunPlan(
+        run_id=run_id,
+        run_dir=run_dir,
+        trainer=job.trainer,
+        argv=argv,
+        steps=steps,
+        timeout=job.effective_timeout(steps),
+        no_output_timeout=job.no_output_timeout,
+        grace=job.grace,
+        finish_timeout=job.finish_timeout,
+        nan_patience=job.nan_patience,
+        cwd=cwd,
+        output_dirs=tuple(Path(p) for p in output_dirs(trainer_job)) if output_dirs else (),
+        progress_tty=progress_tty,
+    )
+    return plan, adapter
+

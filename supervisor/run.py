@@ -1,0 +1,425 @@
+"""One supervised run: spawn, read, gate, watch, stop, decide the outcome, report.
+
+Everything happens in one anyio task group: two readers drain the pipes, the watchdogs
+hold deadlines, a controller waits for a stop request and climbs the escalation ladder,
+and a sink task writes what the readers parsed. The first stop reason wins and decides
+the outcome; the report is written whatever happens.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import anyio
+import structlog
+from anyio.abc import ByteReceiveStream, ObjectSendStream
+
+from supervisor.events import (
+    Checkpoint,
+    Epoch,
+    Event,
+    Exited,
+    Finished,
+    Note,
+    Outcome,
+    Problem,
+    Resumed,
+    Scalar,
+    SignalSent,
+    Started,
+    Step,
+)
+from supervisor.gate import StepGate
+from supervisor.logs import redact_argv
+from supervisor.process import ProcessTree, become_subreaper, spawn, wait_gone
+from supervisor.sink import Batch, ReportSink
+from supervisor.streams import LineSplitter
+from supervisor.watchdogs import DivergenceWatch, SilenceWatchdog, total_timeout
+from trainers.base import Adapter
+
+log = structlog.get_logger("lorasup")
+
+#: outcome → exit code (interrupted depends on the signal: 130 SIGINT, 143 SIGTERM)
+EXIT_CODES = {
+    "completed": 0,
+    "trainer_failed": 1,
+    "usage": 2,
+    "timeout": 3,
+    "stalled": 4,
+    "diverged": 5,
+}
+READ_SIZE = 64 * 1024
+TREE_SCAN_SECONDS = 2.0
+#: after the leader exited, how long readers may wait for EOF from leftover holders
+READER_DRAIN_SECONDS = 2.0
+MODEL_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".bin")
+
+
+def new_run_id(trainer: str) -> str:
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{trainer}-{secrets.token_hex(2)}"
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """Everything resolved before spawning: validated, nothing started yet."""
+
+    run_id: str
+    run_dir: Path
+    trainer: str
+    argv: list[str]
+    steps: int
+    timeout: float
+    no_output_timeout: float
+    grace: float
+    finish_timeout: float
+    nan_patience: int
+    cwd: Path
+    output_dirs: tuple[Path, ...] = ()
+    progress_tty: bool = False
+
+
+@dataclass(frozen=True)
+class RunResult:
+    outcome: str
+    exit_code: int
+    run_dir: Path
+    report: dict[str, Any] | None
+
+
+class Supervisor:
+    """Runs one plan to its outcome. Create, then ``await run()`` once."""
+
+    def __init__(self, plan: RunPlan, adapter: Adapter) -> None:
+        self.plan = plan
+        self.adapter = adapter
+        self.tree: ProcessTree | None = None
+        self.stop_reason: str | None = None
+        self.stop_requested = anyio.Event()
+        self.stop_done = anyio.Event()
+        self.exited = False
+        self.interrupt_signal: signal.Signals | None = None
+        self.finished_marker = False
+        self.epoch: int | None = None
+        self._force = False
+        self._grace_scope: anyio.CancelScope | None = None
+        self._t0 = anyio.current_time()
+        self._wall0 = time.time()
+        self.gate = StepGate(plan.steps, stop_at_limit=not adapter.stops_by_itself,
+                             on_stop=self.request_stop, on_limit=self._on_limit)
+        self.divergence = DivergenceWatch(plan.nan_patience)
+        self.silence = SilenceWatchdog(plan.no_output_timeout)
+        self._trainer_log = (plan.run_dir / "trainer.log").open("ab")
+        self.sink = ReportSink(plan.run_dir, self._model_files)
+        self._readers_open = 2
+        self._readers_done = anyio.Event()
+        self._next_progress = 0.0
+        self._last_tty = 0.0
+        self._checkpoints: list[str] = []
+
+    # -- time -------------------------------------------------------------------------
+
+    def now(self) -> float:
+        return anyio.current_time() - self._t0
+
+    # -- stopping ---------------------------------------------------------------------
+
+    def request_stop(self, reason: str) -> None:
+        """Ask for the trainer to be stopped; the first reason is the one that counts."""
+        if self.stop_reason is not None or self.exited:
+            return
+        self.stop_reason = reason
+        self.stop_requested.set()
+        log.info("stop_requested", reason=reason, step=self.gate.last, t=round(self.now(), 3))
+
+    def _on_limit(self) -> None:
+        if self.adapter.stops_by_itself:
+            self.silence.finish_within(self.plan.finish_timeout)
+            log.info("last_step_seen", step=self.gate.last,
+                     waiting_for="trainer to finish saving",
+                     finish_timeout_s=self.plan.finish_timeout)
+
+    def _send_signal(self, sig: signal.Signals, reason: str, batch: list) -> None:
+        assert self.tree is not None
+        pids = self.tree.signal(sig)
+        event = SignalSent(signal=sig.name, reason=reason, pids=tuple(pids))
+        batch.append((self.now(), event))
+        log.warning("signal_sent", signal=sig.name, reason=reason, pids=pids,
+                    t=round(self.now(), 3))
+
+    async def _escalate(self, reason: str, send: ObjectSendStream[Batch]) -> None:
+        """Graceful signal(s), each given its share of the grace, then SIGKILL."""
+        assert self.tree is not None
+        ladder = [] if self._force else list(self.adapter.stop_signals)
+        share = self.plan.grace / len(ladder) if ladder else 0.0
+        for sig in ladder:
+            batch: list = []
+            self._send_signal(sig, reason, batch)
+            # Catch descendants that appeared since the last scan, and signal them too.
+            known = set(self.tree.seen)
+            await anyio.to_thread.run_sync(self.tree.scan)
+            late = set(self.tree.seen) - known
+            if late:
+                self.tree.signal(sig, only=late)
+            await send.send(batch)
+            with anyio.CancelScope() as scope:
+                self._grace_scope = scope
+                if await wait_gone(self.tree, share):
+                    return
+            if self._force:
+                break
+        batch = []
+        self._send_signal(signal.SIGKILL, reason, batch)
+        await send.send(batch)
+        if not await wait_gone(self.tree, 10.0):
+            log.error("processes_survived_sigkill", pids=self.tree.survivors())
+
+    async def _control(self, send: ObjectSendStream[Batch]) -> None:
+        async with send:
+            await self.stop_requested.wait()
+            with anyio.CancelScope(shield=True):
+                await self._escalate(self.stop_reason or "stop", send)
+            self.stop_done.set()
+
+    async def _watch_signals(self) -> None:
+        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for signum in signals:
+                if self.interrupt_signal is None:
+                    self.interrupt_signal = signal.Signals(signum)
+                    log.warning("lorasup_signalled", signal=self.interrupt_signal.name)
+                    self.request_stop("interrupted")
+                else:
+                    log.warning("lorasup_signalled_again", signal=signal.Signals(signum).name,
+                                action="skipping the grace period")
+                    self._force = True
+                    if self._grace_scope is not None:
+                        self._grace_scope.cancel()
+
+    async def _scan_tree(self) -> None:
+        assert self.tree is not None
+        while True:
+            await anyio.to_thread.run_sync(self.tree.scan)
+            await anyio.sleep(TREE_SCAN_SECONDS)
+
+    # -- reading ----------------------------------------------------------------------
+
+    async def _read(self, stream: ByteReceiveStream, send: ObjectSendStream[Batch]) -> None:
+        splitter = LineSplitter()
+        async with send:
+            try:
+                while True:
+                    try:
+                        chunk = await stream.receive(READ_SIZE)
+                    except (anyio.EndOfStream, anyio.ClosedResourceError,
+                            anyio.BrokenResourceError):
+                        break
+                    self.silence.touch()
+                    self._trainer_log.write(chunk)
+                    self._trainer_log.flush()
+                    batch = self._handle(splitter.feed(chunk))
+                    if batch:
+                        await send.send(batch)
+                batch = self._handle(splitter.close())
+                if splitter.dropped_chars:
+                    batch.append((self.now(), Note(
+                        message=f"{splitter.truncated_lines} over-long line(s) cut; "
+                                f"{splitter.dropped_chars} characters dropped")))
+                if batch:
+                    await send.send(batch)
+            finally:
+                self._readers_open -= 1
+                if self._readers_open == 0:
+                    self._readers_done.set()
+
+    def _handle(self, lines: list[str]) -> list[tuple[float, Event]]:
+        """Parse lines into events; the step gate and divergence act right here."""
+        batch: list[tuple[float, Event]] = []
+        if not lines:
+            return batch
+        t = self.now()
+        parse = self.adapter.parse
+        for line in lines:
+            if not line:
+                continue
+            for event in parse(line):
+                kind = type(event)
+                if kind is Step:
+                    if event.epoch is None and self.epoch is not None:
+                        event = replace(event, epoch=self.epoch)
+                    admitted = self.gate.admit(event)
+                    if admitted is None:
+                        continue
+                    batch.append((t, admitted))
+                    if type(admitted) is Step:
+                        if self.divergence.observe(admitted.loss, admitted.avg_loss):
+                            self.request_stop("diverged")
+                        self._progress(admitted)
+                    continue
+                if kind is Scalar:
+                    if "loss" in event.tag and self.divergence.observe(event.value):
+                        self.request_stop("diverged")
+                elif kind is Epoch:
+                    self.epoch = event.epoch
+                elif kind is Finished:
+                    self.finished_marker = True
+                elif kind is Resumed:
+                    self.gate.resume(event.step)
+                elif kind is Problem:
+                    log.warning("trainer_problem", problem=event.problem, line=event.line[:200])
+                elif kind is Checkpoint:
+                    self._checkpoints.append(event.path)
+                    log.info("checkpoint", path=event.path)
+                batch.append((t, event))
+        return batch
+
+    def _progress(self, step: Step) -> None:
+        """Progress in the logs at a sane rate, and a live line on a terminal."""
+        t = self.now()
+        final = self.gate.final_step
+        if t >= self._next_progress or step.step == final:
+            self._next_progress = t + 30.0
+            log.info("progress", step=step.step, of=final, loss=step.loss,
+                     avg_loss=step.avg_loss, lr=step.lr, epoch=step.epoch, t=round(t, 1))
+        if self.plan.progress_tty and (t - self._last_tty >= 0.1 or step.step == final):
+            self._last_tty = t
+            done = step.step - self.gate.offset
+            rate = done / t if t > 0 else 0.0
+            eta = (self.plan.steps - done) / rate if rate > 0 else float("inf")
+            loss = step.loss if step.loss is not None else step.avg_loss
+            loss_text = f"{loss:.4g}" if loss is not None else "-"
+            sys.stderr.write(f"\r\x1b[Kstep {step.step}/{final}  loss {loss_text}  "
+                             f"{rate:.2f} it/s  ETA {eta:.0f}s")
+            sys.stderr.flush()
+
+    # -- the run ----------------------------------------------------------------------
+
+    def _model_files(self) -> list[str]:
+        """Model files this run left: checkpoints it announced, and new files in output dirs."""
+        found: dict[str, None] = {}
+        for announced in self._checkpoints:
+            path = Path(announced)
+            path = path if path.is_absolute() else self.plan.cwd / path
+            if path.exists():
+                found[str(path)] = None
+        for folder in self.plan.output_dirs:
+            folder = folder if folder.is_absolute() else self.plan.cwd / folder
+            if not folder.is_dir():
+                continue
+            for path in sorted(folder.rglob("*")):
+                try:
+                    fresh = path.stat().st_mtime >= self._wall0 - 1
+                except OSError:
+                    continue
+                if path.suffix in MODEL_SUFFIXES and fresh and path.is_file():
+                    found[str(path)] = None
+        return list(found)
+
+    def _environment(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env["PYTHONUNBUFFERED"] = "1"
+        env.update(self.adapter.environment())
+        return env
+
+    async def run(self) -> RunResult:
+        plan = self.plan
+        structlog.contextvars.bind_contextvars(run_id=plan.run_id)
+        send, receive = anyio.create_memory_object_stream[Batch](max_buffer_size=1024)
+        returncode: int | None = None
+        try:
+            async with anyio.create_task_group() as outer:
+                outer.start_soon(self.sink.run, receive)
+                async with send:
+                    returncode = await self._supervise(send)
+                    outcome, code, reason = self._decide(returncode)
+                    await send.send([(self.now(), Outcome(
+                        outcome=outcome, exit_code=code, reason=reason,
+                        trainer_returncode=returncode))])
+        finally:
+            self._trainer_log.close()
+            if plan.progress_tty:
+                sys.stderr.write("\n")
+        log.info("outcome", outcome=outcome, exit_code=code, reason=reason,
+                 trainer_returncode=returncode, steps=self.gate.last,
+                 report=str(plan.run_dir / "report.json"))
+        structlog.contextvars.unbind_contextvars("run_id")
+        return RunResult(outcome, code, plan.run_dir, self.sink.report)
+
+    async def _supervise(self, send: ObjectSendStream[Batch]) -> int:
+        plan = self.plan
+        become_subreaper()
+        self.tree = await spawn(plan.argv, self._environment(), cwd=str(plan.cwd))
+        started = Started(run_id=plan.run_id, trainer=plan.trainer,
+                          argv=tuple(redact_argv(plan.argv)), pid=self.tree.pid,
+                          steps_requested=plan.steps, wall_time=self._wall0)
+        await send.send([(self.now(), started)])
+        log.info("started", trainer=plan.trainer, argv=list(started.argv), pid=self.tree.pid,
+                 steps=plan.steps, run_dir=str(plan.run_dir), timeout_s=plan.timeout,
+                 no_output_timeout_s=plan.no_output_timeout, grace_s=plan.grace)
+        process = self.tree.process
+        assert process.stdout is not None and process.stderr is not None
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._read, process.stdout, send.clone())
+            tg.start_soon(self._read, process.stderr, send.clone())
+            tg.start_soon(total_timeout, plan.timeout, lambda: self.request_stop("timeout"))
+            tg.start_soon(self.silence.run, lambda: self.request_stop("stalled"),
+                          lambda: self.request_stop("finish_timeout"))
+            tg.start_soon(self._watch_signals)
+            tg.start_soon(self._control, send.clone())
+            tg.start_soon(self._scan_tree)
+            returncode = await process.wait()
+            self.exited = True
+            await send.send([(self.now(), Exited(returncode=returncode))])
+            log.info("trainer_exited", returncode=returncode, last_step=self.gate.last)
+            if self.stop_requested.is_set():
+                await self.stop_done.wait()
+            elif self._leftovers():
+                # The trainer ended but left processes behind: they must not outlive the run.
+                log.warning("leftover_processes", pids=self.tree.survivors())
+                with anyio.CancelScope(shield=True):
+                    await self._escalate("cleanup", send)
+            with anyio.move_on_after(READER_DRAIN_SECONDS):
+                await self._readers_done.wait()
+            tg.cancel_scope.cancel()
+        await process.aclose()
+        return returncode
+
+    def _leftovers(self) -> list[int]:
+        """Processes of the tree still running after the trainer itself exited."""
+        assert self.tree is not None
+        self.tree.scan()
+        return self.tree.survivors()
+
+    def _decide(self, returncode: int) -> tuple[str, int, str]:
+        reason = self.stop_reason
+        done = self.gate.last >= self.gate.final_step
+        if reason == "interrupted":
+            sig = self.interrupt_signal or signal.SIGINT
+            return "interrupted", 128 + int(sig), f"lorasup received {sig.name}"
+        if reason in ("timeout", "stalled", "diverged"):
+            return reason, EXIT_CODES[reason], {
+                "timeout": f"total time limit of {self.plan.timeout:g}s passed",
+                "stalled": f"no output for {self.plan.no_output_timeout:g}s",
+                "diverged": f"non-finite loss seen {self.divergence.nonfinite} time(s)",
+            }[reason]
+        if reason == "finish_timeout":
+            if done and self.finished_marker:
+                return "completed", 0, "all steps done and saved; stopped after finish timeout"
+            return "timeout", EXIT_CODES["timeout"], (
+                f"trainer did not finish within {self.plan.finish_timeout:g}s after the last step")
+        if reason in ("step_limit", "overshoot"):
+            if done:
+                return "completed", 0, f"stopped at step {self.gate.final_step}"
+            return "trainer_failed", 1, "trainer went past the step limit without reaching it"
+        if returncode != 0:
+            return "trainer_failed", 1, f"trainer exited with {returncode}"
+        if not done:
+            return "trainer_failed", 1, (
+                f"trainer exited 0 after {self.gate.last - self.gate.offset} of "
+                f"{self.plan.steps} steps")
+        return "completed", 0, "trainer finished all steps"

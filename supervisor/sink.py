@@ -1,0 +1,82 @@
+"""The report sink task: events in, ``events.jsonl`` appended and flushed, report refreshed.
+
+It runs in the run's event loop and does only small appends there; the PNG is drawn
+once at the end in a worker thread. Its input is a bounded memory object stream of
+batches (one batch per chunk of trainer output), so per-event cost stays low.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import anyio
+import structlog
+from anyio.abc import ObjectReceiveStream
+
+from supervisor.events import Event
+from supervisor.report import (
+    ReportBuilder,
+    render_loss_curves,
+    write_losses_csv,
+    write_report_json,
+)
+
+log = structlog.get_logger(__name__)
+
+Batch = Sequence[tuple[float, Event]]
+
+REFRESH_SECONDS = 10.0
+
+
+class ReportSink:
+    def __init__(self, run_dir: Path, model_files: Callable[[], list[str]],
+                 refresh_seconds: float = REFRESH_SECONDS) -> None:
+        self.run_dir = run_dir
+        self.builder = ReportBuilder()
+        self._model_files = model_files
+        self._refresh = refresh_seconds
+        self._events = (run_dir / "events.jsonl").open("a", encoding="utf-8")
+        self.report: dict[str, Any] | None = None
+
+    def write(self, batch: Batch) -> None:
+        lines = []
+        add = self.builder.add
+        for t, event in batch:
+            record = {"t": round(t, 6)}
+            record.update(event.to_dict())
+            lines.append(json.dumps(record, ensure_ascii=False, separators=(",", ":")))
+            add(record)
+        lines.append("")
+        self._events.write("\n".join(lines))
+        self._events.flush()
+
+    async def run(self, receive: ObjectReceiveStream[Batch]) -> None:
+        """Consume until every sender closed, then write the final files."""
+        next_refresh = anyio.current_time() + self._refresh
+        try:
+            async with receive:
+                async for batch in receive:
+                    self.write(batch)
+                    if anyio.current_time() >= next_refresh:
+                        write_report_json(self.run_dir, self.builder.snapshot())
+                        next_refresh = anyio.current_time() + self._refresh
+        finally:
+            self._events.close()
+            with anyio.CancelScope(shield=True):
+                await self.finish()
+
+    async def finish(self) -> None:
+        self.builder.set_model_files(self._model_files())
+        report = self.builder.snapshot()
+        self.report = report
+        write_report_json(self.run_dir, report)
+        write_losses_csv(self.run_dir, report)
+        png = self.run_dir / "loss_curves.png"
+        try:
+            await anyio.to_thread.run_sync(render_loss_curves, report, png)
+        except Exception as exc:  # a plot must never cost the report
+            log.error("plot_failed", error=repr(exc), path=str(png))
+

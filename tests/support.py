@@ -1,0 +1,84 @@
+"""Test helpers: run lorasup as a real process, read its report, check no process survived."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+HELPERS = HERE / "helpers"
+FAKE_KOHYA = HELPERS / "fake_kohya.py"
+REPLAY = HELPERS / "replay.py"
+KOHYA_RECORDINGS = HERE / "data" / "kohya"
+
+
+@dataclass
+class Finished:
+    returncode: int
+    stdout: str
+    stderr: str
+    seconds: float
+    run_dir: Path
+
+    @property
+    def report(self) -> dict[str, Any]:
+        return json.loads((self.run_dir / "report.json").read_text(encoding="utf-8"))
+
+    def events(self) -> list[dict[str, Any]]:
+        lines = (self.run_dir / "events.jsonl").read_text(encoding="utf-8").splitlines()
+        return [json.loads(line) for line in lines if line]
+
+
+def lorasup_argv(*args: str) -> list[str]:
+    return [sys.executable, "-m", "supervisor", *args]
+
+
+def child_env() -> dict[str, str]:
+    """The test's environment with this checkout first on the import path."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    return env
+
+
+def run_lorasup(run_dir: Path, *args: str, timeout: float = 60) -> Finished:
+    """Run ``lorasup start --run-dir RUN_DIR ARGS...`` to its end."""
+    argv = lorasup_argv("start", "--run-dir", str(run_dir), "--log-format", "json", *args)
+    began = time.monotonic()
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
+                          cwd=run_dir.parent, env=child_env())
+    return Finished(proc.returncode, proc.stdout, proc.stderr, time.monotonic() - began, run_dir)
+
+
+def kohya_args(*trainer_args: str, steps: int = 5, grace: float = 0.5,
+               silence: float = 10.0) -> list[str]:
+    return ["--trainer", "kohya", "--steps", str(steps), "--grace", str(grace),
+            "--no-output-timeout", str(silence), "--",
+            sys.executable, str(FAKE_KOHYA), *trainer_args]
+
+
+def gone(pid: int) -> bool:
+    """True when the pid runs no more (a zombie nobody reaps counts as gone)."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def wait_for(condition, timeout: float = 10.0, interval: float = 0.02) -> bool:
+    """Wait for a condition with a deadline (for state another process changes)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(interval)
+    return condition()
+
