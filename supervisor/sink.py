@@ -13,18 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-import structlog
 from anyio.abc import ObjectReceiveStream
 
 from supervisor.events import Event
-from supervisor.report import (
-    ReportBuilder,
-    render_loss_curves,
-    write_losses_csv,
-    write_report_json,
-)
-
-log = structlog.get_logger(__name__)
+from supervisor.report import ReportBuilder, write_all, write_report_json
 
 Batch = Sequence[tuple[float, Event]]
 
@@ -69,14 +61,7 @@ class ReportSink:
                 await self.finish()
 
     async def finish(self) -> None:
+        """CSV and PNG first (in a worker thread), then report.json naming them."""
         self.builder.set_model_files(self._model_files())
-        report = self.builder.snapshot()
-        self.report = report
-        write_report_json(self.run_dir, report)
-        write_losses_csv(self.run_dir, report)
-        png = self.run_dir / "loss_curves.png"
-        try:
-            await anyio.to_thread.run_sync(render_loss_curves, report, png)
-        except Exception as exc:  # a plot must never cost the report
-            log.error("plot_failed", error=repr(exc), path=str(png))
+        self.report = await anyio.to_thread.run_sync(write_all, self.run_dir, self.builder)
 
