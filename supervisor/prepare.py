@@ -65,6 +65,8 @@ def plan_run(job: Job, *, progress_tty: bool = False) -> tuple[RunPlan, Adapter]
     _check_program(argv, cwd)
     _make_run_dir(run_dir)
     output_dirs = getattr(adapter, "output_dirs", None)
+    tensorboard_dir = getattr(adapter, "tensorboard_dir", None)
+    tb_dir = tensorboard_dir(trainer_job) if tensorboard_dir else None
     plan = RunPlan(
         run_id=run_id,
         run_dir=run_dir,
@@ -79,6 +81,7 @@ def plan_run(job: Job, *, progress_tty: bool = False) -> tuple[RunPlan, Adapter]
         cwd=cwd,
         output_dirs=tuple(Path(p) for p in output_dirs(trainer_job)) if output_dirs else (),
         progress_tty=progress_tty,
+        tensorboard_dir=Path(tb_dir) if tb_dir else None,
     )
     return plan, adapter
 

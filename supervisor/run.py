@@ -41,6 +41,7 @@ from supervisor.logs import redact_argv
 from supervisor.process import ProcessTree, become_subreaper, spawn, wait_gone
 from supervisor.sink import Batch, ReportSink
 from supervisor.streams import LineSplitter
+from supervisor.tensorboard import EventFileFollower
 from supervisor.watchdogs import DivergenceWatch, SilenceWatchdog, total_timeout
 from trainers.base import Adapter
 
@@ -59,6 +60,8 @@ READ_SIZE = 64 * 1024
 TREE_SCAN_SECONDS = 2.0
 #: after the leader exited, how long readers may wait for EOF from leftover holders
 READER_DRAIN_SECONDS = 2.0
+#: how often the trainer's TensorBoard event files are read while it runs
+TENSORBOARD_POLL_SECONDS = 1.0
 MODEL_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".bin")
 
 
@@ -83,6 +86,8 @@ class RunPlan:
     cwd: Path
     output_dirs: tuple[Path, ...] = ()
     progress_tty: bool = False
+    #: a folder where the trainer writes TensorBoard event files, followed live
+    tensorboard_dir: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -122,6 +127,11 @@ class Supervisor:
         self._next_progress = 0.0
         self._last_tty = 0.0
         self._checkpoints: list[str] = []
+        self.follower: EventFileFollower | None = None
+        if plan.tensorboard_dir is not None:
+            root = plan.tensorboard_dir
+            root = root if root.is_absolute() else plan.cwd / root
+            self.follower = EventFileFollower(root, not_before=self._wall0 - 1)
 
     # -- time -------------------------------------------------------------------------
 
@@ -261,10 +271,7 @@ class Supervisor:
                             self.request_stop("diverged")
                         self._progress(admitted)
                     continue
-                if kind is Scalar:
-                    if "loss" in event.tag and self.divergence.observe(event.value):
-                        self.request_stop("diverged")
-                elif kind is Epoch:
+                if kind is Epoch:
                     self.epoch = event.epoch
                 elif kind is Finished:
                     self.finished_marker = True
@@ -276,6 +283,36 @@ class Supervisor:
                     self._checkpoints.append(event.path)
                     log.info("checkpoint", path=event.path)
                 batch.append((t, event))
+        return batch
+
+    async def _follow_tensorboard(self, send: ObjectSendStream[Batch]) -> None:
+        """Full-precision scalars from the trainer's event files, at a modest interval."""
+        assert self.follower is not None
+        async with send:
+            while True:
+                await anyio.sleep(TENSORBOARD_POLL_SECONDS)
+                await self._read_tensorboard(send)
+
+    async def _read_tensorboard(self, send: ObjectSendStream[Batch]) -> None:
+        if self.follower is None:
+            return
+        scalars = await anyio.to_thread.run_sync(self.follower.poll)
+        if scalars:
+            batch = self._handle_scalars(scalars)
+            if batch:
+                await send.send(batch)
+
+    def _handle_scalars(self, scalars: list[Scalar]) -> list[tuple[float, Event]]:
+        """Scalars within the requested steps; a non-finite loss among them is divergence."""
+        t = self.now()
+        final = self.gate.final_step
+        batch: list[tuple[float, Event]] = []
+        for scalar in scalars:
+            if scalar.step > final and not scalar.tag.endswith("epoch_average"):
+                continue
+            if "loss" in scalar.tag and self.divergence.observe(scalar.value):
+                self.request_stop("diverged")
+            batch.append((t, scalar))
         return batch
 
     def _progress(self, step: Step) -> None:
@@ -372,6 +409,8 @@ class Supervisor:
             tg.start_soon(self._watch_signals)
             tg.start_soon(self._control, send.clone())
             tg.start_soon(self._scan_tree)
+            if self.follower is not None:
+                tg.start_soon(self._follow_tensorboard, send.clone())
             returncode = await process.wait()
             self.exited = True
             await send.send([(self.now(), Exited(returncode=returncode))])
@@ -386,6 +425,12 @@ class Supervisor:
             with anyio.move_on_after(READER_DRAIN_SECONDS):
                 await self._readers_done.wait()
             tg.cancel_scope.cancel()
+        # The last records the trainer wrote before it exited.
+        await self._read_tensorboard(send)
+        if self.follower is not None and not self.follower.files:
+            await send.send([(self.now(), Note(
+                message=f"no TensorBoard event files appeared under {self.follower.root}; "
+                        "the report uses the console series only"))])
         await process.aclose()
         return returncode
 

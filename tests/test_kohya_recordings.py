@@ -120,3 +120,13 @@ def test_max_train_epochs_is_removed_and_steps_injected() -> None:
     job = TrainerJob(steps=7, argv=("python", "train_network.py", "--max_train_epochs", "3",
                                     "--max_train_steps=100"), run_dir="")
     assert KohyaAdapter().command(job) == ["python", "train_network.py", "--max_train_steps=7"]
+
+
+def test_logging_dir_is_injected_unless_the_user_gave_one() -> None:
+    from trainers.base import TrainerJob
+
+    ours = TrainerJob(steps=3, argv=("python", "t.py"), run_dir="/runs/r1")
+    assert KohyaAdapter().command(ours)[-1] == "--logging_dir=/runs/r1/tensorboard"
+    theirs = TrainerJob(steps=3, argv=("python", "t.py", "--logging_dir", "logs"), run_dir="/r")
+    assert KohyaAdapter().command(theirs).count("logs") == 1
+    assert KohyaAdapter().tensorboard_dir(theirs) == "logs"

@@ -62,8 +62,10 @@ def test_max_train_steps_is_injected_replacing_the_users_value(run_dir: Path) ->
     result = run_lorasup(run_dir, *kohya_args("--max_train_steps=999", steps=3))
     report = assert_common(result, "completed", 0)
     assert report["steps"]["last"] == 3
-    assert report["command"][-1] == "--max_train_steps=3"
+    assert "--max_train_steps=3" in report["command"]
     assert "--max_train_steps=999" not in report["command"]
+    # kohya's per-step loss only goes to TensorBoard: lorasup points it into the run dir.
+    assert f"--logging_dir={run_dir}/tensorboard" in report["command"]
 
 
 def test_trainer_running_past_n_is_stopped_at_once(run_dir: Path) -> None:

@@ -49,6 +49,8 @@ KOHYA_PROBLEMS: tuple[ProblemPattern, ...] = (
 )
 
 STEPS_FLAG = "--max_train_steps"
+LOGGING_FLAG = "--logging_dir"
+OUTPUT_FLAG = "--output_dir"
 #: kohya computes the step count from this flag when given, ignoring --max_train_steps
 EPOCHS_FLAG = "--max_train_epochs"
 
@@ -107,7 +109,19 @@ class KohyaAdapter:
         return value
 
     def command(self, job: TrainerJob) -> list[str]:
-        return replace_flag(drop_flag(job.argv, EPOCHS_FLAG), STEPS_FLAG, str(job.steps))
+        argv = replace_flag(drop_flag(job.argv, EPOCHS_FLAG), STEPS_FLAG, str(job.steps))
+        if flag_value(argv, LOGGING_FLAG) is None and job.run_dir:
+            # kohya writes its per-step loss and lr only to TensorBoard: make it write them.
+            argv.append(f"{LOGGING_FLAG}={self.tensorboard_dir(job)}")
+        return argv
+
+    def tensorboard_dir(self, job: TrainerJob) -> str | None:
+        """Where kohya's event files will be: the user's --logging_dir, else ours."""
+        return flag_value(job.argv, LOGGING_FLAG) or f"{job.run_dir}/tensorboard"
+
+    def output_dirs(self, job: TrainerJob) -> list[str]:
+        given = flag_value(job.argv, OUTPUT_FLAG)
+        return [given] if given else []
 
     def environment(self) -> dict[str, str]:
         # Wide enough that rich does not wrap log records; tqdm bars are unaffected.
