@@ -1,0 +1,1 @@
+"""lorasup's embedded default trainer: a small, real LoRA trainer in numpy (run with -m)."""

@@ -1,0 +1,65 @@
+"""How lorasup drives its own builtin trainer (``--trainer builtin``, the default).
+
+The trainer speaks the native protocol, so parsing is NativeAdapter's; this adapter
+only knows the program's command line: where the step limit goes and how the job's
+mode, dataset and output folder map onto its options.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+from collections.abc import Sequence
+
+from trainers.base import TrainerJob, UsageError
+from trainers.native import NativeAdapter
+
+MODES = {"new": "--new", "continue": "--continue"}
+
+
+def without_flag(argv: Sequence[str], flag: str) -> list[str]:
+    """``argv`` minus every ``flag value`` / ``flag=value`` (the injected one must win)."""
+    out: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == flag:
+            skip = True
+        elif not arg.startswith(flag + "="):
+            out.append(arg)
+    return out
+
+
+class BuiltinAdapter(NativeAdapter):
+    """``python -m trainers.builtin``: stops by itself at --steps after its final save."""
+
+    name = "builtin"
+    stops_by_itself = True
+    # SIGINT first: the trainer finishes its step, saves and exits 130; SIGTERM the same (143)
+    stop_signals = (signal.SIGINT, signal.SIGTERM)
+
+    def resolve_steps(self, steps: int | None, argv: Sequence[str]) -> int:
+        if steps is None:
+            raise UsageError("--steps is required for --trainer builtin")
+        if steps < 1:
+            raise UsageError(f"--steps must be at least 1, got {steps}")
+        return steps
+
+    def command(self, job: TrainerJob) -> list[str]:
+        mapped: list[str] = []
+        mode = job.option("mode")
+        if mode is not None:
+            if mode not in MODES:
+                raise UsageError(f"unknown mode {mode!r} for the builtin trainer "
+                                 f"(use {' or '.join(MODES)})")
+            other = [flag for flag in MODES.values() if flag != MODES[mode]]
+            if any(arg in other for arg in job.argv):
+                raise UsageError(f"mode {mode!r} contradicts {other[0]} in the trainer args")
+            mapped.append(MODES[mode])
+        for option, flag in (("dataset", "--dataset"), ("output_dir", "--output-dir")):
+            value = job.option(option)
+            if value is not None:
+                mapped += [flag, value]
+        return [sys.executable, "-m", "trainers.builtin", "--steps", str(job.steps), *mapped,
+                *without_flag(job.argv, "--steps")]
