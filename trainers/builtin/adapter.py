@@ -7,9 +7,11 @@ mode, dataset and output folder map onto its options.
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from trainers.base import TrainerJob, UsageError
 from trainers.native import NativeAdapter
@@ -45,6 +47,13 @@ class BuiltinAdapter(NativeAdapter):
         if steps < 1:
             raise UsageError(f"--steps must be at least 1, got {steps}")
         return steps
+
+    def environment(self) -> dict[str, str]:
+        # The trainer is this very package: make ``-m trainers.builtin`` find it also when
+        # lorasup runs from a checkout that was never installed.
+        root = str(Path(__file__).resolve().parents[2])
+        path = os.environ.get("PYTHONPATH")
+        return {"PYTHONPATH": os.pathsep.join([root, path]) if path else root}
 
     def command(self, job: TrainerJob) -> list[str]:
         mapped: list[str] = []
