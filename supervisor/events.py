@@ -15,6 +15,9 @@ from typing import Any, ClassVar
 
 SCHEMA = "lorasup.events/1"
 
+#: field names per event class, computed once (``dataclasses.fields`` is slow per call)
+_FIELD_NAMES: dict[type, tuple[str, ...]] = {}
+
 
 def _number(value: float) -> float | str:
     """JSON has no NaN/inf; a diverged loss must still be written, so spell it."""
@@ -40,15 +43,18 @@ class Event:
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"kind": self.kind}
-        for f in fields(self):
-            value = getattr(self, f.name)
+        names = _FIELD_NAMES.get(type(self))
+        if names is None:
+            names = _FIELD_NAMES[type(self)] = tuple(f.name for f in fields(self))
+        for name in names:
+            value = getattr(self, name)
             if value is None:
                 continue
             if isinstance(value, float):
                 value = _number(value)
             elif isinstance(value, tuple):
                 value = list(value)
-            out[f.name] = value
+            out[name] = value
         return out
 
     def to_json(self, t: float) -> str:
@@ -173,6 +179,26 @@ class Outcome(Event):
     exit_code: int
     reason: str
     trainer_returncode: int | None = None
+
+
+def _json_float(value: float) -> str:
+    return repr(value) if math.isfinite(value) else f'"{_number(value)}"'
+
+
+def step_json(t: float, event: Step) -> str:
+    """``Step.to_json`` without the generic machinery: one of these per training step."""
+    out = f'{{"t":{t!r},"kind":"step","step":{event.step}'
+    if event.total is not None:
+        out += f',"total":{event.total}'
+    if event.loss is not None:
+        out += f',"loss":{_json_float(event.loss)}'
+    if event.avg_loss is not None:
+        out += f',"avg_loss":{_json_float(event.avg_loss)}'
+    if event.lr is not None:
+        out += f',"lr":{_json_float(event.lr)}'
+    if event.epoch is not None:
+        out += f',"epoch":{event.epoch}'
+    return out + "}"
 
 
 EVENT_TYPES: dict[str, type[Event]] = {

@@ -328,15 +328,25 @@ class ReportBuilder:
         step = _int(r.get("step"))
         if step is None:
             return
+        self.add_step(t, step, _num(r.get("loss")), _num(r.get("avg_loss")), _num(r.get("lr")),
+                      _int(r.get("epoch")))
+
+    def add_step(self, t: float | None, step: int, loss: float | None,
+                 avg_loss: float | None, lr: float | None, epoch: int | None) -> None:
+        """A step record with values already typed: the live sink's fast path."""
+        if t is not None and (self.last_t is None or t > self.last_t):
+            self.last_t = t
         row = self._row(step)
         first_report = self._t.get(row) is None
         if first_report and t is not None:
             self._t.set(row, t)
-        for key, col in (("loss", "loss_c"), ("avg_loss", "avg_c"), ("lr", "lr_c")):
-            value = _num(r.get(key))
-            if value is not None:
-                self._cols[col].set(row, value)
-        epoch = _int(r.get("epoch"))
+        cols = self._cols
+        if loss is not None:
+            cols["loss_c"].set(row, loss)
+        if avg_loss is not None:
+            cols["avg_c"].set(row, avg_loss)
+        if lr is not None:
+            cols["lr_c"].set(row, lr)
         if epoch is not None:
             self._epoch.set(row, epoch)
         elif first_report and self._current_epoch is not None and self._epoch.get(row) is None:

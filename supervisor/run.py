@@ -13,7 +13,7 @@ import secrets
 import signal
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,6 @@ from anyio.abc import ByteReceiveStream, ObjectSendStream
 
 from supervisor.events import (
     Checkpoint,
-    Epoch,
     Event,
     Exited,
     Finished,
@@ -63,6 +62,15 @@ READER_DRAIN_SECONDS = 2.0
 #: how often the trainer's TensorBoard event files are read while it runs
 TENSORBOARD_POLL_SECONDS = 1.0
 MODEL_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".bin")
+
+
+def _supersedes(new: Step, old: Step) -> bool:
+    """Whether ``new`` (same step, later) carries every value ``old`` had."""
+    return new.step == old.step and (
+        (old.loss is None or new.loss is not None)
+        and (old.avg_loss is None or new.avg_loss is not None)
+        and (old.lr is None or new.lr is not None)
+        and (old.epoch is None or new.epoch is not None))
 
 
 def new_run_id(trainer: str) -> str:
@@ -111,7 +119,6 @@ class Supervisor:
         self.exited = False
         self.interrupt_signal: signal.Signals | None = None
         self.finished_marker = False
-        self.epoch: int | None = None
         self._force = False
         self._grace_scope: anyio.CancelScope | None = None
         self._t0 = anyio.current_time()
@@ -260,20 +267,21 @@ class Supervisor:
             for event in parse(line):
                 kind = type(event)
                 if kind is Step:
-                    if event.epoch is None and self.epoch is not None:
-                        event = replace(event, epoch=self.epoch)
                     admitted = self.gate.admit(event)
                     if admitted is None:
                         continue
-                    batch.append((t, admitted))
+                    if (batch and type(admitted) is Step and type(batch[-1][1]) is Step
+                            and _supersedes(admitted, batch[-1][1])):
+                        # Two frames of one step in one read: the later one has it all.
+                        batch[-1] = (t, admitted)
+                    else:
+                        batch.append((t, admitted))
                     if type(admitted) is Step:
                         if self.divergence.observe(admitted.loss, admitted.avg_loss):
                             self.request_stop("diverged")
-                        self._progress(admitted)
+                        self._progress(admitted, t)
                     continue
-                if kind is Epoch:
-                    self.epoch = event.epoch
-                elif kind is Finished:
+                if kind is Finished:
                     self.finished_marker = True
                 elif kind is Resumed:
                     self.gate.resume(event.step)
@@ -315,9 +323,8 @@ class Supervisor:
             batch.append((t, scalar))
         return batch
 
-    def _progress(self, step: Step) -> None:
+    def _progress(self, step: Step, t: float) -> None:
         """Progress in the logs at a sane rate, and a live line on a terminal."""
-        t = self.now()
         final = self.gate.final_step
         if t >= self._next_progress or step.step == final:
             self._next_progress = t + 30.0

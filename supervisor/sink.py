@@ -15,7 +15,7 @@ from typing import Any
 import anyio
 from anyio.abc import ObjectReceiveStream
 
-from supervisor.events import Event
+from supervisor.events import Event, Step, step_json
 from supervisor.report import ReportBuilder, write_all, write_report_json
 
 Batch = Sequence[tuple[float, Event]]
@@ -36,8 +36,15 @@ class ReportSink:
     def write(self, batch: Batch) -> None:
         lines = []
         add = self.builder.add
+        add_step = self.builder.add_step
         for t, event in batch:
-            record = {"t": round(t, 6)}
+            t = round(t, 6)
+            if type(event) is Step:
+                # The hot path: one line per training step, formatted without json.dumps.
+                lines.append(step_json(t, event))
+                add_step(t, event.step, event.loss, event.avg_loss, event.lr, event.epoch)
+                continue
+            record = {"t": t}
             record.update(event.to_dict())
             lines.append(json.dumps(record, ensure_ascii=False, separators=(",", ":")))
             add(record)

@@ -83,3 +83,13 @@ def test_cr_only_progress_each_redraw_is_a_line() -> None:
     s = LineSplitter()
     lines = feed_all(s, b"\r10%", b"\r20%\r30%", b"\r40%")
     assert lines == ["10%", "20%", "30%", "40%"]
+
+
+def test_fast_step_json_matches_the_generic_form() -> None:
+    import json
+
+    from supervisor.events import Step, step_json
+
+    for event in [Step(step=3), Step(step=4, total=9, loss=0.125, avg_loss=float("nan"),
+                                      lr=1e-4, epoch=2), Step(step=5, loss=float("-inf"))]:
+        assert json.loads(step_json(1.5, event)) == json.loads(event.to_json(1.5))
