@@ -49,7 +49,9 @@ class StepGate:
                 self.rejected += 1
                 return Rejected(step=step)
             return None
-        if step < self.last or (step == self.last and event == self._previous):
+        if step <= self.offset or step < self.last or (
+                step == self.last and event == self._previous):
+            # Step 0 is a bar before training, steps up to a resume point are history.
             return None
         self._previous = event
         if step > self.last:

@@ -36,7 +36,7 @@ from supervisor.events import (
     Step,
 )
 from supervisor.gate import StepGate
-from supervisor.logs import redact_argv
+from supervisor.logs import redact_argv, redact_text
 from supervisor.process import ProcessTree, become_subreaper, spawn, wait_gone
 from supervisor.sink import Batch, ReportSink
 from supervisor.streams import LineSplitter
@@ -61,6 +61,8 @@ TREE_SCAN_SECONDS = 2.0
 READER_DRAIN_SECONDS = 2.0
 #: how often the trainer's TensorBoard event files are read while it runs
 TENSORBOARD_POLL_SECONDS = 1.0
+#: a progress log entry at most this often (and once at the last step)
+PROGRESS_LOG_SECONDS = 30.0
 MODEL_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".bin")
 
 
@@ -132,6 +134,7 @@ class Supervisor:
         self._readers_open = 2
         self._readers_done = anyio.Event()
         self._next_progress = 0.0
+        self._final_progress_logged = False
         self._last_tty = 0.0
         self._checkpoints: list[str] = []
         self.follower: EventFileFollower | None = None
@@ -286,6 +289,8 @@ class Supervisor:
                 elif kind is Resumed:
                     self.gate.resume(event.step)
                 elif kind is Problem:
+                    # Trainer text goes into the report: mask token-shaped strings first.
+                    event = Problem(problem=event.problem, line=redact_text(event.line))
                     log.warning("trainer_problem", problem=event.problem, line=event.line[:200])
                 elif kind is Checkpoint:
                     self._checkpoints.append(event.path)
@@ -326,10 +331,13 @@ class Supervisor:
     def _progress(self, step: Step, t: float) -> None:
         """Progress in the logs at a sane rate, and a live line on a terminal."""
         final = self.gate.final_step
-        if t >= self._next_progress or step.step == final:
-            self._next_progress = t + 30.0
-            log.info("progress", step=step.step, of=final, loss=step.loss,
-                     avg_loss=step.avg_loss, lr=step.lr, epoch=step.epoch, t=round(t, 1))
+        last = step.step == final and not self._final_progress_logged
+        if t >= self._next_progress or last:
+            self._next_progress = t + PROGRESS_LOG_SECONDS
+            self._final_progress_logged = self._final_progress_logged or last
+            values = {k: v for k, v in (("loss", step.loss), ("avg_loss", step.avg_loss),
+                                        ("lr", step.lr), ("epoch", step.epoch)) if v is not None}
+            log.info("progress", step=step.step, of=final, t=round(t, 1), **values)
         if self.plan.progress_tty and (t - self._last_tty >= 0.1 or step.step == final):
             self._last_tty = t
             done = step.step - self.gate.offset

@@ -283,3 +283,16 @@ def test_existing_run_is_never_overwritten(run_dir: Path) -> None:
     again = run_lorasup(run_dir, *kohya_args(steps=2))
     assert again.returncode == 2
     assert (run_dir / "events.jsonl").read_bytes() == before
+
+
+def test_secrets_in_the_trainer_argv_never_reach_logs_or_reports(run_dir: Path) -> None:
+    token = "hf_abcdefghijklmnopqrstuvwxyz0123"
+    result = run_lorasup(run_dir, *kohya_args(f"--hf_token={token}", "--wandb_api_key",
+                                              "sekrit-value", "--password=hunter2", steps=2))
+    assert result.returncode == 0
+    for text in (result.stdout, result.stderr, (run_dir / "events.jsonl").read_text(),
+                 (run_dir / "report.json").read_text()):
+        assert token not in text
+        assert "sekrit-value" not in text
+        assert "hunter2" not in text
+    assert "--hf_token=***" in result.report["command"]
