@@ -37,6 +37,7 @@ from supervisor.events import (
 )
 from supervisor.gate import StepGate
 from supervisor.logs import redact_argv, redact_text
+from supervisor.notify import Notifier
 from supervisor.process import ProcessTree, become_subreaper, spawn, wait_gone
 from supervisor.sink import Batch, ReportSink
 from supervisor.streams import LineSplitter
@@ -135,6 +136,7 @@ class Supervisor:
         self._readers_done = anyio.Event()
         self._next_progress = 0.0
         self._final_progress_logged = False
+        self.notifier = Notifier()
         self._last_tty = 0.0
         self._checkpoints: list[str] = []
         self.follower: EventFileFollower | None = None
@@ -156,6 +158,7 @@ class Supervisor:
             return
         self.stop_reason = reason
         self.stop_requested.set()
+        self.notifier.stopping(f"stopping the trainer: {reason}")
         log.info("stop_requested", reason=reason, step=self.gate.last, t=round(self.now(), 3))
 
     def _on_limit(self) -> None:
@@ -338,6 +341,7 @@ class Supervisor:
             values = {k: v for k, v in (("loss", step.loss), ("avg_loss", step.avg_loss),
                                         ("lr", step.lr), ("epoch", step.epoch)) if v is not None}
             log.info("progress", step=step.step, of=final, t=round(t, 1), **values)
+            self.notifier.status(f"step {step.step}/{final}")
         if self.plan.progress_tty and (t - self._last_tty >= 0.1 or step.step == final):
             self._last_tty = t
             done = step.step - self.gate.offset
@@ -394,6 +398,7 @@ class Supervisor:
                         trainer_returncode=returncode))])
         finally:
             self._trainer_log.close()
+            self.notifier.close()
             if plan.progress_tty:
                 sys.stderr.write("\n")
         log.info("outcome", outcome=outcome, exit_code=code, reason=reason,
@@ -410,6 +415,7 @@ class Supervisor:
                           argv=tuple(redact_argv(plan.argv)), pid=self.tree.pid,
                           steps_requested=plan.steps, wall_time=self._wall0)
         await send.send([(self.now(), started)])
+        self.notifier.ready(f"training with {plan.trainer}: step 0/{self.gate.final_step}")
         log.info("started", trainer=plan.trainer, argv=list(started.argv), pid=self.tree.pid,
                  steps=plan.steps, run_dir=str(plan.run_dir), timeout_s=plan.timeout,
                  no_output_timeout_s=plan.no_output_timeout, grace_s=plan.grace)
@@ -424,6 +430,7 @@ class Supervisor:
             tg.start_soon(self._watch_signals)
             tg.start_soon(self._control, send.clone())
             tg.start_soon(self._scan_tree)
+            tg.start_soon(self.notifier.keep_alive)
             if self.follower is not None:
                 tg.start_soon(self._follow_tensorboard, send.clone())
             returncode = await process.wait()

@@ -296,3 +296,26 @@ def test_secrets_in_the_trainer_argv_never_reach_logs_or_reports(run_dir: Path) 
         assert "sekrit-value" not in text
         assert "hunter2" not in text
     assert "--hf_token=***" in result.report["command"]
+
+
+def test_systemd_notifications(run_dir: Path, tmp_path: Path) -> None:
+    import socket
+
+    address = str(tmp_path / "notify.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as server:
+        server.bind(address)
+        argv = lorasup_argv("start", "--run-dir", str(run_dir), "--log-format", "json",
+                            *kohya_args(steps=3))
+        env = {**child_env(), "NOTIFY_SOCKET": address, "WATCHDOG_USEC": "10000000"}
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=60, env=env)
+        assert proc.returncode == 0, proc.stderr
+        server.setblocking(False)
+        messages = []
+        while True:
+            try:
+                messages.append(server.recv(4096).decode())
+            except BlockingIOError:
+                break
+    assert messages[0].startswith("READY=1\nSTATUS=training with kohya")
+    assert any("WATCHDOG=1" in m for m in messages)
+    assert any(m == "STATUS=step 3/3" for m in messages)
