@@ -399,6 +399,9 @@ class Supervisor:
         finally:
             self._trainer_log.close()
             self.notifier.close()
+            if self.tree is not None and self.tree.survivors():
+                # Only reached through a bug or a crash of our own: never leave the tree behind.
+                self.tree.signal(signal.SIGKILL)
             if plan.progress_tty:
                 sys.stderr.write("\n")
         log.info("outcome", outcome=outcome, exit_code=code, reason=reason,

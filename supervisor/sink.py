@@ -13,10 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import structlog
 from anyio.abc import ObjectReceiveStream
 
 from supervisor.events import Event, Step, step_json
 from supervisor.report import ReportBuilder, write_all, write_report_json
+
+log = structlog.get_logger(__name__)
 
 Batch = Sequence[tuple[float, Event]]
 
@@ -32,6 +35,7 @@ class ReportSink:
         self._refresh = refresh_seconds
         self._events = (run_dir / "events.jsonl").open("a", encoding="utf-8")
         self.report: dict[str, Any] | None = None
+        self.write_errors = 0
 
     def write(self, batch: Batch) -> None:
         lines = []
@@ -49,8 +53,15 @@ class ReportSink:
             lines.append(json.dumps(record, ensure_ascii=False, separators=(",", ":")))
             add(record)
         lines.append("")
-        self._events.write("\n".join(lines))
-        self._events.flush()
+        try:
+            self._events.write("\n".join(lines))
+            self._events.flush()
+        except OSError as exc:
+            # A full disk must not take the supervision down with it; the report still
+            # holds what the builder saw.
+            self.write_errors += 1
+            if self.write_errors == 1:
+                log.error("events_write_failed", error=str(exc), path=str(self._events.name))
 
     async def run(self, receive: ObjectReceiveStream[Batch]) -> None:
         """Consume until every sender closed, then write the final files."""
