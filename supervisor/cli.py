@@ -39,7 +39,8 @@ def _fail(message: str) -> typer.Exit:
 )
 def start(
     ctx: typer.Context,
-    trainer: Annotated[str | None, typer.Option(help="builtin, kohya or native")] = None,
+    trainer: Annotated[
+        str | None, typer.Option(help="builtin, kohya, diffusers or native [builtin]")] = None,
     steps: Annotated[int | None, typer.Option(help="optimizer steps to run, exactly")] = None,
     run_dir: Annotated[Path | None, typer.Option(help="the run directory, exactly")] = None,
     logs_dir: Annotated[
@@ -62,6 +63,9 @@ def start(
         bool, typer.Option("--continue", help="builtin: resume and run --steps more")] = False,
     dataset: Annotated[str | None, typer.Option(help="builtin: dataset folder")] = None,
     output_dir: Annotated[str | None, typer.Option(help="builtin: LoRA output folder")] = None,
+    tensorboard: Annotated[bool, typer.Option(
+        "--tensorboard",
+        help="diffusers: make the script write TensorBoard files into the run dir")] = False,
 ) -> None:
     from supervisor.prepare import plan_run
     from supervisor.run import Supervisor
@@ -71,7 +75,8 @@ def start(
         raise _fail("--new and --continue exclude each other")
     options = {k: v for k, v in
                {"mode": "new" if new else ("continue" if continue_ else None),
-                "dataset": dataset, "output_dir": output_dir}.items() if v is not None}
+                "dataset": dataset, "output_dir": output_dir,
+                "tensorboard": "1" if tensorboard else None}.items() if v is not None}
     try:
         file_values: dict[str, Any] = load_toml(config) if config is not None else {}
         if options:

@@ -13,6 +13,17 @@ from collections.abc import Callable
 from supervisor.events import Rejected, Step
 
 
+def _same(a: Step, b: Step | None) -> bool:
+    """Equal values, NaN equal to NaN (a redraw of a diverged frame is still a redraw)."""
+    if b is None:
+        return False
+    for x, y in ((a.total, b.total), (a.loss, b.loss), (a.avg_loss, b.avg_loss),
+                 (a.lr, b.lr), (a.epoch, b.epoch)):
+        if x != y and not (x != x and y != y):
+            return False
+    return True
+
+
 class StepGate:
     """Admits step events up to ``limit`` steps past the resume point; reports the rest."""
 
@@ -50,7 +61,7 @@ class StepGate:
                 return Rejected(step=step)
             return None
         if step <= self.offset or step < self.last or (
-                step == self.last and event == self._previous):
+                step == self.last and _same(event, self._previous)):
             # Step 0 is a bar before training, steps up to a resume point are history.
             return None
         self._previous = event

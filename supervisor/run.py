@@ -283,7 +283,8 @@ class Supervisor:
                     else:
                         batch.append((t, admitted))
                     if type(admitted) is Step:
-                        if self.divergence.observe(admitted.loss, admitted.avg_loss):
+                        if self.divergence.observe(admitted.step, admitted.loss,
+                                                   admitted.avg_loss):
                             self.request_stop("diverged")
                         self._progress(admitted, t)
                     continue
@@ -326,7 +327,8 @@ class Supervisor:
         for scalar in scalars:
             if scalar.step > final and not scalar.tag.endswith("epoch_average"):
                 continue
-            if "loss" in scalar.tag and self.divergence.observe(scalar.value):
+            key = ("epoch", scalar.step) if scalar.tag.endswith("epoch_average") else scalar.step
+            if "loss" in scalar.tag and self.divergence.observe(key, scalar.value):
                 self.request_stop("diverged")
             batch.append((t, scalar))
         return batch
@@ -475,7 +477,7 @@ class Supervisor:
             return reason, EXIT_CODES[reason], {
                 "timeout": f"total time limit of {self.plan.timeout:g}s passed",
                 "stalled": f"no output for {self.plan.no_output_timeout:g}s",
-                "diverged": f"non-finite loss seen {self.divergence.nonfinite} time(s)",
+                "diverged": f"non-finite loss at {self.divergence.nonfinite} step(s)",
             }[reason]
         if reason == "finish_timeout":
             if done and self.finished_marker:

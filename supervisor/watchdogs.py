@@ -48,16 +48,26 @@ class SilenceWatchdog:
 
 
 class DivergenceWatch:
-    """Counts non-finite losses; diverged once more than ``patience`` were seen."""
+    """Counts *steps* with a non-finite loss; diverged once more than ``patience`` had one.
+
+    One bad step shows up many times (two bar frames, the running average, TensorBoard's
+    ``loss/current`` and ``loss/average``); it is still one step.
+    """
 
     def __init__(self, patience: int = 0) -> None:
         self.patience = patience
-        self.nonfinite = 0
+        self._bad: set[object] = set()
 
-    def observe(self, *values: float | None) -> bool:
-        """True when this observation makes the run diverged."""
+    @property
+    def nonfinite(self) -> int:
+        return len(self._bad)
+
+    def observe(self, key: object, *values: float | None) -> bool:
+        """True when this observation makes the run diverged (once, at the crossing)."""
         for value in values:
             if value is not None and not math.isfinite(value):
-                self.nonfinite += 1
-                return self.nonfinite > self.patience
+                if key in self._bad:
+                    return False
+                self._bad.add(key)
+                return len(self._bad) == self.patience + 1
         return False

@@ -319,3 +319,14 @@ def test_systemd_notifications(run_dir: Path, tmp_path: Path) -> None:
     assert messages[0].startswith("READY=1\nSTATUS=training with kohya")
     assert any("WATCHDOG=1" in m for m in messages)
     assert any(m == "STATUS=step 3/3" for m in messages)
+
+
+def test_nan_patience_counts_steps_not_frames(run_dir: Path) -> None:
+    # NaN from step 3 on; patience 3 tolerates steps 3, 4, 5 and stops at step 6.
+    result = run_lorasup(run_dir, "--nan-patience", "3", *kohya_args(
+        "--nan-at", "3", "--step-seconds", "0.1", steps=40))
+    report = assert_common(result, "diverged", 5)
+    nan_steps = [e["step"] for e in result.events() if e["kind"] == "step" and e["step"] >= 3]
+    # Both frames of a NaN step show avr_loss=nan: the redraw is not a second record.
+    assert len(nan_steps) == len(set(nan_steps))
+    assert 6 <= report["steps"]["last"] <= 8

@@ -80,6 +80,23 @@ PYTHON_PROBLEMS: tuple[ProblemPattern, ...] = (
 )
 
 
+#: the last line of a Python traceback: ``OSError: ...``, ``torch.OutOfMemoryError: ...``
+_EXCEPTION_LINE = re.compile(
+    r"^(?:[A-Za-z_][\w.]*\.)?[A-Z]\w*(?:Error|Exception|Interrupt)\b(?::|$)")
+
+
+def python_problems(line: str, patterns: Iterable[ProblemPattern] = PYTHON_PROBLEMS) -> list[Event]:
+    """Problems in a line of a Python trainer's output; cheap for the common clean line."""
+    if "rror" not in line and "Traceback" not in line and "memory" not in line and (
+            "No data" not in line):
+        return []
+    events = match_problems(line, patterns)
+    stripped = line.strip()
+    if _EXCEPTION_LINE.match(stripped):
+        events.append(Problem(problem="exception", line=stripped[:500]))
+    return events
+
+
 def match_problems(line: str, patterns: Iterable[ProblemPattern]) -> list[Event]:
     """All distinct problems a line shows (first pattern per problem name wins)."""
     found: list[Event] = []

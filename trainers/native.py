@@ -30,7 +30,7 @@ from supervisor.events import (
     Step,
     read_number,
 )
-from trainers.base import PYTHON_PROBLEMS, TrainerJob, UsageError, match_problems
+from trainers.base import TrainerJob, UsageError, python_problems
 
 PREFIX = '{"lorasup":1'
 
@@ -91,6 +91,4 @@ class NativeAdapter:
     def parse(self, line: str) -> Iterable[Event]:
         if line.startswith(PREFIX):
             return parse_protocol_line(line)
-        if "Traceback" in line or "out of memory" in line or "Error" in line:
-            return match_problems(line, PYTHON_PROBLEMS)
-        return ()
+        return python_problems(line)

@@ -1,0 +1,126 @@
+"""diffusers example training scripts (``train_text_to_image_lora.py`` and its siblings).
+
+What their output looks like (from real recordings, see the shared recordings README):
+
+- everything on stderr; a tqdm bar ``Steps:  20%|██        | 2/10 [00:01<00:06,  1.23it/s,
+  lr=0.0001, step_loss=1.16]`` redrawn with ``\\r``, two frames per step (the first still
+  shows the previous step's values); ``step_loss`` is the per-step loss (3 significant
+  digits), ``lr`` the learning rate;
+- python logging lines, possibly glued to a bar frame with no newline in between;
+- ``Model weights saved in <path>`` at each checkpoint (``checkpoint-N/``) and at the end.
+
+The full-precision ``train_loss`` goes to TensorBoard under ``<output_dir>/<logging_dir>``
+(``logs`` by default) when ``--report_to`` includes tensorboard, the example's default.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+from collections.abc import Iterable, Sequence
+
+from supervisor.events import Checkpoint, Event, Finished, Step
+from trainers.base import (
+    TrainerJob,
+    UsageError,
+    flag_value,
+    python_problems,
+    replace_flag,
+)
+
+_BAR = re.compile(r"Steps:\s+\d+%\|[^|]*\|\s*(\d+)/(\d+)\s+\[([^\]]*)\]")
+_SAVED = "Model weights saved in "
+
+STEPS_FLAG = "--max_train_steps"
+OUTPUT_FLAG = "--output_dir"
+LOGGING_FLAG = "--logging_dir"
+REPORT_FLAG = "--report_to"
+
+
+def _postfix(info: str, key: str) -> float | None:
+    at = info.find(key)
+    if at < 0:
+        return None
+    try:
+        return float(info[at + len(key):].split(",", 1)[0])
+    except ValueError:
+        return None
+
+
+def parse_bar(line: str) -> tuple[Step, str] | None:
+    """The ``Steps:`` bar frame in a line, and whatever text was glued after it."""
+    start = line.find("Steps:")
+    if start < 0:
+        return None
+    match = _BAR.match(line, start)
+    if match is None:
+        return None
+    step, total, info = match.groups()
+    event = Step(step=int(step), total=int(total), loss=_postfix(info, "step_loss="),
+                 lr=_postfix(info, "lr="))
+    return event, line[match.end():]
+
+
+class DiffusersAdapter:
+    name = "diffusers"
+    stops_by_itself = True
+    # SIGINT raises KeyboardInterrupt (finally blocks run); SIGTERM ends Python at once.
+    stop_signals = (signal.SIGINT, signal.SIGTERM)
+
+    def resolve_steps(self, steps: int | None, argv: Sequence[str]) -> int:
+        if not argv:
+            raise UsageError("--trainer diffusers needs the training script after '--' "
+                             "(e.g. -- accelerate launch train_text_to_image_lora.py ...)")
+        if steps is not None:
+            return steps
+        given = flag_value(argv, STEPS_FLAG)
+        if given is None or not given.isdigit() or int(given) <= 0:
+            raise UsageError(f"give --steps N (or {STEPS_FLAG}=N in the trainer command)")
+        return int(given)
+
+    def command(self, job: TrainerJob) -> list[str]:
+        argv = replace_flag(job.argv, STEPS_FLAG, str(job.steps))
+        if job.option("tensorboard") == "1" and job.run_dir:
+            # Opted in: make the script write its event files into the run directory
+            # (diffusers joins output_dir with logging_dir; an absolute path wins).
+            argv = replace_flag(argv, REPORT_FLAG, "tensorboard")
+            argv = replace_flag(argv, LOGGING_FLAG, os.path.abspath(f"{job.run_dir}/tensorboard"))
+        return argv
+
+    def tensorboard_dir(self, job: TrainerJob) -> str | None:
+        """Where the script writes event files, or None when it writes none."""
+        if job.option("tensorboard") == "1" and job.run_dir:
+            return os.path.abspath(f"{job.run_dir}/tensorboard")
+        report_to = flag_value(job.argv, REPORT_FLAG) or "tensorboard"
+        if "tensorboard" not in report_to and report_to != "all":
+            return None
+        logging_dir = flag_value(job.argv, LOGGING_FLAG) or "logs"
+        output_dir = flag_value(job.argv, OUTPUT_FLAG)
+        if output_dir is None:
+            return None
+        return os.path.join(output_dir, logging_dir)
+
+    def output_dirs(self, job: TrainerJob) -> list[str]:
+        given = flag_value(job.argv, OUTPUT_FLAG)
+        return [given] if given else []
+
+    def environment(self) -> dict[str, str]:
+        return {}
+
+    def parse(self, line: str) -> Iterable[Event]:
+        bar = parse_bar(line)
+        if bar is not None:
+            step, rest = bar
+            if len(rest) > 1:
+                return [step, *self._parse_text(rest.lstrip())]
+            return [step]
+        return self._parse_text(line)
+
+    def _parse_text(self, line: str) -> list[Event]:
+        if line.startswith(_SAVED):
+            path = line[len(_SAVED):].strip()
+            if "/checkpoint-" in path:
+                return [Checkpoint(path=path)]
+            return [Checkpoint(path=path), Finished(marker="model weights saved")]
+        return python_problems(line)
