@@ -18,13 +18,13 @@ RECORDINGS = HERE / "data" / "diffusers"
 NORMAL_STEP_LOSS = [1.13, 1.16, 1.12, 1.12, 1.17, 1.14, 1.13, 1.13, 1.1, 1.12]
 
 
-def replay(tmp_path: Path, name: str, *extra: str):
+def replay(tmp_path: Path, name: str, *lorasup_args: str, replay_args: tuple[str, ...] = ()):
     with (RECORDINGS / f"{name}.jsonl").open(encoding="utf-8") as fh:
         argv = json.loads(fh.readline())["argv"]
     steps = [a for a in argv if a.startswith("--max_train_steps")]
-    return run_lorasup(tmp_path / "run", "--trainer", "diffusers", "--grace", "2", *extra, "--",
-                       sys.executable, str(REPLAY), str(RECORDINGS / f"{name}.jsonl"),
-                       "--speed", "20", *steps)
+    return run_lorasup(tmp_path / "run", "--trainer", "diffusers", "--grace", "2", *lorasup_args,
+                       "--", sys.executable, str(REPLAY), str(RECORDINGS / f"{name}.jsonl"),
+                       "--speed", "20", *replay_args, *steps)
 
 
 def test_normal_run_completes_with_per_step_loss_and_lr(tmp_path: Path) -> None:
@@ -73,3 +73,22 @@ def test_tensorboard_dir(argv, options, expected) -> None:
     if options:
         assert "--report_to=tensorboard" in command
         assert "--logging_dir=/runs/r/tensorboard" in command
+
+
+
+def test_event_files_give_the_full_precision_loss(tmp_path: Path) -> None:
+    from supervisor.tensorboard import EventFileReader, find_event_files
+
+    recorded = HERE / "data" / "tensorboard" / "diffusers" / "diffusers_normal"
+    expected = {r.step: r.value for path in find_event_files(recorded)
+                for r in EventFileReader(path).read_new() if r.tag == "train_loss"}
+    assert sorted(expected) == list(range(1, 11))
+    # --tensorboard: lorasup points the script's --logging_dir into the run dir, and the
+    # replay writes the recorded event files there, step by step as the real run did.
+    result = replay(tmp_path, "diffusers_normal", "--tensorboard",
+                    replay_args=("--tensorboard", str(recorded)))
+    report = result.report
+    assert f"--logging_dir={tmp_path / 'run' / 'tensorboard'}" in report["command"]
+    assert report["outcome"] == "completed"
+    assert report["series"]["loss"] == [expected[s] for s in range(1, 11)]
+    assert report["series"]["sources"]["loss"] == "tensorboard"
