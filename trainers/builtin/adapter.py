@@ -13,24 +13,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from trainers.base import TrainerJob, UsageError
+from trainers.base import TrainerJob, UsageError, drop_flag
 from trainers.native import NativeAdapter
 
 MODES = {"new": "--new", "continue": "--continue"}
-
-
-def without_flag(argv: Sequence[str], flag: str) -> list[str]:
-    """``argv`` minus every ``flag value`` / ``flag=value`` (the injected one must win)."""
-    out: list[str] = []
-    skip = False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg == flag:
-            skip = True
-        elif not arg.startswith(flag + "="):
-            out.append(arg)
-    return out
 
 
 class BuiltinAdapter(NativeAdapter):
@@ -71,4 +57,4 @@ class BuiltinAdapter(NativeAdapter):
             if value is not None:
                 mapped += [flag, value]
         return [sys.executable, "-m", "trainers.builtin", "--steps", str(job.steps), *mapped,
-                *without_flag(job.argv, "--steps")]
+                *drop_flag(job.argv, "--steps")]
