@@ -1,5 +1,5 @@
 """``python -m supervisor`` is the ``lorasup`` command."""
 
-from supervisor.cli import app
+from supervisor.cli import main
 
-app(prog_name="lorasup")
+main()

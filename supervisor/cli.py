@@ -34,7 +34,8 @@ def _fail(message: str) -> typer.Exit:
 
 
 @app.command(
-    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    # Only what follows '--' goes to the trainer: a mistyped lorasup flag is an error.
+    context_settings={"allow_extra_args": True},
     help="Start and supervise a trainer. The trainer's own argv goes after '--'.",
 )
 def start(
@@ -132,3 +133,22 @@ def _format(value: str) -> Literal["auto", "json", "console"]:
     if value not in ("auto", "json", "console"):
         raise _fail(f"--log-format must be auto, json or console, not {value!r}")
     return value  # type: ignore[return-value]
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The console script: usage errors become one line on stderr and exit code 2."""
+    try:
+        # Without standalone mode an Exit raised by a command comes back as its code.
+        code = app(args=argv, prog_name="lorasup", standalone_mode=False)
+        sys.exit(code if isinstance(code, int) else 0)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        sys.exit(130)
+    except typer.TyperException as exc:  # typer's (vendored click) usage errors
+        if type(exc).__name__ == "NoArgsIsHelpError":
+            exc.show()  # type: ignore[attr-defined]
+            sys.exit(USAGE_EXIT)
+        message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+        typer.echo(f"lorasup: error: {message}", err=True)
+        sys.exit(USAGE_EXIT)

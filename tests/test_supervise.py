@@ -253,6 +253,9 @@ def test_report_rebuilds_from_truncated_events(run_dir: Path) -> None:
     (["--trainer", "kohya", "--", sys.executable, str(FAKE_KOHYA)], "--steps"),
     (["--trainer", "kohya", "--steps", "3", "--", "no-such-program-xyz"], "not found"),
     (["--trainer", "kohya", "--steps", "3", "--timeout", "-1", "--", "true"], "timeout"),
+    # A mistyped lorasup flag is an error, not something passed on to the trainer.
+    (["--trainer", "kohya", "--stpes", "3", "--", sys.executable, str(FAKE_KOHYA)], "--stpes"),
+    (["--trainer", "kohya", "--steps", "x", "--", sys.executable, str(FAKE_KOHYA)], "--steps"),
 ])
 def test_bad_input_is_one_line_and_exit_2(run_dir: Path, args: list[str], message: str) -> None:
     result = run_lorasup(run_dir, *args)
