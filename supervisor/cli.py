@@ -41,7 +41,8 @@ def _fail(message: str) -> typer.Exit:
 def start(
     ctx: typer.Context,
     trainer: Annotated[
-        str | None, typer.Option(help="builtin, kohya, diffusers or native [builtin]")] = None,
+        str | None,
+        typer.Option(help="builtin, kohya, diffusers, native or command [builtin]")] = None,
     steps: Annotated[int | None, typer.Option(help="optimizer steps to run, exactly")] = None,
     run_dir: Annotated[Path | None, typer.Option(help="the run directory, exactly")] = None,
     logs_dir: Annotated[

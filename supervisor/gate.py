@@ -70,6 +70,10 @@ class StepGate:
             if step == self.final_step:
                 self.reached = True
                 self._on_limit()
-                if self._stop_at_limit:
+                if self._stop_at_limit or self.plans_more(event):
                     self._on_stop("step_limit")
         return event
+
+    def plans_more(self, event: Step) -> bool:
+        """The trainer's own progress total says it will run past N (it ignored the limit)."""
+        return event.total is not None and event.total > self.final_step

@@ -137,6 +137,7 @@ class Supervisor:
         self._next_progress = 0.0
         self._final_progress_logged = False
         self.notifier = Notifier()
+        self._total_checked = False
         self._last_tty = 0.0
         self._checkpoints: list[str] = []
         self.follower: EventFileFollower | None = None
@@ -283,6 +284,8 @@ class Supervisor:
                     else:
                         batch.append((t, admitted))
                     if type(admitted) is Step:
+                        if not self._total_checked and admitted.total is not None:
+                            self._check_total(admitted)
                         if self.divergence.observe(admitted.step, admitted.loss,
                                                    admitted.avg_loss):
                             self.request_stop("diverged")
@@ -332,6 +335,13 @@ class Supervisor:
                 self.request_stop("diverged")
             batch.append((t, scalar))
         return batch
+
+    def _check_total(self, step: Step) -> None:
+        """Say so once when the trainer's own step total disagrees with the limit."""
+        self._total_checked = True
+        if self.gate.plans_more(step):
+            log.warning("trainer_plans_more_steps", trainer_total=step.total,
+                        limit=self.gate.final_step, action="stopping it at the limit")
 
     def _progress(self, step: Step, t: float) -> None:
         """Progress in the logs at a sane rate, and a live line on a terminal."""

@@ -335,3 +335,25 @@ def test_nan_patience_counts_steps_not_frames(run_dir: Path) -> None:
     # Diverged at the 4th NaN step (steps read in the same chunk after it are still recorded).
     assert report["steps"]["last"] >= 6
     assert report["reason"] == "non-finite loss at 4 step(s)"
+
+
+def test_kohya_whose_own_total_exceeds_n_is_stopped_at_n(run_dir: Path) -> None:
+    # The bar says 50 steps although lorasup asked for 5: it ignored the limit.
+    result = run_lorasup(run_dir, *kohya_args("--overshoot", "45", "--total-shown", "50",
+                                              "--step-seconds", "0.05", steps=5))
+    report = assert_common(result, "completed", 0)
+    assert report["steps"]["last"] == 5
+    assert report["steps"]["rejected_over_max"] == 0  # stopped before step 6 was printed
+    stop = report["signals_sent"][0]
+    assert stop["signal"] == "SIGINT" and stop["reason"] == "step_limit"
+
+
+def test_command_trainer_is_stopped_as_soon_as_step_n_is_seen(run_dir: Path) -> None:
+    result = run_lorasup(run_dir, "--trainer", "command", "--steps", "5", "--grace", "2",
+                         "--", sys.executable, str(FAKE_KOHYA), "--max_train_steps=5",
+                         "--overshoot", "100", "--step-seconds", "0.05")
+    report = assert_common(result, "completed", 0)
+    assert report["series"]["step"] == [1, 2, 3, 4, 5]
+    assert report["steps"]["rejected_over_max"] == 0
+    assert report["signals_sent"][0]["reason"] == "step_limit"
+    assert report["command"][-1] == "0.05"  # nothing injected

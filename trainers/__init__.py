@@ -9,6 +9,7 @@ from trainers.base import Adapter, UsageError
 #: name → "module:Class"; imported on demand so an unused adapter costs nothing
 REGISTRY: dict[str, str] = {
     "builtin": "trainers.builtin.adapter:BuiltinAdapter",
+    "command": "trainers.command:CommandAdapter",
     "diffusers": "trainers.diffusers:DiffusersAdapter",
     "kohya": "trainers.kohya:KohyaAdapter",
     "native": "trainers.native:NativeAdapter",
