@@ -314,7 +314,10 @@ def bench_throughput(kind: str, lines: int, runs: int, timeout: float,
     return rows
 
 
-def bench_latency(n: int, runs: int, timeout: float, raw: dict[str, Any]) -> list[Row]:
+def bench_latency(n: int, runs: int, timeout: float, raw: dict[str, Any],
+                  trainer_name: str = "command") -> list[Row]:
+    """``command``: lorasup stops the trainer at step N; ``kohya``: the trainer is trusted
+    to stop by itself (its final save must not be cut), so it is stopped at N + 1."""
     from_n: list[float] = []
     from_n1: list[float] = []
     records: list[dict[str, Any]] = []
@@ -324,7 +327,7 @@ def bench_latency(n: int, runs: int, timeout: float, raw: dict[str, Any]) -> lis
             record = Path(tmp) / "record.json"
             trainer = [PY, str(BENCH / "overshoot_trainer.py"), "--record", str(record),
                        "--step-seconds", "0.02", "--extra", "1000"]
-            cmd = [*lorasup_argv(), "start", "--trainer", "kohya", "--steps", str(n),
+            cmd = [*lorasup_argv(), "start", "--trainer", trainer_name, "--steps", str(n),
                    "--grace", "5", "--run-dir", str(Path(tmp) / "run"), "--log-format", "json",
                    "--", *trainer]
             with open(Path(tmp) / "lorasup.log", "wb") as log:
@@ -342,7 +345,8 @@ def bench_latency(n: int, runs: int, timeout: float, raw: dict[str, Any]) -> lis
               f"{from_n[-1] if from_n else float('nan'):.2f} ms after step N, signal "
               f"{data.get('signal')} at trainer step {data.get('signal_step')}, outcome "
               f"{events.outcome}", file=sys.stderr, flush=True)
-    raw["latency"] = {"from_step_n_ms": from_n, "from_step_n1_ms": from_n1, "runs": records}
+    raw[f"latency_{trainer_name}"] = {"from_step_n_ms": from_n, "from_step_n1_ms": from_n1,
+                                       "runs": records}
 
     def stats(values: list[float]) -> str:
         s = summary(values)
@@ -355,10 +359,12 @@ def bench_latency(n: int, runs: int, timeout: float, raw: dict[str, Any]) -> lis
     shown = short(cmd).replace(str(Path(tempfile.gettempdir())), "$TMP")
     met = bool(from_n) and statistics.median(from_n) <= 5 and missed == 0
     return [
-        Row("stop latency", f"SIGINT arrival − step-{n} write (steps every 20 ms)", shown,
+        Row(f"stop latency ({trainer_name})",
+            f"SIGINT arrival − step-{n} write (steps every 20 ms)", shown,
             stats(from_n) + (f"; {missed} run(s) without a signal" if missed else ""),
             "median ≤ 5 ms", "met" if met else "NOT met"),
-        Row("stop latency", f"SIGINT arrival − step-{n + 1} write (first line past N)",
+        Row(f"stop latency ({trainer_name})",
+            f"SIGINT arrival − step-{n + 1} write (first line past N)",
             "same", stats(from_n1)),
     ]
 
@@ -469,7 +475,8 @@ def main() -> int:
     if "lines" in only:
         rows += bench_throughput("lines", lines, runs, args.timeout, raw)
     if "latency" in only:
-        rows += bench_latency(args.latency_n, latency_runs, args.timeout, raw)
+        for trainer_name in ("command", "kohya"):
+            rows += bench_latency(args.latency_n, latency_runs, args.timeout, raw, trainer_name)
     if "memory" in only:
         rss_runs = raw.pop("_rss_progress", [])
         rows += memory_rows(f"{lines:,} kohya frames (the (b) runs above)",

@@ -150,3 +150,38 @@ def render_loss_curves(report: dict[str, Any], png_path: str | os.PathLike[str])
         tmp.unlink(missing_ok=True)
         fig.clear()
     return path
+
+
+PLOT_TIMEOUT_SECONDS = 300.0
+
+
+def render_in_child(report: dict[str, Any], png_path: str | os.PathLike[str]) -> Path:
+    """Draw in a short-lived child process: matplotlib's ~40 MB and any crash of it stay
+    out of the supervisor, whose memory must stay flat however long it runs."""
+    import json
+    import subprocess
+    import sys
+
+    root = str(Path(__file__).resolve().parents[1])  # this very package, installed or not
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+    proc = subprocess.run(
+        [sys.executable, "-m", "supervisor.plot", os.fspath(png_path)],
+        input=json.dumps(report).encode(), capture_output=True, timeout=PLOT_TIMEOUT_SECONDS,
+        check=False, env=env)
+    if proc.returncode != 0:
+        tail = proc.stderr.decode(errors="replace").strip().splitlines()[-1:] or ["no output"]
+        raise RuntimeError(f"plot process exited {proc.returncode}: {tail[0]}")
+    return Path(png_path)
+
+
+def _main() -> int:
+    import json
+    import sys
+
+    render_loss_curves(json.load(sys.stdin), sys.argv[1])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main())

@@ -768,10 +768,13 @@ def write_losses_csv(run_dir: str | os.PathLike[str], report: dict[str, Any]) ->
     return path
 
 
-def write_all(run_dir: str | os.PathLike[str], builder: ReportBuilder) -> dict[str, Any]:
+def write_all(run_dir: str | os.PathLike[str], builder: ReportBuilder, *,
+              render: Callable[[dict[str, Any], Path], object] = render_loss_curves,
+              ) -> dict[str, Any]:
     """The end-of-run files: PNG and CSV first, then report.json naming them; returns it.
 
     A failed PNG render is logged and noted, never fatal: the JSON report matters most.
+    ``render`` draws the PNG (the live sink draws it in a child process).
     """
     run_dir = Path(run_dir)
     for name in (EVENTS_JSONL, TRAINER_LOG):
@@ -784,7 +787,7 @@ def write_all(run_dir: str | os.PathLike[str], builder: ReportBuilder) -> dict[s
         log.warning("losses_csv_failed", error=str(exc))
         builder.add_note(f"losses.csv could not be written: {exc}")
     try:
-        render_loss_curves(report, run_dir / LOSS_CURVES_PNG)
+        render(report, run_dir / LOSS_CURVES_PNG)
         builder.mark_written(LOSS_CURVES_PNG)
     except Exception as exc:  # matplotlib can fail in many ways; the report must not
         log.warning("loss_curves_failed", error=repr(exc))

@@ -7,6 +7,7 @@ batches (one batch per chunk of trainer output), so per-event cost stays low.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -17,6 +18,7 @@ import structlog
 from anyio.abc import ObjectReceiveStream
 
 from supervisor.events import Event, Step, step_json
+from supervisor.plot import render_in_child
 from supervisor.report import ReportBuilder, write_all, write_report_json
 
 log = structlog.get_logger(__name__)
@@ -79,7 +81,8 @@ class ReportSink:
                 await self.finish()
 
     async def finish(self) -> None:
-        """CSV and PNG first (in a worker thread), then report.json naming them."""
+        """CSV and PNG first (in a worker thread, the PNG in a child process), then report.json."""
         self.builder.set_model_files(self._model_files())
-        self.report = await anyio.to_thread.run_sync(write_all, self.run_dir, self.builder)
+        self.report = await anyio.to_thread.run_sync(
+            functools.partial(write_all, self.run_dir, self.builder, render=render_in_child))
 
