@@ -28,6 +28,7 @@ Conventions of the report (``schema`` "lorasup.report/1"):
 
 from __future__ import annotations
 
+import bisect
 import csv
 import io
 import json
@@ -315,12 +316,29 @@ class ReportBuilder:
             self.resumed_from = step
 
     def _row(self, step: int) -> int:
+        """The row of ``step``, appended if new.
+
+        Steps nearly always arrive in order: then rows are found by bisection in the step
+        array and no per-step dict is kept (it would cost ~100 bytes a step). The first
+        out-of-order step switches to a dict.
+        """
+        steps = self._step
+        if self._sorted:
+            count = len(steps)
+            if count and step == steps[count - 1]:
+                return count - 1
+            if not count or step > steps[count - 1]:
+                steps.append(step)
+                return count
+            at = bisect.bisect_left(steps, step)
+            if steps[at] == step:
+                return at
+            self._row_of = {s: r for r, s in enumerate(steps)}
+            self._sorted = False
         row = self._row_of.get(step)
         if row is None:
-            row = len(self._step)
-            if row and step < self._step[-1]:
-                self._sorted = False
-            self._step.append(step)
+            row = len(steps)
+            steps.append(step)
             self._row_of[step] = row
         return row
 

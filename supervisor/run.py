@@ -57,6 +57,9 @@ EXIT_CODES = {
     "diverged": 5,
 }
 READ_SIZE = 64 * 1024
+#: batches (one per read) queued for the sink; a slower sink then slows the readers down
+#: instead of growing memory
+SINK_BUFFER_BATCHES = 16
 TREE_SCAN_SECONDS = 2.0
 #: after the leader exited, how long readers may wait for EOF from leftover holders
 READER_DRAIN_SECONDS = 2.0
@@ -397,7 +400,7 @@ class Supervisor:
     async def run(self) -> RunResult:
         plan = self.plan
         structlog.contextvars.bind_contextvars(run_id=plan.run_id)
-        send, receive = anyio.create_memory_object_stream[Batch](max_buffer_size=1024)
+        send, receive = anyio.create_memory_object_stream[Batch](SINK_BUFFER_BATCHES)
         returncode: int | None = None
         try:
             async with anyio.create_task_group() as outer:

@@ -312,3 +312,18 @@ def test_rebuild_writes_all_files_atomically(tmp_path: Path) -> None:
     write_report_json(tmp_path, {**report, "notes": ["again"]})
     assert json.loads((tmp_path / "report.json").read_text())["notes"] == ["again"]
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_steps_out_of_order_and_repeated_are_merged_by_step() -> None:
+    from supervisor.report import ReportBuilder
+
+    builder = ReportBuilder()
+    for t, step, loss in [(1, 1, 1.0), (2, 2, 2.0), (3, 3, 3.0), (4, 2, 2.5), (5, 5, 5.0),
+                          (6, 4, 4.0), (7, 3, None)]:
+        record = {"t": t, "kind": "step", "step": step}
+        if loss is not None:
+            record["loss"] = loss
+        builder.add(record)
+    series = builder.snapshot()["series"]
+    assert series["step"] == [1, 2, 3, 4, 5]
+    assert series["loss"] == [1.0, 2.5, 3.0, 4.0, 5.0]
