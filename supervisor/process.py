@@ -60,28 +60,34 @@ class ProcessTree:
     def pid(self) -> int:
         return self.process.pid
 
-    def scan(self) -> None:
-        """Remember the leader's current descendants (cheap enough to run every few seconds)."""
-        try:
-            leader = psutil.Process(self.pid)
-            children = leader.children(recursive=True)
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-            children = []
-        try:
-            # Orphans re-parented to us (we are the subreaper) belong to the trainer's tree.
-            adopted = [p for p in psutil.Process().children(recursive=True) if p.pid != self.pid]
-        except psutil.Error:
-            adopted = []
-        for child in children + adopted:
-            if child.pid not in self.seen:
-                self.seen[child.pid] = child
-        # Descendants of descendants that were reparented away from the leader.
-        for proc in list(self.seen.values()):
+    def discover(self) -> list[psutil.Process]:
+        """Descendants not yet remembered (reads /proc; run it in a worker thread).
+
+        lorasup's own descendants are the trainer's tree (orphans are re-parented to us,
+        the subreaper); descendants of remembered processes that were re-parented
+        elsewhere are found through those.
+        """
+        found: dict[int, psutil.Process] = {}
+        roots = [psutil.Process(), *list(self.seen.values())]
+        for root in roots:
             try:
-                for child in proc.children(recursive=True):
-                    self.seen.setdefault(child.pid, child)
+                for child in root.children(recursive=True):
+                    if child.pid != self.pid and child.pid not in self.seen:
+                        found.setdefault(child.pid, child)
             except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
                 continue
+        return list(found.values())
+
+    def remember(self, processes: list[psutil.Process]) -> list[int]:
+        """Add to the tree (on the event loop's thread); returns the pids that were new."""
+        new = [p.pid for p in processes if p.pid not in self.seen]
+        for proc in processes:
+            self.seen.setdefault(proc.pid, proc)
+        return new
+
+    def scan(self) -> list[int]:
+        """discover + remember in one call, for code that may block."""
+        return self.remember(self.discover())
 
     def survivors(self) -> list[int]:
         """Pids of the tree that still run (zombies of other parents count as gone)."""

@@ -189,11 +189,9 @@ class Supervisor:
             batch: list = []
             self._send_signal(sig, reason, batch)
             # Catch descendants that appeared since the last scan, and signal them too.
-            known = set(self.tree.seen)
-            await anyio.to_thread.run_sync(self.tree.scan)
-            late = set(self.tree.seen) - known
+            late = self.tree.remember(await anyio.to_thread.run_sync(self.tree.discover))
             if late:
-                self.tree.signal(sig, only=late)
+                self.tree.signal(sig, only=set(late))
             await send.send(batch)
             with anyio.CancelScope() as scope:
                 self._grace_scope = scope
@@ -231,7 +229,8 @@ class Supervisor:
     async def _scan_tree(self) -> None:
         assert self.tree is not None
         while True:
-            await anyio.to_thread.run_sync(self.tree.scan)
+            # /proc is read in a worker thread; the tree is only changed on this thread.
+            self.tree.remember(await anyio.to_thread.run_sync(self.tree.discover))
             await anyio.sleep(TREE_SCAN_SECONDS)
 
     # -- reading ----------------------------------------------------------------------
