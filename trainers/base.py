@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import re
 import signal
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from supervisor.events import Event, Problem
+from supervisor.events import Event, Problem, Step
 
 
 class UsageError(ValueError):
@@ -147,3 +147,29 @@ def flag_value(argv: Sequence[str], flag: str) -> str | None:
         elif arg.startswith(flag + "="):
             value = arg[len(flag) + 1:]
     return value
+
+
+def steps_from_flag(steps: int | None, argv: Sequence[str], flag: str, *, why: str = "") -> int:
+    """``--steps`` when given, else the value of the trainer's own ``flag`` in its argv."""
+    if steps is not None:
+        return steps
+    given = flag_value(argv, flag)
+    if given is None:
+        raise UsageError(f"give --steps N (or {flag}=N in the trainer command){why}")
+    if not given.isdigit() or int(given) <= 0:
+        raise UsageError(f"{flag}={given!r} is not a positive whole number")
+    return int(given)
+
+
+#: a progress-bar parser: the step a line shows and the text glued after the frame
+BarParser = Callable[[str], "tuple[Step, str] | None"]
+
+
+def parse_bar_line(line: str, parse_bar: BarParser,
+                   parse_text: Callable[[str], list[Event]]) -> list[Event]:
+    """A bar frame first; a log record or traceback glued after it is read as text too."""
+    bar = parse_bar(line)
+    if bar is None:
+        return parse_text(line)
+    step, rest = bar
+    return [step, *parse_text(rest.lstrip())] if len(rest) > 1 else [step]

@@ -11,9 +11,9 @@ from __future__ import annotations
 import signal
 from collections.abc import Iterable, Sequence
 
-from supervisor.events import Event
+from supervisor.events import Event, Step
 from trainers import diffusers, kohya
-from trainers.base import TrainerJob, UsageError, python_problems
+from trainers.base import TrainerJob, UsageError, parse_bar_line, python_problems
 from trainers.native import PREFIX, parse_protocol_line
 
 
@@ -38,8 +38,8 @@ class CommandAdapter:
     def parse(self, line: str) -> Iterable[Event]:
         if line.startswith(PREFIX):
             return parse_protocol_line(line)
-        bar = kohya.parse_bar(line) or diffusers.parse_bar(line)
-        if bar is not None:
-            step, rest = bar
-            return [step, *python_problems(rest)] if len(rest) > 1 else [step]
-        return python_problems(line)
+        return parse_bar_line(line, _any_bar, python_problems)
+
+
+def _any_bar(line: str) -> tuple[Step, str] | None:
+    return kohya.parse_bar(line) or diffusers.parse_bar(line)

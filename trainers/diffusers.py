@@ -25,8 +25,10 @@ from trainers.base import (
     TrainerJob,
     UsageError,
     flag_value,
+    parse_bar_line,
     python_problems,
     replace_flag,
+    steps_from_flag,
 )
 
 _BAR = re.compile(r"Steps:\s+\d+%\|[^|]*\|\s*(\d+)/(\d+)\s+\[([^\]]*)\]")
@@ -72,12 +74,7 @@ class DiffusersAdapter:
         if not argv:
             raise UsageError("--trainer diffusers needs the training script after '--' "
                              "(e.g. -- accelerate launch train_text_to_image_lora.py ...)")
-        if steps is not None:
-            return steps
-        given = flag_value(argv, STEPS_FLAG)
-        if given is None or not given.isdigit() or int(given) <= 0:
-            raise UsageError(f"give --steps N (or {STEPS_FLAG}=N in the trainer command)")
-        return int(given)
+        return steps_from_flag(steps, argv, STEPS_FLAG)
 
     def command(self, job: TrainerJob) -> list[str]:
         argv = replace_flag(job.argv, STEPS_FLAG, str(job.steps))
@@ -109,13 +106,7 @@ class DiffusersAdapter:
         return {}
 
     def parse(self, line: str) -> Iterable[Event]:
-        bar = parse_bar(line)
-        if bar is not None:
-            step, rest = bar
-            if len(rest) > 1:
-                return [step, *self._parse_text(rest.lstrip())]
-            return [step]
-        return self._parse_text(line)
+        return parse_bar_line(line, parse_bar, self._parse_text)
 
     def _parse_text(self, line: str) -> list[Event]:
         if line.startswith(_SAVED):

@@ -31,8 +31,10 @@ from trainers.base import (
     UsageError,
     drop_flag,
     flag_value,
+    parse_bar_line,
     python_problems,
     replace_flag,
+    steps_from_flag,
 )
 
 _BAR = re.compile(r"steps:\s+\d+%\|[^|]*\|\s*(\d+)/(\d+)\s+\[([^\]]*)\]")
@@ -91,21 +93,8 @@ class KohyaAdapter:
                 "--trainer kohya needs the trainer command after '--' "
                 "(e.g. -- accelerate launch train_network.py ...)"
             )
-        if steps is not None:
-            return steps
-        given = flag_value(argv, STEPS_FLAG)
-        if given is None:
-            raise UsageError(
-                f"give --steps N (or {STEPS_FLAG}=N in the trainer command); "
-                "kohya would silently default to 1600 steps"
-            )
-        try:
-            value = int(given)
-        except ValueError as exc:
-            raise UsageError(f"{STEPS_FLAG}={given!r} is not a whole number") from exc
-        if value <= 0:
-            raise UsageError(f"{STEPS_FLAG} must be positive, got {value}")
-        return value
+        return steps_from_flag(steps, argv, STEPS_FLAG,
+                               why="; kohya would silently default to 1600 steps")
 
     def command(self, job: TrainerJob) -> list[str]:
         argv = replace_flag(drop_flag(job.argv, EPOCHS_FLAG), STEPS_FLAG, str(job.steps))
@@ -127,14 +116,7 @@ class KohyaAdapter:
         return {"COLUMNS": "200"}
 
     def parse(self, line: str) -> Iterable[Event]:
-        bar = parse_bar(line)
-        if bar is not None:
-            step, rest = bar
-            # A log record or a traceback glued to the frame still has to be read.
-            if len(rest) > 1:
-                return [step, *self._parse_text(rest.lstrip())]
-            return [step]
-        return self._parse_text(line)
+        return parse_bar_line(line, parse_bar, self._parse_text)
 
     def _parse_text(self, line: str) -> list[Event]:
         if line.startswith("epoch "):
