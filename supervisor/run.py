@@ -141,6 +141,7 @@ class Supervisor:
         self._final_progress_logged = False
         self.notifier = Notifier()
         self._total_checked = False
+        self.spawn_error: str | None = None
         self._last_tty = 0.0
         self._checkpoints: list[str] = []
         self.follower: EventFileFollower | None = None
@@ -424,10 +425,16 @@ class Supervisor:
         structlog.contextvars.unbind_contextvars("run_id")
         return RunResult(outcome, code, plan.run_dir, self.sink.report)
 
-    async def _supervise(self, send: ObjectSendStream[Batch]) -> int:
+    async def _supervise(self, send: ObjectSendStream[Batch]) -> int | None:
         plan = self.plan
         become_subreaper()
-        self.tree = await spawn(plan.argv, self._environment(), cwd=str(plan.cwd))
+        try:
+            self.tree = await spawn(plan.argv, self._environment(), cwd=str(plan.cwd))
+        except OSError as exc:
+            # Checked before, but the file system can change in between (or exec fails).
+            self.spawn_error = f"could not start the trainer: {exc}"
+            log.error("spawn_failed", error=str(exc), argv=redact_argv(plan.argv))
+            return None
         started = Started(run_id=plan.run_id, trainer=plan.trainer,
                           argv=tuple(redact_argv(plan.argv)), pid=self.tree.pid,
                           steps_requested=plan.steps, wall_time=self._wall0)
@@ -479,7 +486,9 @@ class Supervisor:
         self.tree.scan()
         return self.tree.survivors()
 
-    def _decide(self, returncode: int) -> tuple[str, int, str]:
+    def _decide(self, returncode: int | None) -> tuple[str, int, str]:
+        if returncode is None:
+            return "usage", EXIT_CODES["usage"], self.spawn_error or "trainer not started"
         reason = self.stop_reason
         done = self.gate.last >= self.gate.final_step
         if reason == "interrupted":

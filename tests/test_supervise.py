@@ -357,3 +357,15 @@ def test_command_trainer_is_stopped_as_soon_as_step_n_is_seen(run_dir: Path) -> 
     assert report["steps"]["rejected_over_max"] == 0
     assert report["signals_sent"][0]["reason"] == "step_limit"
     assert report["command"][-1] == "0.05"  # nothing injected
+
+
+def test_program_that_cannot_be_executed_is_usage_with_a_report(
+        run_dir: Path, tmp_path: Path) -> None:
+    program = tmp_path / "not-a-program"
+    program.write_bytes(b"\x00\x01 not an executable format")
+    program.chmod(0o755)
+    result = run_lorasup(run_dir, "--trainer", "command", "--steps", "3", "--", str(program))
+    assert result.returncode == 2
+    report = result.report
+    assert report["outcome"] == "usage"
+    assert "could not start the trainer" in report["reason"]
