@@ -142,6 +142,8 @@ class Supervisor:
         self.notifier = Notifier()
         self._total_checked = False
         self.spawn_error: str | None = None
+        #: substrings the adapter needs to see in a line; () = every line matters
+        self._needles: tuple[str, ...] = tuple(getattr(adapter, "needles", ()))
         self._last_tty = 0.0
         self._checkpoints: list[str] = []
         self.follower: EventFileFollower | None = None
@@ -249,7 +251,7 @@ class Supervisor:
                     self.silence.touch()
                     self._trainer_log.write(chunk)
                     self._trainer_log.flush()
-                    batch = self._handle(splitter.feed(chunk))
+                    batch = self._handle(splitter.feed(chunk, self._needles))
                     if batch:
                         await send.send(batch)
                 batch = self._handle(splitter.close())

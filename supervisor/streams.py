@@ -49,8 +49,42 @@ class LineSplitter:
         #: lines that were cut at ``max_line``
         self.truncated_lines = 0
 
-    def feed(self, data: bytes) -> list[str]:
-        return self._split(self._decode(data))
+    def feed(self, data: bytes, needles: tuple[str, ...] = ()) -> list[str]:
+        """The lines this chunk completes (and a provisional redraw at its end).
+
+        ``needles``: substrings without which no line means anything to the reader. A
+        chunk (with the unfinished line before it) that holds none of them is not split
+        into lines at all, only accounted for: the common case of a chatty trainer costs
+        a few substring searches per read instead of work per line.
+        """
+        text = self._decode(data)
+        if needles and text:
+            candidate = self._partial + text if self._partial else text
+            if "\x1b" not in candidate and not any(n in candidate for n in needles):
+                self._skip(text)
+                return []
+        return self._split(text)
+
+    def _skip(self, text: str) -> None:
+        """Advance the line state over ``text`` without producing its lines."""
+        if self._pending_cr:
+            self._pending_cr = False
+            if text[0] == "\n":
+                self._partial_after_cr = False
+                text = text[1:]
+                if not text:
+                    return
+        last = max(text.rfind("\n"), text.rfind("\r"))
+        if last < 0:
+            self._grow(text)
+            return
+        self._partial = ""
+        self._emitted = 0
+        self._partial_after_cr = text[last] == "\r"
+        if last == len(text) - 1:
+            self._pending_cr = self._partial_after_cr
+        else:
+            self._grow(text[last + 1:])
 
     def close(self) -> list[str]:
         """End of stream: whatever is left is a line."""
@@ -74,6 +108,8 @@ class LineSplitter:
         if self._pending_cr:
             self._pending_cr = False
             if text[0] == "\n":
+                # The \r was half of a \r\n: what follows is a new line, not a redraw.
+                self._partial_after_cr = False
                 text = text[1:]
                 if not text:
                     return []

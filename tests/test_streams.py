@@ -93,3 +93,35 @@ def test_fast_step_json_matches_the_generic_form() -> None:
     for event in [Step(step=3), Step(step=4, total=9, loss=0.125, avg_loss=float("nan"),
                                       lr=1e-4, epoch=2), Step(step=5, loss=float("-inf"))]:
         assert json.loads(step_json(1.5, event)) == json.loads(event.to_json(1.5))
+
+
+NEEDLES = ("steps:", "saving checkpoint: ")
+
+
+def test_chunks_without_needles_are_skipped_but_keep_the_line_state() -> None:
+    s = LineSplitter()
+    assert s.feed(b"chatter 1\nchatter 2\nsaving che", NEEDLES) == []
+    # The needle spans the chunk boundary: the line is still found whole.
+    assert s.feed(b"ckpoint: out/a.safetensors\nmore chatter\n", NEEDLES) == [
+        "saving checkpoint: out/a.safetensors", "more chatter"]
+    assert s.feed(b"x\r", NEEDLES) == []
+    assert s.feed(b"\nsteps: 1/2", NEEDLES) == []  # \r\n split across reads; no redraw
+    assert s.feed(b"\n", NEEDLES) == ["steps: 1/2"]
+
+
+def test_skipping_gives_the_same_lines_that_matter_as_splitting_everything() -> None:
+    import random
+
+    rng = random.Random(7)
+    pieces = [b"INFO chatter %d\n" % i for i in range(300)]
+    pieces += [b"\rsteps: %d/9 [x]" % i for i in range(1, 10)]
+    pieces += [b"saving checkpoint: out/%d\r\n" % i for i in range(5)]
+    rng.shuffle(pieces)
+    data = b"".join(pieces)
+    cuts = sorted(rng.sample(range(1, len(data)), 60))
+    chunks = [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)], strict=True)]
+    plain, skipping = LineSplitter(), LineSplitter()
+    everything = [line for c in chunks for line in plain.feed(c)] + plain.close()
+    found = [line for c in chunks for line in skipping.feed(c, NEEDLES)] + skipping.close()
+    wanted = [line for line in everything if any(n in line for n in NEEDLES)]
+    assert [line for line in found if any(n in line for n in NEEDLES)] == wanted

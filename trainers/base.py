@@ -53,6 +53,9 @@ class Adapter(Protocol):
     def parse(self, line: str) -> Iterable[Event]:
         """One decoded line in, zero or more events out. Pure, fast, never raises."""
 
+    # Optional: ``needles: tuple[str, ...]``, substrings at least one of which is in every
+    # line ``parse`` gets anything from; lets the reader skip whole chunks of chatter.
+
 
 @dataclass(frozen=True, slots=True)
 class ProblemPattern:
@@ -80,6 +83,9 @@ PYTHON_PROBLEMS: tuple[ProblemPattern, ...] = (
 )
 
 
+#: substrings without which ``python_problems`` finds nothing in a line
+PYTHON_PROBLEM_NEEDLES = ("rror", "Traceback", "memory", "No data")
+
 #: the last line of a Python traceback: ``OSError: ...``, ``torch.OutOfMemoryError: ...``
 _EXCEPTION_LINE = re.compile(
     r"^(?:[A-Za-z_][\w.]*\.)?[A-Z]\w*(?:Error|Exception|Interrupt)\b(?::|$)")
@@ -87,8 +93,7 @@ _EXCEPTION_LINE = re.compile(
 
 def python_problems(line: str, patterns: Iterable[ProblemPattern] = PYTHON_PROBLEMS) -> list[Event]:
     """Problems in a line of a Python trainer's output; cheap for the common clean line."""
-    if "rror" not in line and "Traceback" not in line and "memory" not in line and (
-            "No data" not in line):
+    if not any(needle in line for needle in PYTHON_PROBLEM_NEEDLES):
         return []
     events = match_problems(line, patterns)
     stripped = line.strip()

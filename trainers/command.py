@@ -13,7 +13,13 @@ from collections.abc import Iterable, Sequence
 
 from supervisor.events import Event, Step
 from trainers import diffusers, kohya
-from trainers.base import TrainerJob, UsageError, parse_bar_line, python_problems
+from trainers.base import (
+    PYTHON_PROBLEM_NEEDLES,
+    TrainerJob,
+    UsageError,
+    parse_bar_line,
+    python_problems,
+)
 from trainers.native import PREFIX, parse_protocol_line
 
 
@@ -21,6 +27,7 @@ class CommandAdapter:
     name = "command"
     stops_by_itself = False
     stop_signals = (signal.SIGINT, signal.SIGTERM)
+    needles = (PREFIX, "steps:", "Steps:", *PYTHON_PROBLEM_NEEDLES)
 
     def resolve_steps(self, steps: int | None, argv: Sequence[str]) -> int:
         if not argv:

@@ -22,6 +22,7 @@ from collections.abc import Iterable, Sequence
 
 from supervisor.events import Checkpoint, Event, Finished, Step
 from trainers.base import (
+    PYTHON_PROBLEM_NEEDLES,
     TrainerJob,
     UsageError,
     flag_value,
@@ -69,6 +70,7 @@ class DiffusersAdapter:
     stops_by_itself = True
     # SIGINT raises KeyboardInterrupt (finally blocks run); SIGTERM ends Python at once.
     stop_signals = (signal.SIGINT, signal.SIGTERM)
+    needles = ("Steps:", _SAVED, *PYTHON_PROBLEM_NEEDLES)
 
     def resolve_steps(self, steps: int | None, argv: Sequence[str]) -> int:
         if not argv:

@@ -25,6 +25,7 @@ from collections.abc import Iterable, Sequence
 
 from supervisor.events import Checkpoint, Epoch, Event, Finished, Step
 from trainers.base import (
+    PYTHON_PROBLEM_NEEDLES,
     PYTHON_PROBLEMS,
     ProblemPattern,
     TrainerJob,
@@ -86,6 +87,8 @@ class KohyaAdapter:
     # SIGINT raises KeyboardInterrupt (finally blocks and atexit run); SIGTERM ends Python
     # at once. Neither makes kohya save: it saves only at its own end.
     stop_signals = (signal.SIGINT, signal.SIGTERM)
+    needles = ("steps:", "epoch ", "saving checkpoint: ", "model saved.",
+               *PYTHON_PROBLEM_NEEDLES)
 
     def resolve_steps(self, steps: int | None, argv: Sequence[str]) -> int:
         if not argv:

@@ -30,7 +30,7 @@ from supervisor.events import (
     Step,
     read_number,
 )
-from trainers.base import TrainerJob, UsageError, python_problems
+from trainers.base import PYTHON_PROBLEM_NEEDLES, TrainerJob, UsageError, python_problems
 
 PREFIX = '{"lorasup":1'
 
@@ -72,6 +72,7 @@ class NativeAdapter:
     stops_by_itself = True
     stop_signals = (signal.SIGINT, signal.SIGTERM)
     steps_flag = "--steps"
+    needles = (PREFIX, *PYTHON_PROBLEM_NEEDLES)
 
     def resolve_steps(self, steps: int | None, argv: Sequence[str]) -> int:
         if not argv:
