@@ -73,12 +73,18 @@ class ReportSink:
                 async for batch in receive:
                     self.write(batch)
                     if anyio.current_time() >= next_refresh:
-                        write_report_json(self.run_dir, self.builder.snapshot())
+                        # A snapshot of a long run takes a while: build and write it in a
+                        # worker thread so the readers (and the step gate) keep running.
+                        # The builder is not touched meanwhile: only this task feeds it.
+                        await anyio.to_thread.run_sync(self._refresh_report)
                         next_refresh = anyio.current_time() + self._refresh
         finally:
             self._events.close()
             with anyio.CancelScope(shield=True):
                 await self.finish()
+
+    def _refresh_report(self) -> None:
+        write_report_json(self.run_dir, self.builder.snapshot())
 
     async def finish(self) -> None:
         """CSV and PNG first (in a worker thread, the PNG in a child process), then report.json."""
