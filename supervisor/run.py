@@ -465,7 +465,7 @@ class Supervisor:
             log.info("trainer_exited", returncode=returncode, last_step=self.gate.last)
             if self.stop_requested.is_set():
                 await self.stop_done.wait()
-            elif self._leftovers():
+            elif await anyio.to_thread.run_sync(self._leftovers):
                 # The trainer ended but left processes behind: they must not outlive the run.
                 log.warning("leftover_processes", pids=self.tree.survivors())
                 with anyio.CancelScope(shield=True):

@@ -7,7 +7,6 @@ batches (one batch per chunk of trainer output), so per-event cost stays low.
 
 from __future__ import annotations
 
-import functools
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -88,7 +87,10 @@ class ReportSink:
 
     async def finish(self) -> None:
         """CSV and PNG first (in a worker thread, the PNG in a child process), then report.json."""
+        self.report = await anyio.to_thread.run_sync(self._write_final)
+
+    def _write_final(self) -> dict[str, Any]:
+        # Looking for model files walks the output folders: not on the event loop.
         self.builder.set_model_files(self._model_files())
-        self.report = await anyio.to_thread.run_sync(
-            functools.partial(write_all, self.run_dir, self.builder, render=render_in_child))
+        return write_all(self.run_dir, self.builder, render=render_in_child)
 
