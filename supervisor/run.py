@@ -465,7 +465,7 @@ class Supervisor:
             log.info("trainer_exited", returncode=returncode, last_step=self.gate.last)
             if self.stop_requested.is_set():
                 await self.stop_done.wait()
-            elif await anyio.to_thread.run_sync(self._leftovers):
+            elif await self._leftovers():
                 # The trainer ended but left processes behind: they must not outlive the run.
                 log.warning("leftover_processes", pids=self.tree.survivors())
                 with anyio.CancelScope(shield=True):
@@ -482,10 +482,10 @@ class Supervisor:
         await process.aclose()
         return returncode
 
-    def _leftovers(self) -> list[int]:
+    async def _leftovers(self) -> list[int]:
         """Processes of the tree still running after the trainer itself exited."""
         assert self.tree is not None
-        self.tree.scan()
+        self.tree.remember(await anyio.to_thread.run_sync(self.tree.discover))
         return self.tree.survivors()
 
     def _decide(self, returncode: int | None) -> tuple[str, int, str]:
