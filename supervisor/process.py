@@ -85,10 +85,6 @@ class ProcessTree:
             self.seen.setdefault(proc.pid, proc)
         return new
 
-    def scan(self) -> list[int]:
-        """discover + remember in one call, for code that may block."""
-        return self.remember(self.discover())
-
     def survivors(self) -> list[int]:
         """Pids of the tree that still run (zombies of other parents count as gone)."""
         alive: list[int] = []
