@@ -65,6 +65,9 @@ TREE_SCAN_SECONDS = 2.0
 READER_DRAIN_SECONDS = 2.0
 #: how often the trainer's TensorBoard event files are read while it runs
 TENSORBOARD_POLL_SECONDS = 1.0
+#: problem lines logged before the log says "more in the report" (a crash loop can print
+#: thousands)
+PROBLEMS_LOGGED = 20
 #: a progress log entry at most this often (and once at the last step)
 PROGRESS_LOG_SECONDS = 30.0
 MODEL_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".bin")
@@ -141,6 +144,7 @@ class Supervisor:
         self._final_progress_logged = False
         self.notifier = Notifier()
         self._total_checked = False
+        self._problems_logged = 0
         self.spawn_error: str | None = None
         #: substrings the adapter needs to see in a line; () = every line matters
         self._needles: tuple[str, ...] = tuple(getattr(adapter, "needles", ()))
@@ -303,12 +307,21 @@ class Supervisor:
                 elif kind is Problem:
                     # Trainer text goes into the report: mask token-shaped strings first.
                     event = Problem(problem=event.problem, line=redact_text(event.line))
-                    log.warning("trainer_problem", problem=event.problem, line=event.line[:200])
+                    self._log_problem(event)
                 elif kind is Checkpoint:
                     self._checkpoints.append(event.path)
                     log.info("checkpoint", path=event.path)
                 batch.append((t, event))
         return batch
+
+    def _log_problem(self, problem: Problem) -> None:
+        """The first few problems go to the log; all of them go to events.jsonl."""
+        self._problems_logged += 1
+        if self._problems_logged <= PROBLEMS_LOGGED:
+            log.warning("trainer_problem", problem=problem.problem, line=problem.line[:200])
+        elif self._problems_logged == PROBLEMS_LOGGED + 1:
+            log.warning("trainer_problems_continue",
+                        message="further problems are in events.jsonl and the report only")
 
     async def _follow_tensorboard(self, send: ObjectSendStream[Batch]) -> None:
         """Full-precision scalars from the trainer's event files, at a modest interval."""
