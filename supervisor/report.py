@@ -575,16 +575,20 @@ class ReportBuilder:
                 "missing": missing,
                 "explanation": explanation,
             },
-            "artifacts": {
-                "checkpoints": list(self._checkpoints),
-                "model_files": list(self._model_files),
-                "report_json": REPORT_JSON,
-                "loss_curves_png": self._file(LOSS_CURVES_PNG),
-                "losses_csv": self._file(LOSSES_CSV),
-                "events_jsonl": self._file(EVENTS_JSONL),
-                "trainer_log": self._file(TRAINER_LOG),
-            },
+            "artifacts": self.artifacts(),
             "notes": notes,
+        }
+
+    def artifacts(self) -> dict[str, Any]:
+        """The files a run left, as report.json names them."""
+        return {
+            "checkpoints": list(self._checkpoints),
+            "model_files": list(self._model_files),
+            "report_json": REPORT_JSON,
+            "loss_curves_png": self._file(LOSS_CURVES_PNG),
+            "losses_csv": self._file(LOSSES_CSV),
+            "events_jsonl": self._file(EVENTS_JSONL),
+            "trainer_log": self._file(TRAINER_LOG),
         }
 
     def _merged(self, rows: list[int], prefix: str) -> tuple[list[float | None], str | None]:
@@ -798,19 +802,25 @@ def write_all(run_dir: str | os.PathLike[str], builder: ReportBuilder, *,
     for name in (EVENTS_JSONL, TRAINER_LOG):
         builder.mark_written(name, (run_dir / name).exists())
     report = builder.snapshot()
+    failed = False
     try:
         write_losses_csv(run_dir, report)
         builder.mark_written(LOSSES_CSV)
     except OSError as exc:
+        failed = True
         log.warning("losses_csv_failed", error=str(exc))
         builder.add_note(f"losses.csv could not be written: {exc}")
     try:
         render(report, run_dir / LOSS_CURVES_PNG)
         builder.mark_written(LOSS_CURVES_PNG)
     except Exception as exc:  # matplotlib can fail in many ways; the report must not
+        failed = True
         log.warning("loss_curves_failed", error=repr(exc))
         builder.add_note(f"loss_curves.png could not be rendered: {exc!r}")
-    report = builder.snapshot()
+    if failed:
+        report = builder.snapshot()  # with the notes saying what is missing
+    else:
+        report["artifacts"] = builder.artifacts()  # a second snapshot of a long run is costly
     write_report_json(run_dir, report)
     return report
 
