@@ -67,13 +67,9 @@ class LineSplitter:
 
     def _skip(self, text: str) -> None:
         """Advance the line state over ``text`` without producing its lines."""
-        if self._pending_cr:
-            self._pending_cr = False
-            if text[0] == "\n":
-                self._partial_after_cr = False
-                text = text[1:]
-                if not text:
-                    return
+        text = self._after_pending_cr(text)
+        if not text:
+            return
         last = max(text.rfind("\n"), text.rfind("\r"))
         if last < 0:
             self._grow(text)
@@ -95,6 +91,16 @@ class LineSplitter:
         self._emitted = 0
         return lines
 
+    def _after_pending_cr(self, text: str) -> str:
+        """``text`` without the \n that completes a \r\n begun by the previous chunk."""
+        if self._pending_cr:
+            self._pending_cr = False
+            if text[0] == "\n":
+                # The \r was half of a \r\n: what follows is a new line, not a redraw.
+                self._partial_after_cr = False
+                return text[1:]
+        return text
+
     def _cap(self, text: str) -> str:
         if len(text) > self._max_line:
             self.dropped_chars += len(text) - self._max_line
@@ -105,14 +111,9 @@ class LineSplitter:
     def _split(self, text: str) -> list[str]:
         if not text:
             return []
-        if self._pending_cr:
-            self._pending_cr = False
-            if text[0] == "\n":
-                # The \r was half of a \r\n: what follows is a new line, not a redraw.
-                self._partial_after_cr = False
-                text = text[1:]
-                if not text:
-                    return []
+        text = self._after_pending_cr(text)
+        if not text:
+            return []
         pieces = _TERMINATORS.split(text)
         lines: list[str] = []
         if len(pieces) == 1:

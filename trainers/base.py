@@ -178,3 +178,30 @@ def parse_bar_line(line: str, parse_bar: BarParser,
         return parse_text(line)
     step, rest = bar
     return [step, *parse_text(rest.lstrip())] if len(rest) > 1 else [step]
+
+
+def tqdm_frame(line: str, desc: str, pattern: re.Pattern[str]) -> tuple[int, int, str, str] | None:
+    """(step, total, postfix, text after the frame) of the ``desc`` tqdm frame in a line.
+
+    ``pattern`` is matched where ``desc`` starts and must capture step, total and the
+    bracketed info. A substring find first: most lines are not frames.
+    """
+    start = line.find(desc)
+    if start < 0:
+        return None
+    match = pattern.match(line, start)
+    if match is None:
+        return None
+    step, total, info = match.groups()
+    return int(step), int(total), info, line[match.end():]
+
+
+def postfix_value(info: str, key: str) -> float | None:
+    """``key=value`` from a tqdm postfix (``avr_loss=1.1``, ``lr=0.0001``), as a float."""
+    at = info.find(key)
+    if at < 0:
+        return None
+    try:
+        return float(info[at + len(key):].split(",", 1)[0])
+    except ValueError:
+        return None

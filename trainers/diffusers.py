@@ -27,9 +27,11 @@ from trainers.base import (
     UsageError,
     flag_value,
     parse_bar_line,
+    postfix_value,
     python_problems,
     replace_flag,
     steps_from_flag,
+    tqdm_frame,
 )
 
 _BAR = re.compile(r"Steps:\s+\d+%\|[^|]*\|\s*(\d+)/(\d+)\s+\[([^\]]*)\]")
@@ -41,28 +43,14 @@ LOGGING_FLAG = "--logging_dir"
 REPORT_FLAG = "--report_to"
 
 
-def _postfix(info: str, key: str) -> float | None:
-    at = info.find(key)
-    if at < 0:
-        return None
-    try:
-        return float(info[at + len(key):].split(",", 1)[0])
-    except ValueError:
-        return None
-
-
 def parse_bar(line: str) -> tuple[Step, str] | None:
     """The ``Steps:`` bar frame in a line, and whatever text was glued after it."""
-    start = line.find("Steps:")
-    if start < 0:
+    frame = tqdm_frame(line, "Steps:", _BAR)
+    if frame is None:
         return None
-    match = _BAR.match(line, start)
-    if match is None:
-        return None
-    step, total, info = match.groups()
-    event = Step(step=int(step), total=int(total), loss=_postfix(info, "step_loss="),
-                 lr=_postfix(info, "lr="))
-    return event, line[match.end():]
+    step, total, info, rest = frame
+    return Step(step=step, total=total, loss=postfix_value(info, "step_loss="),
+                lr=postfix_value(info, "lr=")), rest
 
 
 class DiffusersAdapter:

@@ -33,9 +33,11 @@ from trainers.base import (
     drop_flag,
     flag_value,
     parse_bar_line,
+    postfix_value,
     python_problems,
     replace_flag,
     steps_from_flag,
+    tqdm_frame,
 )
 
 _BAR = re.compile(r"steps:\s+\d+%\|[^|]*\|\s*(\d+)/(\d+)\s+\[([^\]]*)\]")
@@ -54,31 +56,13 @@ OUTPUT_FLAG = "--output_dir"
 EPOCHS_FLAG = "--max_train_epochs"
 
 
-def _float(text: str) -> float | None:
-    try:
-        return float(text)
-    except ValueError:
-        return None
-
-
 def parse_bar(line: str) -> tuple[Step, str] | None:
-    """The ``steps:`` bar frame in a line, and whatever text was glued after it.
-
-    Hot path (two frames per training step): a substring find, one anchored regex match,
-    and plain string slicing for the loss.
-    """
-    start = line.find("steps:")
-    if start < 0:
+    """The ``steps:`` bar frame in a line, and whatever text was glued after it."""
+    frame = tqdm_frame(line, "steps:", _BAR)
+    if frame is None:
         return None
-    match = _BAR.match(line, start)
-    if match is None:
-        return None
-    step, total, info = match.groups()
-    avg: float | None = None
-    at = info.find("avr_loss=")
-    if at >= 0:
-        avg = _float(info[at + 9:].split(",", 1)[0])
-    return Step(step=int(step), total=int(total), avg_loss=avg), line[match.end():]
+    step, total, info, rest = frame
+    return Step(step=step, total=total, avg_loss=postfix_value(info, "avr_loss=")), rest
 
 
 class KohyaAdapter:
