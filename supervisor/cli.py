@@ -118,16 +118,20 @@ def report(
                            "steps": rebuilt.get("steps")}))
 
 
-@app.command(help="Show the outcome and progress of a run from its report.json.")
+@app.command(help="Show the outcome and progress of a run (live: read from events.jsonl).")
 def status(run_dir: Annotated[Path, typer.Argument(help="a run directory")]) -> None:
-    path = run_dir / "report.json"
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise _fail(f"cannot read {path}: {exc}") from None
-    steps = data.get("steps") or {}
-    typer.echo(json.dumps({"run_id": data.get("run_id"), "outcome": data.get("outcome"),
-                           "exit_code": data.get("exit_code"), "steps": steps}))
+    from supervisor.report import ReportBuilder, read_events
+
+    events = run_dir / "events.jsonl"
+    if not events.is_file():
+        raise _fail(f"no events.jsonl in {run_dir}")
+    builder = ReportBuilder()
+    for record in read_events(events):
+        builder.add(record)
+    data = builder.snapshot()
+    typer.echo(json.dumps({"run_id": data.get("run_id"), "status": data.get("status"),
+                           "outcome": data.get("outcome"), "exit_code": data.get("exit_code"),
+                           "steps": data.get("steps"), "loss": data.get("loss")}))
 
 
 def _format(value: str) -> Literal["auto", "json", "console"]:

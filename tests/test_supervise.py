@@ -369,3 +369,20 @@ def test_program_that_cannot_be_executed_is_usage_with_a_report(
     report = result.report
     assert report["outcome"] == "usage"
     assert "could not start the trainer" in report["reason"]
+
+
+def test_status_shows_a_live_run(run_dir: Path) -> None:
+    proc = _start_background(run_dir, *kohya_args("--step-seconds", "0.1", steps=300))
+    try:
+        assert wait_for(lambda: _first_step_written(run_dir), timeout=20)
+        status = subprocess.run(lorasup_argv("status", str(run_dir)), capture_output=True,
+                                text=True, timeout=30, env=child_env())
+        assert status.returncode == 0, status.stderr
+        data = json.loads(status.stdout)
+        assert data["status"] == "running" and data["outcome"] is None
+        assert data["steps"]["last"] >= 1
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143
