@@ -15,7 +15,7 @@ import pytest
 from tests.support import KOHYA_RECORDINGS, REPLAY, run_lorasup
 from trainers.kohya import KohyaAdapter, parse_bar
 
-SPEED = "60"
+SPEED = "100"
 
 # name: (steps N from its argv, last step printed, trainer return code, outcome)
 EXPECTED = {

@@ -11,6 +11,7 @@ REGISTRY: dict[str, str] = {
     "builtin": "trainers.builtin.adapter:BuiltinAdapter",
     "command": "trainers.command:CommandAdapter",
     "diffusers": "trainers.diffusers:DiffusersAdapter",
+    "hf": "trainers.hf:HfAdapter",
     "kohya": "trainers.kohya:KohyaAdapter",
     "native": "trainers.native:NativeAdapter",
 }
