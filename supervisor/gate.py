@@ -60,9 +60,16 @@ class StepGate:
                 self.rejected += 1
                 return Rejected(step=step)
             return None
-        if step <= self.offset or step < self.last or (
-                step == self.last and _same(event, self._previous)):
+        if step <= self.offset:
             # Step 0 is a bar before training, steps up to a resume point are history.
+            return None
+        if step < self.last:
+            # A value that arrives late for a step already counted (e.g. a buffered stdout
+            # behind the progress bar): recorded, never counted again.
+            has_values = (event.loss is not None or event.avg_loss is not None
+                          or event.lr is not None)
+            return event if has_values else None
+        if step == self.last and _same(event, self._previous):
             return None
         self._previous = event
         if step > self.last:

@@ -125,3 +125,22 @@ def test_skipping_gives_the_same_lines_that_matter_as_splitting_everything() -> 
     found = [line for c in chunks for line in skipping.feed(c, NEEDLES)] + skipping.close()
     wanted = [line for line in everything if any(n in line for n in NEEDLES)]
     assert [line for line in found if any(n in line for n in NEEDLES)] == wanted
+
+
+def test_gate_records_late_values_without_counting_the_step_again() -> None:
+    from supervisor.events import Step
+    from supervisor.gate import StepGate
+
+    stops: list[str] = []
+    gate = StepGate(5, stop_at_limit=False, on_stop=stops.append, on_limit=lambda: None)
+    assert gate.admit(Step(step=0)) is None  # the bar before training
+    assert gate.admit(Step(step=1)) is not None
+    assert gate.admit(Step(step=3)) is not None
+    assert gate.admit(Step(step=2)) is None  # an old frame with nothing new
+    late = Step(step=2, loss=0.5)
+    assert gate.admit(late) is late  # its loss arrived late: recorded, last stays 3
+    assert gate.last == 3
+    assert gate.admit(Step(step=3, avg_loss=float("nan"))) is not None
+    assert gate.admit(Step(step=3, avg_loss=float("nan"))) is None  # a NaN redraw
+    assert gate.admit(Step(step=6)).kind == "rejected"
+    assert stops == ["overshoot"] and gate.rejected == 1

@@ -42,8 +42,9 @@ first; the values are emitted when both halves are in. That is exact, whatever
   an evaluation bar whose total equals ``max_steps`` is indistinguishable from the
   training bar (its counts would be read as steps).
 
-Only a loss that arrives after a later step was already seen is lost (the step gate keeps
-no step below the last); it is never put on the wrong step.
+A loss that arrives after a later step was already seen (a buffered stdout) is recorded
+late for its own step: the step gate takes late values for counted steps, never counting
+them again. It is never put on the wrong step.
 
 The adapter remembers per run (one instance per run; ``command()`` is called before any
 ``parse``): N, the injected ``max_steps`` (only a description-less bar with total N is the
