@@ -8,8 +8,11 @@ to call from the worker thread the sink renders in.
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -158,10 +161,6 @@ PLOT_TIMEOUT_SECONDS = 300.0
 def render_in_child(report: dict[str, Any], png_path: str | os.PathLike[str]) -> Path:
     """Draw in a short-lived child process: matplotlib's ~40 MB and any crash of it stay
     out of the supervisor, whose memory must stay flat however long it runs."""
-    import json
-    import subprocess
-    import sys
-
     root = str(Path(__file__).resolve().parents[1])  # this very package, installed or not
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
@@ -176,9 +175,6 @@ def render_in_child(report: dict[str, Any], png_path: str | os.PathLike[str]) ->
 
 
 def _main() -> int:
-    import json
-    import sys
-
     render_loss_curves(json.load(sys.stdin), sys.argv[1])
     return 0
 

@@ -30,7 +30,13 @@ from supervisor.events import (
     Step,
     read_number,
 )
-from trainers.base import PYTHON_PROBLEM_NEEDLES, TrainerJob, UsageError, python_problems
+from trainers.base import (
+    PYTHON_PROBLEM_NEEDLES,
+    TrainerJob,
+    UsageError,
+    python_problems,
+    replace_flag,
+)
 
 PREFIX = '{"lorasup":1'
 
@@ -82,8 +88,6 @@ class NativeAdapter:
         return steps
 
     def command(self, job: TrainerJob) -> list[str]:
-        from trainers.base import replace_flag
-
         return replace_flag(job.argv, self.steps_flag, str(job.steps), style=" ")
 
     def environment(self) -> dict[str, str]:
