@@ -386,3 +386,28 @@ def test_status_shows_a_live_run(run_dir: Path) -> None:
     finally:
         proc.kill()
     assert proc.returncode == 143
+
+
+def test_terminal_gets_console_logs_and_a_live_progress_line(run_dir: Path) -> None:
+    import os as _os
+    import pty
+
+    main, replica = pty.openpty()
+    argv = lorasup_argv("start", "--run-dir", str(run_dir), *kohya_args(steps=3))
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=replica, stderr=replica,
+                            env=child_env())
+    _os.close(replica)
+    output = b""
+    while True:
+        try:
+            data = _os.read(main, 65536)
+        except OSError:  # EIO: every writer closed the terminal
+            break
+        if not data:
+            break
+        output += data
+    _os.close(main)
+    assert proc.wait(timeout=30) == 0
+    text = output.decode(errors="replace")
+    assert "step 3/3" in text  # the live line
+    assert "outcome" in text and '"event"' not in text  # console rendering, not JSON
