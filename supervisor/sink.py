@@ -75,8 +75,12 @@ class ReportSink:
                         # A snapshot of a long run takes a while: build and write it in a
                         # worker thread so the readers (and the step gate) keep running.
                         # The builder is not touched meanwhile: only this task feeds it.
+                        began = anyio.current_time()
                         await anyio.to_thread.run_sync(self._refresh_report)
-                        next_refresh = anyio.current_time() + self._refresh
+                        took = anyio.current_time() - began
+                        # A very long run's snapshot is not free: keep it under ~10 % of
+                        # the time.
+                        next_refresh = anyio.current_time() + max(self._refresh, 10 * took)
         finally:
             self._events.close()
             with anyio.CancelScope(shield=True):
