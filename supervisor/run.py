@@ -82,6 +82,31 @@ def _supersedes(new: Step, old: Step) -> bool:
         and (old.epoch is None or new.epoch is not None))
 
 
+def _frame_head(line: str, prefix: str) -> str | None:
+    """A bar frame's text up to its counter (``steps:  50%|█████     | 6/12``) when the line
+    is nothing but that frame; None for anything else."""
+    if not line.startswith(prefix) or not line.rstrip().endswith("]"):
+        return None
+    end = line.find(" [")
+    return line[:end] if end > 0 else None
+
+
+def _drop_redrawn(lines: list[str], prefix: str) -> list[str]:
+    """Lines without the bar frames that the very next line redraws at the same step.
+
+    tqdm draws a step twice (the update, then the postfix); when both frames come in one
+    read, the first tells nothing the second does not, and parsing it costs the most.
+    """
+    kept: list[str] = []
+    heads = [_frame_head(line, prefix) for line in lines]
+    last = len(lines) - 1
+    for i, line in enumerate(lines):
+        if i < last and heads[i] is not None and heads[i] == heads[i + 1]:
+            continue
+        kept.append(line)
+    return kept
+
+
 def new_run_id(trainer: str) -> str:
     return f"{time.strftime('%Y%m%d-%H%M%S')}-{trainer}-{secrets.token_hex(2)}"
 
@@ -146,9 +171,12 @@ class Supervisor:
         self._total_checked = False
         self._problems_logged = 0
         self.spawn_error: str | None = None
+        #: bar frames starting with this are redrawn whole: only the last of a run counts
+        self._redraw_prefix: str | None = getattr(adapter, "redraw_prefix", None)
         #: substrings the adapter needs to see in a line; () = every line matters
         self._needles: tuple[str, ...] = tuple(getattr(adapter, "needles", ()))
         self._last_tty = 0.0
+        self._tty = plan.progress_tty
         self._checkpoints: list[str] = []
         self.follower: EventFileFollower | None = None
         if plan.tensorboard_dir is not None:
@@ -277,6 +305,8 @@ class Supervisor:
             return batch
         t = self.now()
         parse = self.adapter.parse
+        if self._redraw_prefix is not None and len(lines) > 1:
+            lines = _drop_redrawn(lines, self._redraw_prefix)
         for line in lines:
             if not line:
                 continue
@@ -295,10 +325,15 @@ class Supervisor:
                     if type(admitted) is Step:
                         if not self._total_checked and admitted.total is not None:
                             self._check_total(admitted)
-                        if self.divergence.observe(admitted.step, admitted.loss,
-                                                   admitted.avg_loss):
+                        loss, avg = admitted.loss, admitted.avg_loss
+                        # (x - x) is 0.0 for a finite x and NaN for NaN/inf: one cheap test.
+                        if ((loss is not None and loss - loss != 0.0)
+                                or (avg is not None and avg - avg != 0.0)) and (
+                                self.divergence.observe(admitted.step, loss, avg)):
                             self.request_stop("diverged")
-                        self._progress(admitted, t)
+                        if t >= self._next_progress or self._tty or (
+                                admitted.step == self.gate.final_step):
+                            self._progress(admitted, t)
                     continue
                 if kind is Finished:
                     self.finished_marker = True

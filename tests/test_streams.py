@@ -144,3 +144,20 @@ def test_gate_records_late_values_without_counting_the_step_again() -> None:
     assert gate.admit(Step(step=3, avg_loss=float("nan"))) is None  # a NaN redraw
     assert gate.admit(Step(step=6)).kind == "rejected"
     assert stops == ["overshoot"] and gate.rejected == 1
+
+
+def test_a_frame_redrawn_at_the_same_step_by_the_next_line_is_dropped() -> None:
+    from supervisor.run import _drop_redrawn
+
+    lines = [
+        "steps:  8%|▊         | 1/12 [00:01<00:18,  1.69s/it]",
+        "steps:  8%|▊         | 1/12 [00:01<00:18,  1.69s/it, avr_loss=1.18]",
+        "steps: 17%|█▋        | 2/12 [00:03<00:15,  1.57s/it, avr_loss=1.18]",
+        "steps: 17%|█▋        | 2/12 [00:03<00:15,  1.57s/it, avr_loss=1.16]model saved.",
+        "steps: 17%|█▋        | 2/12 [00:03<00:15,  1.57s/it, avr_loss=1.16]",
+        "epoch 1/1",
+        "steps: 25%|██▌       | 3/12 [00:04<00:13,  1.50s/it, avr_loss=1.16]",
+    ]
+    kept = _drop_redrawn(lines, "steps:")
+    # Frame 1 is redrawn by the next line; the glued record survives; the last is kept.
+    assert kept == lines[1:]

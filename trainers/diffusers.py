@@ -58,6 +58,7 @@ class DiffusersAdapter:
     stops_by_itself = True
     # SIGINT raises KeyboardInterrupt (finally blocks run); SIGTERM ends Python at once.
     stop_signals = (signal.SIGINT, signal.SIGTERM)
+    redraw_prefix = "Steps:"
     needles = ("Steps:", _SAVED, *PYTHON_PROBLEM_NEEDLES)
 
     def resolve_steps(self, steps: int | None, argv: Sequence[str]) -> int:

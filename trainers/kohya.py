@@ -71,6 +71,7 @@ class KohyaAdapter:
     # SIGINT raises KeyboardInterrupt (finally blocks and atexit run); SIGTERM ends Python
     # at once. Neither makes kohya save: it saves only at its own end.
     stop_signals = (signal.SIGINT, signal.SIGTERM)
+    redraw_prefix = "steps:"
     needles = ("steps:", "epoch ", "saving checkpoint: ", "model saved.",
                *PYTHON_PROBLEM_NEEDLES)
 
