@@ -166,7 +166,12 @@ class _Column:
         self.present = bytearray()
 
     def set(self, row: int, value: float) -> None:
-        missing = row + 1 - len(self.values)
+        size = len(self.values)
+        if row == size:  # the common case: the next step, in order
+            self.values.append(value)
+            self.present.append(1)
+            return
+        missing = row + 1 - size
         if missing > 0:
             self.values.extend([0.0] * missing)
             self.present.extend(bytes(missing))
