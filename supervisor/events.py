@@ -27,12 +27,18 @@ def _number(value: float) -> float | str:
 
 
 def read_number(value: Any) -> float | None:
-    """Inverse of the spelled-out non-finite floats above."""
-    if value is None:
+    """A float from a JSON-ish value: numbers, numeric strings (the spelled-out "nan"/"inf"
+    included); None for anything else (bools, junk), never an exception."""
+    if isinstance(value, bool) or value is None:
         return None
-    if isinstance(value, str):
+    if isinstance(value, int | float):
         return float(value)
-    return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return None
 
 
 @dataclass(frozen=True, slots=True)

@@ -42,6 +42,7 @@ from typing import Any, ClassVar
 
 import structlog
 
+from supervisor.events import read_number
 from supervisor.plot import render_loss_curves
 
 __all__ = [
@@ -101,20 +102,6 @@ _HINTS = {
 # ---------------------------------------------------------------------------- helpers
 
 
-def _num(value: Any) -> float | None:
-    """A float from a JSON value (numbers or the spelled-out non-finite strings)."""
-    if isinstance(value, bool) or value is None:
-        return None
-    if isinstance(value, int | float):
-        return float(value)
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            return None
-    return None
-
-
 def _int(value: Any) -> int | None:
     """An int from a JSON value; an integral float is accepted, anything else is not."""
     if isinstance(value, bool):
@@ -127,7 +114,7 @@ def _int(value: Any) -> int | None:
 
 
 def _time(value: Any) -> float | None:
-    number = _num(value)
+    number = read_number(value)
     return number if number is not None and math.isfinite(number) else None
 
 
@@ -351,8 +338,8 @@ class ReportBuilder:
         step = _int(r.get("step"))
         if step is None:
             return
-        self.add_step(t, step, _num(r.get("loss")), _num(r.get("avg_loss")), _num(r.get("lr")),
-                      _int(r.get("epoch")))
+        self.add_step(t, step, read_number(r.get("loss")), read_number(r.get("avg_loss")),
+                      read_number(r.get("lr")), _int(r.get("epoch")))
 
     def add_step(self, t: float | None, step: int, loss: float | None,
                  avg_loss: float | None, lr: float | None, epoch: int | None) -> None:
@@ -376,7 +363,7 @@ class ReportBuilder:
             self._epoch.set(row, self._current_epoch)
 
     def _on_scalar(self, r: dict[str, Any], t: float | None) -> None:
-        tag, step, value = r.get("tag"), _int(r.get("step")), _num(r.get("value"))
+        tag, step, value = r.get("tag"), _int(r.get("step")), read_number(r.get("value"))
         if not isinstance(tag, str) or step is None or value is None:
             return
         source = r.get("source") if isinstance(r.get("source"), str) else "console"

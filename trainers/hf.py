@@ -83,9 +83,8 @@ import re
 import signal
 from collections import deque
 from collections.abc import Iterable, Sequence
-from typing import Any
 
-from supervisor.events import Checkpoint, Event, Problem, Scalar, Step
+from supervisor.events import Checkpoint, Event, Problem, Scalar, Step, read_number
 from trainers.base import (
     PYTHON_PROBLEM_NEEDLES,
     TrainerJob,
@@ -113,17 +112,6 @@ _MAX_DICT = 8192
 _MAX_WAITING = 4096
 
 
-def _number(value: Any) -> float | None:
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int | float):
-        return float(value)
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            return None
-    return None
 
 
 def _epoch(value: float | None) -> int | None:
@@ -147,7 +135,7 @@ def parse_log_dict(line: str) -> dict[str, float] | None:
         return None
     values: dict[str, float] = {}
     for key, value in record.items():
-        number = _number(value)
+        number = read_number(value)
         if isinstance(key, str) and number is not None:
             values[key] = number
     return values
