@@ -112,8 +112,6 @@ _MAX_DICT = 8192
 _MAX_WAITING = 4096
 
 
-
-
 def _epoch(value: float | None) -> int | None:
     if value is None or not math.isfinite(value) or value <= 0:
         return None
