@@ -147,41 +147,26 @@ def match_bar(line: str) -> tuple[int, int, int] | None:
     return int(match[1]), int(match[2]), match.end()
 
 
-def _report_values(argv: Sequence[str]) -> list[str]:
-    """Every value given to ``--report_to`` (``=v``, ``v``, or several after the flag)."""
+def _split_report(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(every value given to ``--report_to``, argv without the flag and its values).
+
+    The flag takes ``=v``, ``v``, or several values after it.
+    """
     values: list[str] = []
+    rest: list[str] = []
     taking = False
     for arg in argv:
         if arg == REPORT_FLAG:
             taking = True
-            continue
-        if arg.startswith(REPORT_FLAG + "="):
+        elif arg.startswith(REPORT_FLAG + "="):
             values.append(arg.split("=", 1)[1])
             taking = False
-            continue
-        if taking and not arg.startswith("-"):
+        elif taking and not arg.startswith("-"):
             values.append(arg)
-            continue
-        taking = False
-    return values
-
-
-def _drop_report(argv: Sequence[str]) -> list[str]:
-    """argv without ``--report_to`` and all of its values."""
-    out: list[str] = []
-    dropping = False
-    for arg in argv:
-        if arg == REPORT_FLAG:
-            dropping = True
-            continue
-        if arg.startswith(REPORT_FLAG + "="):
-            dropping = False
-            continue
-        if dropping and not arg.startswith("-"):
-            continue
-        dropping = False
-        out.append(arg)
-    return out
+        else:
+            taking = False
+            rest.append(arg)
+    return values, rest
 
 
 def _reports_tensorboard(values: Sequence[str]) -> bool:
@@ -227,8 +212,9 @@ class HfAdapter:
         if job.option("tensorboard") == "1" and job.run_dir:
             # Opted in: the Trainer writes its event files into the run directory.
             self._tb_dir = os.path.abspath(f"{job.run_dir}/tensorboard")
-            if not _reports_tensorboard(_report_values(argv)):
-                argv = [*_drop_report(argv), REPORT_FLAG, "tensorboard"]
+            values, rest = _split_report(argv)
+            if not _reports_tensorboard(values):
+                argv = [*rest, REPORT_FLAG, "tensorboard"]
             argv = replace_flag(argv, LOGGING_FLAG, self._tb_dir, style=" ")
         return argv
 
@@ -236,7 +222,7 @@ class HfAdapter:
         """Where the Trainer writes event files, or None when it writes none (or we can't know)."""
         if job.option("tensorboard") == "1" and job.run_dir:
             return os.path.abspath(f"{job.run_dir}/tensorboard")
-        if not _reports_tensorboard(_report_values(job.argv)):
+        if not _reports_tensorboard(_split_report(job.argv)[0]):
             return None  # transformers 5 reports to nothing by default
         return os.environ.get(TB_ENV) or flag_value(job.argv, LOGGING_FLAG)
 
