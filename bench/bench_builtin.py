@@ -3,8 +3,8 @@
     python bench/bench_builtin.py [--steps 200] [--runs 3] [--no-lorasup]
 
 Each run starts in a fresh temporary folder (so the demo dataset is used and nothing is
-resumed). Rows: the trainer alone (``python -m trainers.builtin --steps N``), then the
-same job under lorasup (``python -m supervisor start --steps N``), which the issue's
+resumed). Rows: the trainer alone (``python -m lorasup.trainers.builtin --steps N``), then the
+same job under lorasup (``python -m lorasup start --steps N``), which the issue's
 target (200 steps in at most 5 s, trainer RSS < 200 MB) is about. Peak RSS comes from
 ``getrusage(RUSAGE_CHILDREN)``: the largest child waited for so far, so the trainer rows
 are measured before any lorasup process runs.
@@ -70,11 +70,11 @@ def main() -> int:
 
     steps = str(args.steps)
     rows: list[tuple[str, list[Sample], float]] = []
-    trainer = [sys.executable, "-m", "trainers.builtin", "--steps", steps, "--no-progress"]
+    trainer = [sys.executable, "-m", "lorasup.trainers.builtin", "--steps", steps, "--no-progress"]
     samples = [run_once(trainer) for _ in range(args.runs)]
     rows.append(("trainer alone", samples, peak_rss_mb()))
     if not args.no_lorasup:
-        lorasup = [sys.executable, "-m", "supervisor", "start", "--steps", steps,
+        lorasup = [sys.executable, "-m", "lorasup", "start", "--steps", steps,
                    "--log-format", "json"]
         samples = [run_once(lorasup) for _ in range(args.runs)]
         rows.append(("lorasup start (end to end)", samples, peak_rss_mb()))

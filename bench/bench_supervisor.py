@@ -51,7 +51,7 @@ MB = 1024 * 1024
 def lorasup_argv() -> list[str]:
     """The installed ``lorasup`` script next to this interpreter, else ``python -m supervisor``."""
     script = Path(PY).parent / "lorasup"
-    return [str(script)] if script.exists() else [PY, "-m", "supervisor"]
+    return [str(script)] if script.exists() else [PY, "-m", "lorasup"]
 
 
 def child_env(**extra: str) -> dict[str, str]:

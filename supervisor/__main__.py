@@ -1,5 +1,5 @@
-"""``python -m supervisor`` is the ``lorasup`` command."""
+"""``python -m lorasup.supervisor`` is the ``lorasup`` command too."""
 
-from supervisor.cli import main
+from lorasup.supervisor.cli import main
 
 main()

@@ -14,8 +14,8 @@ from typing import Annotated, Any, Literal
 import anyio
 import typer
 
-from supervisor import logs
-from supervisor.config import ConfigError, build_job, load_toml
+from lorasup.supervisor import logs
+from lorasup.supervisor.config import ConfigError, build_job, load_toml
 
 USAGE_EXIT = 2
 
@@ -69,9 +69,9 @@ def start(
         "--tensorboard",
         help="diffusers: make the script write TensorBoard files into the run dir")] = False,
 ) -> None:
-    from supervisor.prepare import plan_run
-    from supervisor.run import Supervisor
-    from trainers.base import UsageError
+    from lorasup.supervisor.prepare import plan_run
+    from lorasup.supervisor.run import Supervisor
+    from lorasup.trainers.base import UsageError
 
     if new and continue_:
         raise _fail("--new and --continue exclude each other")
@@ -107,7 +107,7 @@ def report(
     run_dir: Annotated[Path, typer.Argument(help="a run directory")],
     log_format: Annotated[str, typer.Option(help="auto, json or console")] = "auto",
 ) -> None:
-    from supervisor.report import rebuild
+    from lorasup.supervisor.report import rebuild
 
     logs.configure(_format(log_format))
     if not (run_dir / "events.jsonl").is_file():
@@ -120,7 +120,7 @@ def report(
 
 @app.command(help="Show the outcome and progress of a run (live: read from events.jsonl).")
 def status(run_dir: Annotated[Path, typer.Argument(help="a run directory")]) -> None:
-    from supervisor.report import ReportBuilder, read_events
+    from lorasup.supervisor.report import ReportBuilder, read_events
 
     events = run_dir / "events.jsonl"
     if not events.is_file():

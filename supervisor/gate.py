@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from supervisor.events import Rejected, Step
+from lorasup.supervisor.events import Rejected, Step
 
 
 def _same(a: Step, b: Step | None) -> bool:

@@ -161,13 +161,10 @@ PLOT_TIMEOUT_SECONDS = 300.0
 def render_in_child(report: dict[str, Any], png_path: str | os.PathLike[str]) -> Path:
     """Draw in a short-lived child process: matplotlib's ~40 MB and any crash of it stay
     out of the supervisor, whose memory must stay flat however long it runs."""
-    root = str(Path(__file__).resolve().parents[1])  # this very package, installed or not
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
     proc = subprocess.run(
-        [sys.executable, "-m", "supervisor.plot", os.fspath(png_path)],
+        [sys.executable, "-m", "lorasup.supervisor.plot", os.fspath(png_path)],
         input=json.dumps(report).encode(), capture_output=True, timeout=PLOT_TIMEOUT_SECONDS,
-        check=False, env=env)
+        check=False)
     if proc.returncode != 0:
         tail = proc.stderr.decode(errors="replace").strip().splitlines()[-1:] or ["no output"]
         raise RuntimeError(f"plot process exited {proc.returncode}: {tail[0]}")

@@ -11,10 +11,10 @@ import os
 import shutil
 from pathlib import Path
 
-from supervisor.config import Job
-from supervisor.run import RunPlan, new_run_id
-from trainers import get_adapter
-from trainers.base import Adapter, TrainerJob, UsageError
+from lorasup.supervisor.config import Job
+from lorasup.supervisor.run import RunPlan, new_run_id
+from lorasup.trainers import get_adapter
+from lorasup.trainers.base import Adapter, TrainerJob, UsageError
 
 
 def _check_program(argv: list[str], cwd: Path) -> None:

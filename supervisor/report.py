@@ -42,8 +42,8 @@ from typing import Any, ClassVar
 
 import structlog
 
-from supervisor.events import read_number
-from supervisor.plot import render_loss_curves
+from lorasup.supervisor.events import read_number
+from lorasup.supervisor.plot import render_loss_curves
 
 __all__ = [
     "EMA_ALPHA",

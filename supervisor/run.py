@@ -21,7 +21,7 @@ import anyio
 import structlog
 from anyio.abc import ByteReceiveStream, ObjectSendStream
 
-from supervisor.events import (
+from lorasup.supervisor.events import (
     Checkpoint,
     Event,
     Exited,
@@ -35,15 +35,15 @@ from supervisor.events import (
     Started,
     Step,
 )
-from supervisor.gate import StepGate
-from supervisor.logs import redact_argv, redact_text
-from supervisor.notify import Notifier
-from supervisor.process import ProcessTree, become_subreaper, spawn, wait_gone
-from supervisor.sink import Batch, ReportSink
-from supervisor.streams import LineSplitter
-from supervisor.tensorboard import EventFileFollower
-from supervisor.watchdogs import DivergenceWatch, SilenceWatchdog, total_timeout
-from trainers.base import Adapter
+from lorasup.supervisor.gate import StepGate
+from lorasup.supervisor.logs import redact_argv, redact_text
+from lorasup.supervisor.notify import Notifier
+from lorasup.supervisor.process import ProcessTree, become_subreaper, spawn, wait_gone
+from lorasup.supervisor.sink import Batch, ReportSink
+from lorasup.supervisor.streams import LineSplitter
+from lorasup.supervisor.tensorboard import EventFileFollower
+from lorasup.supervisor.watchdogs import DivergenceWatch, SilenceWatchdog, total_timeout
+from lorasup.trainers.base import Adapter
 
 log = structlog.get_logger("lorasup")
 

@@ -16,9 +16,9 @@ import anyio
 import structlog
 from anyio.abc import ObjectReceiveStream
 
-from supervisor.events import Event, Step, step_json
-from supervisor.plot import render_in_child
-from supervisor.report import ReportBuilder, write_all, write_report_json
+from lorasup.supervisor.events import Event, Step, step_json
+from lorasup.supervisor.plot import render_in_child
+from lorasup.supervisor.report import ReportBuilder, write_all, write_report_json
 
 log = structlog.get_logger(__name__)
 

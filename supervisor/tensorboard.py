@@ -55,7 +55,7 @@ from typing import BinaryIO
 import anyio
 import structlog
 
-from supervisor.events import Scalar
+from lorasup.supervisor.events import Scalar
 
 __all__ = [
     "EVENT_FILE_PREFIX",

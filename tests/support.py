@@ -39,7 +39,7 @@ class Finished:
 
 
 def lorasup_argv(*args: str) -> list[str]:
-    return [sys.executable, "-m", "supervisor", *args]
+    return [sys.executable, "-m", "lorasup", *args]
 
 
 def child_env() -> dict[str, str]:

@@ -1,6 +1,6 @@
 """The builtin numpy LoRA trainer: real subprocesses, real files, real signals.
 
-The trainer is run as ``python -m trainers.builtin`` with argv lists in temporary
+The trainer is run as ``python -m lorasup.trainers.builtin`` with argv lists in temporary
 folders; only the gradient check, the schedules and the adapter are tested in-process.
 """
 
@@ -23,13 +23,13 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.numpy import load_file
 
-from trainers.base import TrainerJob, UsageError
-from trainers.builtin import model as M
-from trainers.builtin.adapter import BuiltinAdapter
-from trainers.builtin.noise import linear_schedule
-from trainers.builtin.optim import clip_grad_norm
-from trainers.builtin.schedule import learning_rate
-from trainers.native import NativeAdapter
+from lorasup.trainers.base import TrainerJob, UsageError
+from lorasup.trainers.builtin import model as M
+from lorasup.trainers.builtin.adapter import BuiltinAdapter
+from lorasup.trainers.builtin.noise import linear_schedule
+from lorasup.trainers.builtin.optim import clip_grad_norm
+from lorasup.trainers.builtin.schedule import learning_rate
+from lorasup.trainers.native import NativeAdapter
 
 REPO = Path(__file__).resolve().parents[1]
 LORA = "lora_output/lorasup_lora.safetensors"
@@ -65,7 +65,8 @@ class Run:
 
 def run_trainer(cwd: Path, *args: str, timeout: float = 30) -> Run:
     cwd.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.run([sys.executable, "-m", "trainers.builtin", "--no-progress", *args],
+    argv = [sys.executable, "-m", "lorasup.trainers.builtin", "--no-progress", *args]
+    proc = subprocess.run(argv,
                           cwd=cwd, env=trainer_env(), capture_output=True, text=True,
                           timeout=timeout, stdin=subprocess.DEVNULL, check=False)
     return Run(proc.returncode, proc.stdout, proc.stderr, cwd)
@@ -339,7 +340,7 @@ def _lines(proc: subprocess.Popen[str]) -> Iterator[dict]:
 def test_stop_signal_saves_and_exits(tmp_path: Path, signum: signal.Signals, code: int) -> None:
     with (tmp_path / "stderr.txt").open("w") as stderr:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "trainers.builtin", "--steps", "100000"], cwd=tmp_path,
+            [sys.executable, "-m", "lorasup.trainers.builtin", "--steps", "100000"], cwd=tmp_path,
             env=trainer_env(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
             stderr=stderr, text=True)
         try:
@@ -384,10 +385,11 @@ def test_adapter_builds_the_command() -> None:
                      run_dir="run", options=(("mode", "continue"), ("dataset", "pics"),
                                              ("output_dir", "out")))
     assert adapter.command(job) == [
-        sys.executable, "-m", "trainers.builtin", "--steps", "200", "--continue",
+        sys.executable, "-m", "lorasup.trainers.builtin", "--steps", "200", "--continue",
         "--dataset", "pics", "--output-dir", "out", "--lr", "1e-3"]
     plain = TrainerJob(steps=3, argv=(), run_dir="run")
-    assert adapter.command(plain) == [sys.executable, "-m", "trainers.builtin", "--steps", "3"]
+    assert adapter.command(plain) == [
+        sys.executable, "-m", "lorasup.trainers.builtin", "--steps", "3"]
     with pytest.raises(UsageError):
         adapter.command(TrainerJob(steps=3, argv=("--new",), run_dir="r",
                                    options=(("mode", "continue"),)))

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from supervisor.config import ConfigError, build_job, load_toml
+from lorasup.supervisor.config import ConfigError, build_job, load_toml
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from lorasup.trainers.base import TrainerJob
+from lorasup.trainers.diffusers import DiffusersAdapter, parse_bar
 from tests.support import HERE, REPLAY, run_lorasup
-from trainers.base import TrainerJob
-from trainers.diffusers import DiffusersAdapter, parse_bar
 
 RECORDINGS = HERE / "data" / "diffusers"
 
@@ -77,7 +77,7 @@ def test_tensorboard_dir(argv, options, expected) -> None:
 
 
 def test_event_files_give_the_full_precision_loss(tmp_path: Path) -> None:
-    from supervisor.tensorboard import EventFileReader, find_event_files
+    from lorasup.supervisor.tensorboard import EventFileReader, find_event_files
 
     recorded = HERE / "data" / "tensorboard" / "diffusers" / "diffusers_normal"
     expected = {r.step: r.value for path in find_event_files(recorded)

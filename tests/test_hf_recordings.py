@@ -16,12 +16,12 @@ from pathlib import Path
 
 import pytest
 
-from supervisor.events import Checkpoint, Problem, Scalar, Step
-from supervisor.streams import LineSplitter
+from lorasup.supervisor.events import Checkpoint, Problem, Scalar, Step
+from lorasup.supervisor.streams import LineSplitter
+from lorasup.trainers import get_adapter
+from lorasup.trainers.base import TrainerJob, UsageError
+from lorasup.trainers.hf import HfAdapter, match_bar, parse_log_dict
 from tests.support import HERE, REPLAY, run_lorasup
-from trainers import get_adapter
-from trainers.base import TrainerJob, UsageError
-from trainers.hf import HfAdapter, match_bar, parse_log_dict
 
 RECORDINGS = HERE / "data" / "hf"
 #: train_lora.py's own max_steps when the recorded argv passes none

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from lorasup.trainers.kohya import KohyaAdapter, parse_bar
 from tests.support import KOHYA_RECORDINGS, REPLAY, run_lorasup
-from trainers.kohya import KohyaAdapter, parse_bar
 
 SPEED = "100"
 
@@ -115,7 +115,7 @@ def test_bar_parser_reads_padded_loss_and_glued_records() -> None:
 
 
 def test_max_train_epochs_is_removed_and_steps_injected() -> None:
-    from trainers.base import TrainerJob
+    from lorasup.trainers.base import TrainerJob
 
     job = TrainerJob(steps=7, argv=("python", "train_network.py", "--max_train_epochs", "3",
                                     "--max_train_steps=100"), run_dir="")
@@ -123,7 +123,7 @@ def test_max_train_epochs_is_removed_and_steps_injected() -> None:
 
 
 def test_logging_dir_is_injected_unless_the_user_gave_one() -> None:
-    from trainers.base import TrainerJob
+    from lorasup.trainers.base import TrainerJob
 
     ours = TrainerJob(steps=3, argv=("python", "t.py"), run_dir="/runs/r1")
     assert KohyaAdapter().command(ours)[-1] == "--logging_dir=/runs/r1/tensorboard"

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from supervisor.events import (
+from lorasup.supervisor.events import (
     Checkpoint,
     Epoch,
     Event,
@@ -23,7 +23,7 @@ from supervisor.events import (
     Started,
     Step,
 )
-from supervisor.report import (
+from lorasup.supervisor.report import (
     CSV_COLUMNS,
     EMA_ALPHA,
     SCHEMA,
@@ -315,7 +315,7 @@ def test_rebuild_writes_all_files_atomically(tmp_path: Path) -> None:
 
 
 def test_steps_out_of_order_and_repeated_are_merged_by_step() -> None:
-    from supervisor.report import ReportBuilder
+    from lorasup.supervisor.report import ReportBuilder
 
     builder = ReportBuilder()
     for t, step, loss in [(1, 1, 1.0), (2, 2, 2.0), (3, 3, 3.0), (4, 2, 2.5), (5, 5, 5.0),

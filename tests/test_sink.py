@@ -8,8 +8,8 @@ from pathlib import Path
 
 import anyio
 
-from supervisor.events import Outcome, Started, Step
-from supervisor.sink import ReportSink
+from lorasup.supervisor.events import Outcome, Started, Step
+from lorasup.supervisor.sink import ReportSink
 
 
 async def until(condition, timeout: float = 10.0) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from supervisor.streams import LineSplitter, clean
+from lorasup.supervisor.streams import LineSplitter, clean
 
 
 def feed_all(splitter: LineSplitter, *chunks: bytes) -> list[str]:
@@ -88,7 +88,7 @@ def test_cr_only_progress_each_redraw_is_a_line() -> None:
 def test_fast_step_json_matches_the_generic_form() -> None:
     import json
 
-    from supervisor.events import Step, step_json
+    from lorasup.supervisor.events import Step, step_json
 
     for event in [Step(step=3), Step(step=4, total=9, loss=0.125, avg_loss=float("nan"),
                                       lr=1e-4, epoch=2), Step(step=5, loss=float("-inf"))]:
@@ -128,8 +128,8 @@ def test_skipping_gives_the_same_lines_that_matter_as_splitting_everything() -> 
 
 
 def test_gate_records_late_values_without_counting_the_step_again() -> None:
-    from supervisor.events import Step
-    from supervisor.gate import StepGate
+    from lorasup.supervisor.events import Step
+    from lorasup.supervisor.gate import StepGate
 
     stops: list[str] = []
     gate = StepGate(5, stop_at_limit=False, on_stop=stops.append, on_limit=lambda: None)
@@ -147,7 +147,7 @@ def test_gate_records_late_values_without_counting_the_step_again() -> None:
 
 
 def test_a_frame_redrawn_at_the_same_step_by_the_next_line_is_dropped() -> None:
-    from supervisor.run import _drop_redrawn
+    from lorasup.supervisor.run import _drop_redrawn
 
     lines = [
         "steps:  8%|▊         | 1/12 [00:01<00:18,  1.69s/it]",

@@ -19,9 +19,9 @@ from pathlib import Path
 import anyio
 import pytest
 
-from supervisor import tensorboard
-from supervisor.events import Scalar
-from supervisor.tensorboard import (
+from lorasup.supervisor import tensorboard
+from lorasup.supervisor.events import Scalar
+from lorasup.supervisor.tensorboard import (
     DecodeError,
     EventFileFollower,
     EventFileReader,

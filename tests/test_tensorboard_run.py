@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from supervisor.tensorboard import EventFileReader
+from lorasup.supervisor.tensorboard import EventFileReader
 from tests.support import HELPERS, KOHYA_RECORDINGS, REPLAY, run_lorasup
 
 SPEED = "60"

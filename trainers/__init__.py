@@ -4,16 +4,16 @@ from __future__ import annotations
 
 from importlib import import_module
 
-from trainers.base import Adapter, UsageError
+from lorasup.trainers.base import Adapter, UsageError
 
 #: name → "module:Class"; imported on demand so an unused adapter costs nothing
 REGISTRY: dict[str, str] = {
-    "builtin": "trainers.builtin.adapter:BuiltinAdapter",
-    "command": "trainers.command:CommandAdapter",
-    "diffusers": "trainers.diffusers:DiffusersAdapter",
-    "hf": "trainers.hf:HfAdapter",
-    "kohya": "trainers.kohya:KohyaAdapter",
-    "native": "trainers.native:NativeAdapter",
+    "builtin": "lorasup.trainers.builtin.adapter:BuiltinAdapter",
+    "command": "lorasup.trainers.command:CommandAdapter",
+    "diffusers": "lorasup.trainers.diffusers:DiffusersAdapter",
+    "hf": "lorasup.trainers.hf:HfAdapter",
+    "kohya": "lorasup.trainers.kohya:KohyaAdapter",
+    "native": "lorasup.trainers.native:NativeAdapter",
 }
 
 

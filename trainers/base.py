@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from supervisor.events import Event, Problem, Step
+from lorasup.supervisor.events import Event, Problem, Step
 
 
 class UsageError(ValueError):

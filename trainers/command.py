@@ -11,16 +11,16 @@ from __future__ import annotations
 import signal
 from collections.abc import Iterable, Sequence
 
-from supervisor.events import Event, Step
-from trainers import diffusers, kohya
-from trainers.base import (
+from lorasup.supervisor.events import Event, Step
+from lorasup.trainers import diffusers, kohya
+from lorasup.trainers.base import (
     PYTHON_PROBLEM_NEEDLES,
     TrainerJob,
     UsageError,
     parse_bar_line,
     python_problems,
 )
-from trainers.native import PREFIX, parse_protocol_line
+from lorasup.trainers.native import PREFIX, parse_protocol_line
 
 
 class CommandAdapter:

@@ -84,8 +84,8 @@ import signal
 from collections import deque
 from collections.abc import Iterable, Sequence
 
-from supervisor.events import Checkpoint, Event, Problem, Scalar, Step, read_number
-from trainers.base import (
+from lorasup.supervisor.events import Checkpoint, Event, Problem, Scalar, Step, read_number
+from lorasup.trainers.base import (
     PYTHON_PROBLEM_NEEDLES,
     TrainerJob,
     UsageError,

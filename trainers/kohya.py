@@ -23,8 +23,8 @@ import re
 import signal
 from collections.abc import Iterable, Sequence
 
-from supervisor.events import Checkpoint, Epoch, Event, Finished, Step
-from trainers.base import (
+from lorasup.supervisor.events import Checkpoint, Epoch, Event, Finished, Step
+from lorasup.trainers.base import (
     PYTHON_PROBLEM_NEEDLES,
     PYTHON_PROBLEMS,
     ProblemPattern,

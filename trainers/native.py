@@ -20,7 +20,7 @@ import json
 import signal
 from collections.abc import Iterable, Sequence
 
-from supervisor.events import (
+from lorasup.supervisor.events import (
     Checkpoint,
     Epoch,
     Event,
@@ -30,7 +30,7 @@ from supervisor.events import (
     Step,
     read_number,
 )
-from trainers.base import (
+from lorasup.trainers.base import (
     PYTHON_PROBLEM_NEEDLES,
     TrainerJob,
     UsageError,

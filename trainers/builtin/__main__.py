@@ -1,4 +1,4 @@
-"""``python -m trainers.builtin``: install the stop handlers first, then train.
+"""``python -m lorasup.trainers.builtin``: install the stop handlers first, then train.
 
 The handlers go in before numpy is imported, so a SIGTERM that arrives while the
 trainer is still starting up also ends in a clean exit 143 instead of a traceback.

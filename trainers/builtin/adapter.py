@@ -7,20 +7,18 @@ mode, dataset and output folder map onto its options.
 
 from __future__ import annotations
 
-import os
 import signal
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
-from trainers.base import TrainerJob, UsageError, drop_flag
-from trainers.native import NativeAdapter
+from lorasup.trainers.base import TrainerJob, UsageError, drop_flag
+from lorasup.trainers.native import NativeAdapter
 
 MODES = {"new": "--new", "continue": "--continue"}
 
 
 class BuiltinAdapter(NativeAdapter):
-    """``python -m trainers.builtin``: stops by itself at --steps after its final save."""
+    """``python -m lorasup.trainers.builtin``: stops by itself at --steps after its final save."""
 
     name = "builtin"
     stops_by_itself = True
@@ -33,13 +31,6 @@ class BuiltinAdapter(NativeAdapter):
         if steps < 1:
             raise UsageError(f"--steps must be at least 1, got {steps}")
         return steps
-
-    def environment(self) -> dict[str, str]:
-        # The trainer is this very package: make ``-m trainers.builtin`` find it also when
-        # lorasup runs from a checkout that was never installed.
-        root = str(Path(__file__).resolve().parents[2])
-        path = os.environ.get("PYTHONPATH")
-        return {"PYTHONPATH": os.pathsep.join([root, path]) if path else root}
 
     def command(self, job: TrainerJob) -> list[str]:
         mapped: list[str] = []
@@ -56,5 +47,5 @@ class BuiltinAdapter(NativeAdapter):
             value = job.option(option)
             if value is not None:
                 mapped += [flag, value]
-        return [sys.executable, "-m", "trainers.builtin", "--steps", str(job.steps), *mapped,
-                *drop_flag(job.argv, "--steps")]
+        return [sys.executable, "-m", "lorasup.trainers.builtin", "--steps", str(job.steps),
+                *mapped, *drop_flag(job.argv, "--steps")]

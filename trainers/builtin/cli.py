@@ -68,7 +68,7 @@ def _non_negative_float(text: str) -> float:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m trainers.builtin", allow_abbrev=False,
+        prog="python -m lorasup.trainers.builtin", allow_abbrev=False,
         description="lorasup's builtin LoRA trainer: a small numpy diffusion denoiser with "
                     "low-rank adapters, trained on a kohya-layout image folder.")
     parser.add_argument("--steps", type=_positive_int, required=True,

@@ -1,6 +1,6 @@
 """Regenerate the embedded demo dataset (run once; the PNGs and captions are committed).
 
-    python -m trainers.builtin.make_demo_dataset [OUT_DIR]
+    python -m lorasup.trainers.builtin.make_demo_dataset [OUT_DIR]
 
 Six 64×64 pictures of simple shapes on colour gradients, in kohya layout
 (``10_shapes/``), each with a same-stem ``.txt`` caption. They are drawn with Pillow
