@@ -78,6 +78,12 @@ class Started(Event):
     pid: int
     steps_requested: int
     wall_time: float
+    #: who supervises the run: with these, a reader can tell a live run from a lost one
+    supervisor_pid: int | None = None
+    #: the supervisor's start time in clock ticks since boot (/proc/PID/stat), which tells
+    #: a reused pid apart
+    supervisor_start: int | None = None
+    boot_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,9 +7,11 @@ and values are redacted here, once, so no caller has to remember to.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Literal, TextIO
 
 import structlog
@@ -62,6 +64,79 @@ def _redact_event(_logger: Any, _name: str, event_dict: dict[str, Any]) -> dict[
     return event_dict
 
 
+class ResilientStream:
+    """Where log lines go: the given stream until writing to it fails (a closed pipe, EIO
+    after a hangup), then ``lorasup.log`` in the run directory. lorasup's own output can
+    never end a run."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream: TextIO | None = stream
+        self.fallback: Path | None = None
+        self._fallback_fd: int | None = None
+        #: why the stream was given up, once it was
+        self.failed: str | None = None
+
+    def isatty(self) -> bool:
+        try:
+            return self.stream is not None and self.stream.isatty()
+        except (OSError, ValueError):
+            return False
+
+    def write(self, text: str) -> int:
+        if self.stream is not None:
+            try:
+                written = self.stream.write(text)
+                self.stream.flush()
+                return written
+            except (OSError, ValueError) as exc:
+                self.failed = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+                _point_at_devnull(self.stream)
+                self.stream = None
+                self._to_fallback(f'{{"event":"log_stream_failed","error":"{self.failed}",'
+                                  '"action":"logging to this file from here on"}\n')
+        return self._to_fallback(text)
+
+    def flush(self) -> None:
+        return None
+
+    def _to_fallback(self, text: str) -> int:
+        if self.fallback is None:
+            return 0
+        try:
+            if self._fallback_fd is None:
+                self._fallback_fd = os.open(
+                    self.fallback,
+                    os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            return os.write(self._fallback_fd, text.encode("utf-8", "replace"))
+        except OSError:
+            return 0
+
+
+_STREAM: ResilientStream | None = None
+
+
+def set_fallback_file(path: Path) -> None:
+    """Where the logs go if stdout fails during this run (``lorasup.log`` in the run dir)."""
+    if _STREAM is not None:
+        _STREAM.fallback = path
+
+
+def _point_at_devnull(stream: TextIO) -> None:
+    """Put /dev/null under a stream whose pipe broke, so nothing (the interpreter's flush
+    at exit included) fails on it again."""
+    try:
+        fd = stream.fileno()
+        devnull = os.open(os.devnull, os.O_WRONLY)
+    except (OSError, ValueError, AttributeError):
+        return
+    try:
+        os.dup2(devnull, fd)
+    except OSError:
+        pass
+    finally:
+        os.close(devnull)
+
+
 def resolve_format(log_format: Literal["auto", "json", "console"], stream: TextIO) -> str:
     if log_format != "auto":
         return log_format
@@ -72,8 +147,10 @@ def resolve_format(log_format: Literal["auto", "json", "console"], stream: TextI
 def configure(log_format: Literal["auto", "json", "console"] = "auto",
               stream: TextIO | None = None) -> str:
     """Configure structlog for the process; returns the format chosen."""
+    global _STREAM
     stream = stream or sys.stdout
     chosen = resolve_format(log_format, stream)
+    _STREAM = stream if isinstance(stream, ResilientStream) else ResilientStream(stream)
     processors: list[Any] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
@@ -88,7 +165,7 @@ def configure(log_format: Literal["auto", "json", "console"] = "auto",
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
-        logger_factory=structlog.PrintLoggerFactory(file=stream),
+        logger_factory=structlog.PrintLoggerFactory(file=_STREAM),  # type: ignore[arg-type]
         cache_logger_on_first_use=False,
     )
     return chosen

@@ -8,19 +8,22 @@ the outcome; the report is written whatever happens.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import signal
 import sys
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import anyio
 import structlog
-from anyio.abc import ByteReceiveStream, ObjectSendStream
+from anyio.abc import ByteReceiveStream, ObjectReceiveStream, ObjectSendStream
 
+from lorasup.supervisor import logs
 from lorasup.supervisor.events import (
     Checkpoint,
     Event,
@@ -36,9 +39,15 @@ from lorasup.supervisor.events import (
     Step,
 )
 from lorasup.supervisor.gate import StepGate
+from lorasup.supervisor.liveness import boot_id, process_start_time
 from lorasup.supervisor.logs import redact_argv, redact_text
 from lorasup.supervisor.notify import Notifier
-from lorasup.supervisor.process import ProcessTree, become_subreaper, spawn, wait_gone
+from lorasup.supervisor.process import (
+    ProcessTree,
+    become_subreaper,
+    spawn,
+    wait_gone,
+)
 from lorasup.supervisor.sink import Batch, ReportSink
 from lorasup.supervisor.streams import LineSplitter
 from lorasup.supervisor.tensorboard import EventFileFollower
@@ -55,6 +64,7 @@ EXIT_CODES = {
     "timeout": 3,
     "stalled": 4,
     "diverged": 5,
+    "internal_error": 70,
 }
 READ_SIZE = 64 * 1024
 #: batches (one per read) queued for the sink; a slower sink then slows the readers down
@@ -71,6 +81,14 @@ PROBLEMS_LOGGED = 20
 #: a progress log entry at most this often (and once at the last step)
 PROGRESS_LOG_SECONDS = 30.0
 MODEL_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".bin")
+#: lorasup's own signals that stop the run (each gets the graceful ladder; a second SIGINT
+#: skips the grace). SIGQUIT is not here: it dumps stacks without stopping.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+#: systemd's plumbing meant for lorasup, never for the trainer
+SERVICE_ENVIRONMENT = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS",
+                       "LISTEN_PID", "LISTEN_FDNAMES")
+#: parser errors written to the log before only the count goes on
+PARSER_ERRORS_LOGGED = 5
 
 
 def _supersedes(new: Step, old: Step) -> bool:
@@ -108,7 +126,17 @@ def _drop_redrawn(lines: list[str], prefix: str) -> list[str]:
 
 
 def new_run_id(trainer: str) -> str:
-    return f"{time.strftime('%Y%m%d-%H%M%S')}-{trainer}-{secrets.token_hex(2)}"
+    """Sortable by time; 32 random bits (and an O_EXCL claim) keep two starts apart."""
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{trainer}-{secrets.token_hex(4)}"
+
+
+def open_private(path: Path, *, create: bool = True) -> int:
+    """An fd for appending to ``path`` in the run directory: never through a symlink,
+    created 0600 (trainer.log and events.jsonl can hold secrets the trainer printed)."""
+    flags = os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC
+    if create:
+        flags |= os.O_CREAT
+    return os.open(path, flags, 0o600)
 
 
 @dataclass(frozen=True)
@@ -161,7 +189,14 @@ class Supervisor:
                              on_stop=self.request_stop, on_limit=self._on_limit)
         self.divergence = DivergenceWatch(plan.nan_patience)
         self.silence = SilenceWatchdog(plan.no_output_timeout)
-        self._trainer_log = (plan.run_dir / "trainer.log").open("ab")
+        self._trainer_log: int | None = None
+        #: lorasup's own faults, counted: file writes that failed, parser exceptions
+        self.write_errors: dict[str, int] = {}
+        self.parser_errors = 0
+        self.internal_error: str | None = None
+        self.sink_error: str | None = None
+        #: lorasup's own failure made it stop a trainer that was still running
+        self.crash_stopped = False
         self.sink = ReportSink(plan.run_dir, self._model_files)
         self._readers_open = 2
         self._readers_done = anyio.Event()
@@ -227,7 +262,7 @@ class Supervisor:
             late = self.tree.remember(await anyio.to_thread.run_sync(self.tree.discover))
             if late:
                 self.tree.signal(sig, only=set(late))
-            await send.send(batch)
+            await self._emit(send, batch)
             with anyio.CancelScope() as scope:
                 self._grace_scope = scope
                 if await wait_gone(self.tree, share):
@@ -236,7 +271,7 @@ class Supervisor:
                 break
         batch = []
         self._send_signal(signal.SIGKILL, reason, batch)
-        await send.send(batch)
+        await self._emit(send, batch)
         if not await wait_gone(self.tree, 10.0):
             log.error("processes_survived_sigkill", pids=self.tree.survivors())
 
@@ -247,19 +282,23 @@ class Supervisor:
                 await self._escalate(self.stop_reason or "stop", send)
             self.stop_done.set()
 
-    async def _watch_signals(self) -> None:
-        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            async for signum in signals:
-                if self.interrupt_signal is None:
-                    self.interrupt_signal = signal.Signals(signum)
-                    log.warning("lorasup_signalled", signal=self.interrupt_signal.name)
-                    self.request_stop("interrupted")
-                else:
-                    log.warning("lorasup_signalled_again", signal=signal.Signals(signum).name,
-                                action="skipping the grace period")
-                    self._force = True
-                    if self._grace_scope is not None:
-                        self._grace_scope.cancel()
+    async def _watch_signals(self, signals: AsyncIterator[int]) -> None:
+        """lorasup's own SIGINT/SIGTERM/SIGHUP: stop the trainer gracefully, exit 128+n.
+
+        The receiver is opened before the trainer is spawned and held until the report is
+        written, so no signal ever meets the default action (death, no report, an orphan).
+        """
+        async for signum in signals:
+            if self.interrupt_signal is None:
+                self.interrupt_signal = signal.Signals(signum)
+                log.warning("lorasup_signalled", signal=self.interrupt_signal.name)
+                self.request_stop("interrupted")
+            else:
+                log.warning("lorasup_signalled_again", signal=signal.Signals(signum).name,
+                            action="skipping the grace period")
+                self._force = True
+                if self._grace_scope is not None:
+                    self._grace_scope.cancel()
 
     async def _scan_tree(self) -> None:
         assert self.tree is not None
@@ -281,22 +320,68 @@ class Supervisor:
                             anyio.BrokenResourceError):
                         break
                     self.silence.touch()
-                    self._trainer_log.write(chunk)
-                    self._trainer_log.flush()
-                    batch = self._handle(splitter.feed(chunk, self._needles))
+                    batch = self._handle_safely(splitter.feed(chunk, self._needles))
+                    self._log_raw(chunk, batch)
                     if batch:
-                        await send.send(batch)
-                batch = self._handle(splitter.close())
+                        await self._emit(send, batch)
+                batch = self._handle_safely(splitter.close())
                 if splitter.dropped_chars:
                     batch.append((self.now(), Note(
                         message=f"{splitter.truncated_lines} over-long line(s) cut; "
                                 f"{splitter.dropped_chars} characters dropped")))
                 if batch:
-                    await send.send(batch)
+                    await self._emit(send, batch)
             finally:
                 self._readers_open -= 1
                 if self._readers_open == 0:
                     self._readers_done.set()
+
+    def _log_raw(self, chunk: bytes, batch: list[tuple[float, Event]]) -> None:
+        """Append to trainer.log; a failing disk is noted once and the run goes on."""
+        if self._trainer_log is None:
+            return
+        try:
+            os.write(self._trainer_log, chunk)
+        except OSError as exc:
+            note = self.file_fault("trainer.log", exc)
+            if note is not None:
+                batch.append((self.now(), note))
+
+    def file_fault(self, name: str, exc: OSError) -> Note | None:
+        """Count a failed write of lorasup's own; the first one per file becomes a note."""
+        count = self.write_errors.get(name, 0) + 1
+        self.write_errors[name] = count
+        if count > 1:
+            return None
+        reason = exc.strerror or str(exc)
+        log.error("file_write_failed", file=name, error=reason,
+                  action="the run goes on; later failures of this file are only counted")
+        return Note(message=f"could not write {name}: {reason}; the run goes on")
+
+    def _parse(self, line: str) -> list[Event]:
+        """The adapter's events for a line; an exception in it is counted, never fatal."""
+        try:
+            return list(self.adapter.parse(line))
+        except Exception as exc:  # trainer text must never end the run
+            self.parser_errors += 1
+            text = redact_text(line[:300])
+            if self.parser_errors <= PARSER_ERRORS_LOGGED:
+                log.warning("parser_error", error=f"{type(exc).__name__}: {exc}"[:300],
+                            line=text)
+            return [Note(message=f"parser_error: {type(exc).__name__} on line {text!r}")]
+
+    def _handle_safely(self, lines: list[str]) -> list[tuple[float, Event]]:
+        """``_handle``, whose failure on odd input loses those lines, never the run."""
+        try:
+            return self._handle(lines)
+        except Exception as exc:  # trainer text must never end the run
+            self.parser_errors += 1
+            if self.parser_errors <= PARSER_ERRORS_LOGGED:
+                log.warning("parser_error", error=f"{type(exc).__name__}: {exc}"[:300],
+                            lines=len(lines))
+            return [(self.now(), Note(
+                message=f"parser_error: {type(exc).__name__} while reading {len(lines)} "
+                        "line(s); they were skipped"))]
 
     def _handle(self, lines: list[str]) -> list[tuple[float, Event]]:
         """Parse lines into events; the step gate and divergence act right here."""
@@ -304,7 +389,7 @@ class Supervisor:
         if not lines:
             return batch
         t = self.now()
-        parse = self.adapter.parse
+        parse = self._parse
         if self._redraw_prefix is not None and len(lines) > 1:
             lines = _drop_redrawn(lines, self._redraw_prefix)
         for line in lines:
@@ -369,11 +454,17 @@ class Supervisor:
     async def _read_tensorboard(self, send: ObjectSendStream[Batch]) -> None:
         if self.follower is None:
             return
-        scalars = await anyio.to_thread.run_sync(self.follower.poll)
+        try:
+            scalars = await anyio.to_thread.run_sync(self.follower.poll)
+        except Exception as exc:  # odd event files must not end the run
+            self.parser_errors += 1
+            if self.parser_errors <= PARSER_ERRORS_LOGGED:
+                log.warning("tensorboard_read_failed", error=f"{type(exc).__name__}: {exc}")
+            return
         if scalars:
             batch = self._handle_scalars(scalars)
             if batch:
-                await send.send(batch)
+                await self._emit(send, batch)
 
     def _handle_scalars(self, scalars: list[Scalar]) -> list[tuple[float, Event]]:
         """Scalars within the requested steps; a non-finite loss among them is divergence."""
@@ -407,16 +498,15 @@ class Supervisor:
                                         ("lr", step.lr), ("epoch", step.epoch)) if v is not None}
             log.info("progress", step=step.step, of=final, t=round(t, 1), **values)
             self.notifier.status(f"step {step.step}/{final}")
-        if self.plan.progress_tty and (t - self._last_tty >= 0.1 or step.step == final):
+        if self._tty and (t - self._last_tty >= 0.1 or step.step == final):
             self._last_tty = t
             done = step.step - self.gate.offset
             rate = done / t if t > 0 else 0.0
             eta = (self.plan.steps - done) / rate if rate > 0 else float("inf")
             loss = step.loss if step.loss is not None else step.avg_loss
             loss_text = f"{loss:.4g}" if loss is not None else "-"
-            sys.stderr.write(f"\r\x1b[Kstep {step.step}/{final}  loss {loss_text}  "
-                             f"{rate:.2f} it/s  ETA {eta:.0f}s")
-            sys.stderr.flush()
+            self._tty_write(f"\r\x1b[Kstep {step.step}/{final}  loss {loss_text}  "
+                            f"{rate:.2f} it/s  ETA {eta:.0f}s")
 
     # -- the run ----------------------------------------------------------------------
 
@@ -442,53 +532,147 @@ class Supervisor:
         return list(found)
 
     def _environment(self) -> dict[str, str]:
-        env = dict(os.environ)
+        """lorasup's environment without its service plumbing, unbuffered, plus the
+        adapter's additions."""
+        env = {k: v for k, v in os.environ.items() if k not in SERVICE_ENVIRONMENT}
         env["PYTHONUNBUFFERED"] = "1"
         env.update(self.adapter.environment())
         return env
 
+    async def _emit(self, send: ObjectSendStream[Batch], batch: Batch) -> None:
+        """Hand a batch to the sink; a sink that died (a bug of ours) loses the batch only."""
+        with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
+            await send.send(batch)
+
+    async def _run_sink(self, receive: ObjectReceiveStream[Batch]) -> None:
+        try:
+            await self.sink.run(receive)
+        except Exception as exc:  # the run must still reach its outcome
+            self.sink_error = f"{type(exc).__name__}: {exc}"
+            log.error("sink_failed", error=self.sink_error, exc_info=exc,
+                      action="the run goes on without events.jsonl/report updates")
+
     async def run(self) -> RunResult:
+        """The whole run; whatever fails inside, it ends with an outcome and no process of
+        the trainer's tree left alive."""
         plan = self.plan
         structlog.contextvars.bind_contextvars(run_id=plan.run_id)
+        logs.set_fallback_file(plan.run_dir / "lorasup.log")
         send, receive = anyio.create_memory_object_stream[Batch](SINK_BUFFER_BATCHES)
         returncode: int | None = None
+        outcome, code, reason = "internal_error", EXIT_CODES["internal_error"], "unfinished"
         try:
-            async with anyio.create_task_group() as outer:
-                outer.start_soon(self.sink.run, receive)
-                async with send:
-                    returncode = await self._supervise(send)
-                    outcome, code, reason = self._decide(returncode)
-                    await send.send([(self.now(), Outcome(
-                        outcome=outcome, exit_code=code, reason=reason,
-                        trainer_returncode=returncode))])
+            # Handlers first: a signal from here on stops the run, it never kills lorasup.
+            with anyio.open_signal_receiver(*STOP_SIGNALS) as signals:
+                async with anyio.create_task_group() as watchers:
+                    watchers.start_soon(self._watch_signals, signals)
+                    async with anyio.create_task_group() as outer:
+                        outer.start_soon(self._run_sink, receive)
+                        async with send:
+                            try:
+                                returncode = await self._supervise(send)
+                            except Exception as exc:  # see _after_crash
+                                returncode = await self._after_crash(exc, send)
+                            outcome, code, reason = self._decide(returncode)
+                            await self._emit(send, [(self.now(), Outcome(
+                                outcome=outcome, exit_code=code, reason=reason,
+                                trainer_returncode=returncode))])
+                    watchers.cancel_scope.cancel()
         finally:
-            self._trainer_log.close()
+            # The safety net runs first on every path: no process of the tree outlives us.
+            with anyio.CancelScope(shield=True):
+                await self._release_tree()
+            if self._trainer_log is not None:
+                with contextlib.suppress(OSError):
+                    os.close(self._trainer_log)
+                self._trainer_log = None
             self.notifier.close()
-            if self.tree is not None and self.tree.survivors():
-                # Only reached through a bug or a crash of our own: never leave the tree behind.
-                self.tree.signal(signal.SIGKILL)
-            if plan.progress_tty:
-                sys.stderr.write("\n")
+            self._tty_write("\n")
+        unwritten = sorted({*self.write_errors, *getattr(self.sink, "unwritten", ())})
         log.info("outcome", outcome=outcome, exit_code=code, reason=reason,
-                 trainer_returncode=returncode, steps=self.gate.last,
-                 report=str(plan.run_dir / "report.json"))
+                 trainer_returncode=returncode, step=self.gate.last,
+                 report=str(plan.run_dir / "report.json"),
+                 **({"unwritten": unwritten} if unwritten else {}))
         structlog.contextvars.unbind_contextvars("run_id")
         return RunResult(outcome, code, plan.run_dir, self.sink.report)
+
+    async def _release_tree(self) -> None:
+        if self.tree is None:
+            return
+        if self.tree.survivors():
+            log.error("tree_killed_at_exit", pids=self.tree.survivors(),
+                      reason="lorasup is ending and the trainer's tree is still running")
+            self.tree.kill_now()
+            await wait_gone(self.tree, 5.0)
+        await self.tree.release()
+
+    async def _after_crash(self, exc: Exception, send: ObjectSendStream[Batch]) -> int | None:
+        """A bug of lorasup's own: stop the trainer gracefully (its pipes drained) and end
+        as ``internal_error``, never leaving it running or killing it without a grace."""
+        self.internal_error = f"{type(exc).__name__}: {exc}"[:500]
+        log.error("internal_error", error=self.internal_error, exc_info=exc)
+        await self._emit(send, [(self.now(),
+                                 Note(message=f"lorasup failed: {self.internal_error}"))])
+        if self.tree is None:
+            return None
+        with anyio.CancelScope(shield=True):
+            if not self.exited:
+                self.crash_stopped = True
+                async with anyio.create_task_group() as tg:
+                    process = self.tree.process
+                    for stream in (process.stdout, process.stderr):
+                        if stream is not None:
+                            tg.start_soon(self._drain, stream)
+                    await self._escalate("internal_error", send)
+                    tg.cancel_scope.cancel()
+        return self.tree.returncode
+
+    async def _drain(self, stream: ByteReceiveStream) -> None:
+        """Keep a pipe empty (into trainer.log) so a stopping trainer never blocks on it."""
+        with contextlib.suppress(anyio.EndOfStream, anyio.ClosedResourceError,
+                                 anyio.BrokenResourceError):
+            while True:
+                self._log_raw(await stream.receive(READ_SIZE), [])
+
+    def _tty_write(self, text: str) -> None:
+        """The live progress line; a terminal that went away only ends the live line."""
+        if not self._tty:
+            return
+        try:
+            sys.stderr.write(text)
+            sys.stderr.flush()
+        except (OSError, ValueError):
+            self._tty = False
+
+    def _started_event(self) -> Started:
+        assert self.tree is not None
+        plan = self.plan
+        return Started(run_id=plan.run_id, trainer=plan.trainer,
+                       argv=tuple(redact_argv(plan.argv)), pid=self.tree.pid,
+                       steps_requested=plan.steps, wall_time=self._wall0,
+                       supervisor_pid=os.getpid(), supervisor_start=process_start_time(),
+                       boot_id=boot_id())
 
     async def _supervise(self, send: ObjectSendStream[Batch]) -> int | None:
         plan = self.plan
         become_subreaper()
+        if self.stop_reason == "interrupted":
+            return None  # signalled before anything was started: nothing to stop
+        try:
+            self._trainer_log = open_private(plan.run_dir / "trainer.log")
+        except OSError as exc:
+            note = self.file_fault("trainer.log", exc)
+            if note is not None:
+                await self._emit(send, [(self.now(), note)])
         try:
             self.tree = await spawn(plan.argv, self._environment(), cwd=str(plan.cwd))
         except OSError as exc:
             # Checked before, but the file system can change in between (or exec fails).
-            self.spawn_error = f"could not start the trainer: {exc}"
+            self.spawn_error = f"could not start the trainer: {exc.strerror or exc}"
             log.error("spawn_failed", error=str(exc), argv=redact_argv(plan.argv))
             return None
-        started = Started(run_id=plan.run_id, trainer=plan.trainer,
-                          argv=tuple(redact_argv(plan.argv)), pid=self.tree.pid,
-                          steps_requested=plan.steps, wall_time=self._wall0)
-        await send.send([(self.now(), started)])
+        started = self._started_event()
+        await self._emit(send, [(self.now(), started)])
         self.notifier.ready(f"training with {plan.trainer}: step 0/{self.gate.final_step}")
         log.info("started", trainer=plan.trainer, argv=list(started.argv), pid=self.tree.pid,
                  steps=plan.steps, run_dir=str(plan.run_dir), timeout_s=plan.timeout,
@@ -501,16 +685,15 @@ class Supervisor:
             tg.start_soon(total_timeout, plan.timeout, lambda: self.request_stop("timeout"))
             tg.start_soon(self.silence.run, lambda: self.request_stop("stalled"),
                           lambda: self.request_stop("finish_timeout"))
-            tg.start_soon(self._watch_signals)
             tg.start_soon(self._control, send.clone())
             tg.start_soon(self._scan_tree)
             tg.start_soon(self.notifier.keep_alive)
             if self.follower is not None:
                 tg.start_soon(self._follow_tensorboard, send.clone())
-            returncode = await process.wait()
+            returncode = await self.tree.wait()
             self.exited = True
-            await send.send([(self.now(), Exited(returncode=returncode))])
-            log.info("trainer_exited", returncode=returncode, last_step=self.gate.last)
+            await self._emit(send, [(self.now(), Exited(returncode=returncode))])
+            log.info("trainer_exited", returncode=returncode, step=self.gate.last)
             if self.stop_requested.is_set():
                 await self.stop_done.wait()
             elif await self._leftovers():
@@ -524,10 +707,9 @@ class Supervisor:
         # The last records the trainer wrote before it exited.
         await self._read_tensorboard(send)
         if self.follower is not None and not self.follower.files:
-            await send.send([(self.now(), Note(
+            await self._emit(send, [(self.now(), Note(
                 message=f"no TensorBoard event files appeared under {self.follower.root}; "
                         "the report uses the console series only"))])
-        await process.aclose()
         return returncode
 
     async def _leftovers(self) -> list[int]:
@@ -537,9 +719,15 @@ class Supervisor:
         return self.tree.survivors()
 
     def _decide(self, returncode: int | None) -> tuple[str, int, str]:
+        reason = self.stop_reason
+        if self.crash_stopped or (self.internal_error and returncode is None):
+            return "internal_error", EXIT_CODES["internal_error"], (
+                f"lorasup failed ({self.internal_error}); the trainer was stopped")
+        if returncode is None and reason == "interrupted" and self.tree is None:
+            sig = self.interrupt_signal or signal.SIGINT
+            return "interrupted", 128 + int(sig), f"lorasup received {sig.name} before the start"
         if returncode is None:
             return "usage", EXIT_CODES["usage"], self.spawn_error or "trainer not started"
-        reason = self.stop_reason
         done = self.gate.last >= self.gate.final_step
         if reason == "interrupted":
             sig = self.interrupt_signal or signal.SIGINT

@@ -1,0 +1,60 @@
+"""Is a run's supervisor still alive? A run without an outcome is running only while the
+lorasup process that started it lives; otherwise it is ``lost``.
+
+A pid alone can be reused, so the ``started`` event records the supervisor's pid, its start
+time in clock ticks since boot (field 22 of /proc/PID/stat) and the boot id; all three must
+match for the supervisor to count as alive.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+_BOOT_ID = "/proc/sys/kernel/random/boot_id"
+
+
+def boot_id() -> str | None:
+    try:
+        with open(_BOOT_ID, encoding="ascii") as fh:
+            return fh.read().strip() or None
+    except OSError:
+        return None
+
+
+def process_start_time(pid: int | None = None) -> int | None:
+    """Start time of ``pid`` (default: this process) in clock ticks since boot, or None."""
+    try:
+        with open(f"/proc/{pid or os.getpid()}/stat", "rb") as fh:
+            stat = fh.read()
+    except OSError:
+        return None
+    fields = stat[stat.rfind(b")") + 2:].split()
+    # fields[0] is field 3 (state); the start time is field 22.
+    try:
+        return int(fields[19]) if fields[0] != b"Z" else None
+    except (IndexError, ValueError):
+        return None
+
+
+def supervisor_alive(started: dict[str, Any]) -> bool | None:
+    """True/False for a ``started`` record that names its supervisor; None when it does not
+    (older runs, another machine's run, no /proc) and nothing can be said."""
+    pid = started.get("supervisor_pid")
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+        return None
+    recorded_boot = started.get("boot_id")
+    current_boot = boot_id()
+    if recorded_boot and current_boot and recorded_boot != current_boot:
+        return False  # the machine rebooted since: that process is gone for sure
+    start = process_start_time(pid)
+    if start is None:
+        return False if os.path.isdir("/proc") else None
+    recorded = started.get("supervisor_start")
+    return recorded is None or recorded == start
+
+
+def lost_reason(started: dict[str, Any], last_step: int | None) -> str:
+    pid = started.get("supervisor_pid")
+    at = f"after step {last_step}" if last_step else "before any step"
+    return f"its supervisor (lorasup pid {pid}) ended without an outcome, {at}"
