@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 import anyio
 import typer
 
-from lorasup.supervisor import logs
+from lorasup.supervisor import logs, signals
 from lorasup.supervisor.config import ConfigError, build_job, load_toml
 
 USAGE_EXIT = 2
@@ -69,6 +69,8 @@ def start(
         "--tensorboard",
         help="diffusers: make the script write TensorBoard files into the run dir")] = False,
 ) -> None:
+    # From here on a stop signal is remembered, never fatal (see supervisor/signals.py).
+    signals.hold()
     from lorasup.supervisor.prepare import plan_run
     from lorasup.supervisor.run import Supervisor
     from lorasup.trainers.base import UsageError
@@ -120,14 +122,20 @@ def report(
 
 @app.command(help="Show the outcome and progress of a run (live: read from events.jsonl).")
 def status(run_dir: Annotated[Path, typer.Argument(help="a run directory")]) -> None:
+    from lorasup.supervisor.liveness import LivenessTracker
     from lorasup.supervisor.report import ReportBuilder, read_events
 
     events = run_dir / "events.jsonl"
     if not events.is_file():
         raise _fail(f"no events.jsonl in {run_dir}")
     builder = ReportBuilder()
+    liveness = LivenessTracker()
     for record in read_events(events):
         builder.add(record)
+        liveness.observe(record)
+    lost = liveness.lost_record()
+    if lost is not None:
+        builder.add(lost)
     data = builder.snapshot()
     typer.echo(json.dumps({"run_id": data.get("run_id"), "status": data.get("status"),
                            "outcome": data.get("outcome"), "exit_code": data.get("exit_code"),

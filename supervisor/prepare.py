@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 from pathlib import Path
 
 from lorasup.supervisor.config import Job
@@ -35,17 +36,31 @@ def _run_dir_path(job: Job, run_id: str, cwd: Path) -> Path:
     return run_dir if run_dir.is_absolute() else cwd / run_dir
 
 
-def _make_run_dir(run_dir: Path) -> None:
-    if (run_dir / "events.jsonl").exists():
-        raise UsageError(f"{run_dir} already holds a run (events.jsonl); choose another --run-dir")
+def _refuse_foreign_symlink(path: Path) -> None:
+    """A run directory that is someone else's symlink (a shared /tmp) is not followed."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return
+    if stat.S_ISLNK(st.st_mode) and st.st_uid != os.getuid():
+        raise UsageError(f"{path} is a symlink owned by another user; refusing to follow it")
+
+
+def claim_run_dir(run_dir: Path) -> None:
+    """Make the run directory ours alone: ``events.jsonl`` created with O_EXCL (0600, never
+    through a symlink), so of two starts on one directory exactly one gets it."""
+    _refuse_foreign_symlink(run_dir)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".lorasup-write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
+        fd = os.open(run_dir / "events.jsonl",
+                     os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except FileExistsError:
+        raise UsageError(f"{run_dir} already holds a run (events.jsonl); "
+                         "choose another --run-dir") from None
     except OSError as exc:
         reason = exc.strerror or exc
         raise UsageError(f"cannot write the run directory {run_dir}: {reason}") from exc
+    os.close(fd)
 
 
 def plan_run(job: Job, *, progress_tty: bool = False) -> tuple[RunPlan, Adapter]:
@@ -53,17 +68,26 @@ def plan_run(job: Job, *, progress_tty: bool = False) -> tuple[RunPlan, Adapter]
     adapter = get_adapter(job.trainer)
     cwd = (job.cwd or Path.cwd()).resolve()
     steps = adapter.resolve_steps(job.steps, list(job.trainer_argv))
-    run_id = job.run_id or (
-        job.run_dir.name if job.run_dir is not None else new_run_id(job.trainer)
-    )
-    run_dir = _run_dir_path(job, run_id, cwd)
-    trainer_job = TrainerJob(steps=steps, argv=tuple(job.trainer_argv), run_dir=str(run_dir),
-                             options=tuple(sorted(job.options.items())))
-    argv = adapter.command(trainer_job)
-    if not argv:
-        raise UsageError("the trainer command is empty")
-    _check_program(argv, cwd)
-    _make_run_dir(run_dir)
+    generated = job.run_id is None and job.run_dir is None
+    for _attempt in range(8):
+        run_id = job.run_id or (
+            job.run_dir.name if job.run_dir is not None else new_run_id(job.trainer)
+        )
+        run_dir = _run_dir_path(job, run_id, cwd)
+        if generated and os.path.lexists(run_dir):
+            continue  # a generated id is never reused, even one taken a moment ago
+        trainer_job = TrainerJob(steps=steps, argv=tuple(job.trainer_argv),
+                                 run_dir=str(run_dir),
+                                 options=tuple(sorted(job.options.items())))
+        argv = adapter.command(trainer_job)
+        if not argv:
+            raise UsageError("the trainer command is empty")
+        _check_program(argv, cwd)
+        # Claimed last: a job refused above leaves nothing behind.
+        claim_run_dir(run_dir)
+        break
+    else:
+        raise UsageError(f"could not find a free run id under {job.logs_dir}")
     output_dirs = getattr(adapter, "output_dirs", None)
     tensorboard_dir = getattr(adapter, "tensorboard_dir", None)
     tb_dir = tensorboard_dir(trainer_job) if tensorboard_dir else None

@@ -43,6 +43,7 @@ from typing import Any, ClassVar
 import structlog
 
 from lorasup.supervisor.events import read_number
+from lorasup.supervisor.liveness import LivenessTracker
 from lorasup.supervisor.plot import render_loss_curves
 
 __all__ = [
@@ -524,7 +525,8 @@ class ReportBuilder:
             "run_id": self.run_id,
             "trainer": self.trainer,
             "command": self.argv,
-            "status": "finished" if self.outcome is not None else "running",
+            "status": ("running" if self.outcome is None
+                       else "lost" if self.outcome == "lost" else "finished"),
             "outcome": self.outcome,
             "reason": self.reason,
             "exit_code": self.exit_code,
@@ -847,10 +849,15 @@ def rebuild(run_dir: str | os.PathLike[str], *,
     """Rebuild report.json, losses.csv and loss_curves.png from ``events.jsonl`` alone."""
     run_dir = Path(run_dir)
     builder = ReportBuilder()
+    liveness = LivenessTracker()
     skipped: list[tuple[int, str]] = []
     for record in read_events(run_dir / EVENTS_JSONL,
                               on_skip=lambda n, why: skipped.append((n, why))):
         builder.add(record)
+        liveness.observe(record)
+    lost = liveness.lost_record()
+    if lost is not None:
+        builder.add(lost)
     if skipped:
         first = ", ".join(f"line {n} ({why})" for n, why in skipped[:3])
         builder.add_note(f"events.jsonl: {len(skipped)} line(s) skipped: {first}"

@@ -23,7 +23,7 @@ import anyio
 import structlog
 from anyio.abc import ByteReceiveStream, ObjectReceiveStream, ObjectSendStream
 
-from lorasup.supervisor import logs
+from lorasup.supervisor import logs, signals
 from lorasup.supervisor.events import (
     Checkpoint,
     Event,
@@ -48,6 +48,7 @@ from lorasup.supervisor.process import (
     spawn,
     wait_gone,
 )
+from lorasup.supervisor.signals import STOP_SIGNALS
 from lorasup.supervisor.sink import Batch, ReportSink
 from lorasup.supervisor.streams import LineSplitter
 from lorasup.supervisor.tensorboard import EventFileFollower
@@ -81,9 +82,6 @@ PROBLEMS_LOGGED = 20
 #: a progress log entry at most this often (and once at the last step)
 PROGRESS_LOG_SECONDS = 30.0
 MODEL_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".bin")
-#: lorasup's own signals that stop the run (each gets the graceful ladder; a second SIGINT
-#: skips the grace). SIGQUIT is not here: it dumps stacks without stopping.
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 #: systemd's plumbing meant for lorasup, never for the trainer
 SERVICE_ENVIRONMENT = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS",
                        "LISTEN_PID", "LISTEN_FDNAMES")
@@ -289,16 +287,19 @@ class Supervisor:
         written, so no signal ever meets the default action (death, no report, an orphan).
         """
         async for signum in signals:
-            if self.interrupt_signal is None:
-                self.interrupt_signal = signal.Signals(signum)
-                log.warning("lorasup_signalled", signal=self.interrupt_signal.name)
-                self.request_stop("interrupted")
-            else:
-                log.warning("lorasup_signalled_again", signal=signal.Signals(signum).name,
-                            action="skipping the grace period")
-                self._force = True
-                if self._grace_scope is not None:
-                    self._grace_scope.cancel()
+            self._on_signal(signal.Signals(signum))
+
+    def _on_signal(self, sig: signal.Signals) -> None:
+        if self.interrupt_signal is None:
+            self.interrupt_signal = sig
+            log.warning("lorasup_signalled", signal=sig.name)
+            self.request_stop("interrupted")
+        else:
+            log.warning("lorasup_signalled_again", signal=sig.name,
+                        action="skipping the grace period")
+            self._force = True
+            if self._grace_scope is not None:
+                self._grace_scope.cancel()
 
     async def _scan_tree(self) -> None:
         assert self.tree is not None
@@ -563,9 +564,11 @@ class Supervisor:
         outcome, code, reason = "internal_error", EXIT_CODES["internal_error"], "unfinished"
         try:
             # Handlers first: a signal from here on stops the run, it never kills lorasup.
-            with anyio.open_signal_receiver(*STOP_SIGNALS) as signals:
+            with anyio.open_signal_receiver(*STOP_SIGNALS) as received:
+                for held in signals.take_held():
+                    self._on_signal(held)
                 async with anyio.create_task_group() as watchers:
-                    watchers.start_soon(self._watch_signals, signals)
+                    watchers.start_soon(self._watch_signals, received)
                     async with anyio.create_task_group() as outer:
                         outer.start_soon(self._run_sink, receive)
                         async with send:
@@ -578,6 +581,8 @@ class Supervisor:
                                 outcome=outcome, exit_code=code, reason=reason,
                                 trainer_returncode=returncode))])
                     watchers.cancel_scope.cancel()
+                # Closing the receiver restores the default actions: hold them again.
+                signals.hold()
         finally:
             # The safety net runs first on every path: no process of the tree outlives us.
             with anyio.CancelScope(shield=True):
