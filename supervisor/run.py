@@ -517,13 +517,18 @@ class Supervisor:
         for announced in self._checkpoints:
             path = Path(announced)
             path = path if path.is_absolute() else self.plan.cwd / path
-            if path.exists():
-                found[str(path)] = None
+            try:
+                if path.exists():
+                    found[str(path)] = None
+            except OSError:
+                continue  # a name the file system cannot even look up (ENAMETOOLONG)
         for folder in self.plan.output_dirs:
             folder = folder if folder.is_absolute() else self.plan.cwd / folder
-            if not folder.is_dir():
+            try:
+                paths = sorted(folder.rglob("*")) if folder.is_dir() else []
+            except OSError:
                 continue
-            for path in sorted(folder.rglob("*")):
+            for path in paths:
                 try:
                     fresh = path.stat().st_mtime >= self._wall0 - 1
                 except OSError:
@@ -614,6 +619,8 @@ class Supervisor:
     async def _after_crash(self, exc: Exception, send: ObjectSendStream[Batch]) -> int | None:
         """A bug of lorasup's own: stop the trainer gracefully (its pipes drained) and end
         as ``internal_error``, never leaving it running or killing it without a grace."""
+        while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+            exc = exc.exceptions[0]  # type: ignore[assignment]  # the task's own error
         self.internal_error = f"{type(exc).__name__}: {exc}"[:500]
         log.error("internal_error", error=self.internal_error, exc_info=exc)
         await self._emit(send, [(self.now(),

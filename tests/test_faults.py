@@ -280,3 +280,65 @@ def test_full_disk_in_the_run_directory(tmp_path: Path) -> None:
         assert all(gone(pid) for pid in family(pidfile))
     finally:
         subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+# -- lorasup's own bugs (in process: the engine with a real trainer) ------------------------
+
+
+def _plan(run_dir: Path, *trainer_args: str, steps: int = 3):
+    from lorasup.supervisor.config import build_job
+    from lorasup.supervisor.prepare import plan_run
+
+    job = build_job({}, {"trainer": "native", "steps": steps, "run_dir": run_dir, "grace": 2.0,
+                         "trainer_argv": (sys.executable, str(FAULT), *trainer_args)})
+    return plan_run(job)
+
+
+def _supervise(plan, adapter):
+    import anyio
+
+    from lorasup.supervisor.run import Supervisor
+
+    async def main():
+        return await Supervisor(plan, adapter).run()
+
+    return anyio.run(main)
+
+
+def test_an_adapter_that_raises_costs_a_note_not_the_run(tmp_path: Path) -> None:
+    plan, adapter = _plan(tmp_path / "run")
+    real = adapter.parse
+
+    def fragile(line: str):
+        if '"step":2,' in line:
+            raise OverflowError("int too large to convert to float")
+        return real(line)
+
+    adapter.parse = fragile  # type: ignore[method-assign]
+    result = _supervise(plan, adapter)
+    assert (result.outcome, result.exit_code) == ("completed", 0)
+    notes = [e["message"] for e in events(plan.run_dir) if e["kind"] == "note"]
+    assert any(n.startswith("parser_error: OverflowError") for n in notes)
+
+
+def test_a_crash_of_lorasup_stops_the_trainer_gracefully(tmp_path: Path) -> None:
+    pidfile = tmp_path / "pids"
+    plan, adapter = _plan(tmp_path / "run", "--family", str(pidfile), "--hold")
+    from lorasup.supervisor.run import Supervisor
+
+    async def broken_scan(self) -> None:
+        import anyio
+
+        await anyio.to_thread.run_sync(lambda: wait_for(pidfile.exists, 20))
+        raise RuntimeError("a bug in the tree scan")
+
+    original = Supervisor._scan_tree
+    Supervisor._scan_tree = broken_scan  # type: ignore[method-assign]
+    try:
+        result = _supervise(plan, adapter)
+    finally:
+        Supervisor._scan_tree = original  # type: ignore[method-assign]
+    assert (result.outcome, result.exit_code) == ("internal_error", 70)
+    assert "a bug in the tree scan" in report(plan.run_dir)["reason"]
+    assert "cleanup ran" in (plan.run_dir / "trainer.log").read_text()
+    assert all(gone(pid) for pid in family(pidfile))
