@@ -171,11 +171,11 @@ def explain_failure(stderr: str, returncode: int | None) -> str:
     return f"py-spy could not take the stack: {message}"
 
 
-def is_stdlib(path: str) -> bool:
-    """Whether a frame's file belongs to Python itself (threading.py, <frozen ...>)."""
-    if path.startswith("<frozen"):
-        return True
-    return bool(_STDLIB.search(path)) and not any(site in path for site in _SITE)
+def is_library(path: str) -> bool:
+    """Whether a frame's file is Python's own (threading.py, <frozen ...>) or an installed
+    package's (site-packages): not the trainer's code, where the user would look first."""
+    return (path.startswith("<frozen") or bool(_STDLIB.search(path))
+            or any(site in path for site in _SITE))
 
 
 def _frame_text(frame: Frame) -> str:
@@ -184,15 +184,16 @@ def _frame_text(frame: Frame) -> str:
 
 
 def where(stack: ProcessStack) -> str | None:
-    """``file:function (line N)`` of the main thread's innermost frame; when that is in the
-    standard library (``threading.py:wait``), also the innermost frame outside it."""
+    """``file:function (line N)`` of the main thread's innermost frame; when that is library
+    code (``threading.py:wait``, ``torch/distributed/...:barrier``), also the innermost frame
+    of the trainer's own code that called it."""
     main = stack.main
     if main is None or not main.frames:
         return None
     innermost = main.frames[0]
     text = _frame_text(innermost)
-    if is_stdlib(innermost.path):
-        caller = next((f for f in main.frames[1:] if not is_stdlib(f.path)), None)
+    if is_library(innermost.path):
+        caller = next((f for f in main.frames[1:] if not is_library(f.path)), None)
         if caller is not None:
             text += f", called from {_frame_text(caller)}"
     return text

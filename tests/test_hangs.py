@@ -225,6 +225,8 @@ def test_where_names_the_callers_frame_when_the_innermost_is_the_standard_librar
                             "called from train.py:barrier (line 7)")
     torch = "/venv/lib/python3.11/site-packages/torch/distributed/distributed_c10d.py"
     assert where(_stack((torch, "barrier"))) == "distributed_c10d.py:barrier (line 7)"
+    assert where(_stack((torch, "barrier"), (lib, "Thread.run"), ("/src/train.py", "sync"))) == (
+        "distributed_c10d.py:barrier (line 7), called from train.py:sync (line 7)")
     assert evidence(_stack((torch, "barrier"))).endswith("(pid 42, rank 3)")
     failed = ProcessStack(Target(9, "child", "/bin/sleep 30"), error="not a Python process")
     assert where(failed) is None
