@@ -46,8 +46,9 @@ STACKS_TXT = "stacks.txt"
 #: threads writes well under a megabyte)
 MAX_OUTPUT_BYTES = 4 * 1024 * 1024
 MAX_ERROR_BYTES = 64 * 1024
-#: processes dumped per capture (a data-loading tree can have hundreds)
+#: processes dumped per capture (a data-loading tree can have hundreds), and at once
 MAX_PROCESSES = 64
+CONCURRENT_DUMPS = 16
 #: what the report keeps per process: threads, and innermost frames per thread
 REPORT_THREADS = 8
 REPORT_FRAMES = 5
@@ -183,20 +184,25 @@ def _frame_text(frame: Frame) -> str:
     return f"{frame.file}:{frame.function}{line}"
 
 
-def where(stack: ProcessStack) -> str | None:
-    """``file:function (line N)`` of the main thread's innermost frame; when that is library
-    code (``threading.py:wait``, ``torch/distributed/...:barrier``), also the innermost frame
-    of the trainer's own code that called it."""
-    main = stack.main
-    if main is None or not main.frames:
+def thread_where(thread: ThreadStack) -> str | None:
+    """``file:function (line N)`` of a thread's innermost frame; when that is library code
+    (``threading.py:wait``, ``torch/distributed/...:barrier``), also the innermost frame of
+    the trainer's own code that called it."""
+    if not thread.frames:
         return None
-    innermost = main.frames[0]
+    innermost = thread.frames[0]
     text = _frame_text(innermost)
     if is_library(innermost.path):
-        caller = next((f for f in main.frames[1:] if not is_library(f.path)), None)
+        caller = next((f for f in thread.frames[1:] if not is_library(f.path)), None)
         if caller is not None:
             text += f", called from {_frame_text(caller)}"
     return text
+
+
+def where(stack: ProcessStack) -> str | None:
+    """Where the process is: its main thread's :func:`thread_where`."""
+    main = stack.main
+    return thread_where(main) if main is not None else None
 
 
 def evidence(stack: ProcessStack, verb: str = "stalled") -> str:
@@ -221,7 +227,7 @@ def to_record(stack: ProcessStack) -> dict[str, Any]:
         record["where"] = found
     if stack.threads:
         record["threads"] = [
-            {"name": thread.name, "active": thread.active,
+            {"name": thread.name, "active": thread.active, "where": thread_where(thread),
              "frames": [{"function": f.function, "file": f.file, "line": f.line}
                         for f in thread.frames[:REPORT_FRAMES]]}
             for thread in stack.threads[:REPORT_THREADS]]
@@ -322,24 +328,26 @@ async def _drain(stream: ByteReceiveStream | None, into: bytearray, cap: int) ->
 
 
 async def _spy(py_spy: str, target: Target, results: dict[int, ProcessStack],
-               spies: set[int]) -> None:
+               spies: set[int], limiter: anyio.CapacityLimiter) -> None:
     argv = [py_spy, "dump", "--json", "--pid", str(target.pid)]
     env = {**os.environ, "RUST_BACKTRACE": "0"}
-    try:
-        process = await anyio.open_process(argv, stdin=subprocess.DEVNULL,
-                                           stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                           env=env)
-    except OSError as exc:
-        results[target.pid] = ProcessStack(target, error=f"py-spy could not be started: {exc}")
-        return
-    spies.add(process.pid)
-    out, err = bytearray(), bytearray()
-    # Leaving this block on cancellation kills py-spy and reaps it.
-    async with process:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(_drain, process.stdout, out, MAX_OUTPUT_BYTES)
-            tg.start_soon(_drain, process.stderr, err, MAX_ERROR_BYTES)
-        returncode = await process.wait()
+    async with limiter:
+        try:
+            process = await anyio.open_process(argv, stdin=subprocess.DEVNULL,
+                                               stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                               env=env)
+        except OSError as exc:
+            results[target.pid] = ProcessStack(target,
+                                               error=f"py-spy could not be started: {exc}")
+            return
+        spies.add(process.pid)
+        out, err = bytearray(), bytearray()
+        # Leaving this block on cancellation kills py-spy and reaps it.
+        async with process:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(_drain, process.stdout, out, MAX_OUTPUT_BYTES)
+                tg.start_soon(_drain, process.stderr, err, MAX_ERROR_BYTES)
+            returncode = await process.wait()
     threads = parse_dump(out.decode("utf-8", errors="replace")) if returncode == 0 else []
     if threads:
         results[target.pid] = ProcessStack(target, threads=tuple(threads))
@@ -359,11 +367,12 @@ async def capture(targets: Sequence[Target], *, py_spy: str | None, seconds: flo
         return [ProcessStack(target, error=why) for target in targets]
     results: dict[int, ProcessStack] = {}
     spies = set() if spies is None else spies
+    limiter = anyio.CapacityLimiter(CONCURRENT_DUMPS)
     with anyio.move_on_after(seconds):
         async with anyio.create_task_group() as tg:
             for target in targets:
-                tg.start_soon(_spy, py_spy, target, results, spies)
-    late = f"py-spy did not answer within {seconds:g} s"
+                tg.start_soon(_spy, py_spy, target, results, spies, limiter)
+    late = f"no stack within the {seconds:g} s bound of a capture"
     return [results.get(target.pid) or ProcessStack(target, error=late) for target in targets]
 
 

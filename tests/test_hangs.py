@@ -22,6 +22,7 @@ from lorasup.supervisor.stacks import (
     ProcessStack,
     Target,
     ThreadStack,
+    capture,
     evidence,
     explain_failure,
     find_py_spy,
@@ -283,6 +284,26 @@ def test_stacks_file_is_ours_alone(tmp_path: Path) -> None:
     with pytest.raises(OSError):
         write_stacks_file(planted, "x")
     assert victim.read_text() == "keep"
+
+
+def test_a_py_spy_that_never_answers_is_killed_within_the_bound(tmp_path: Path) -> None:
+    stuck = tmp_path / "py-spy"
+    stuck.write_text(f"#!{sys.executable}\nimport time\ntime.sleep(60)\n")
+    stuck.chmod(0o755)
+    targets = [Target(os.getpid(), "trainer", "python"), Target(1, "child", "init")]
+
+    async def main() -> tuple[list[ProcessStack], set[int], float]:
+        spies: set[int] = set()
+        began = anyio.current_time()
+        stacks = await capture(targets, py_spy=str(stuck), seconds=1.0, spies=spies)
+        return stacks, spies, anyio.current_time() - began
+
+    stacks, spies, took = anyio.run(main)
+    assert 1.0 <= took < 4.0
+    assert [s.error for s in stacks] == ["no stack within the 1 s bound of a capture"] * 2
+    assert len(spies) == 2 and all(gone(pid) for pid in spies)
+    missing = anyio.run(lambda: capture(targets[:1], py_spy=None, seconds=1.0))
+    assert missing[0].error == "py-spy is not installed (pip install py-spy)"
 
 
 def test_watchdog_deadlines() -> None:
