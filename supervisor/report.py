@@ -29,7 +29,8 @@ Conventions of the report (``schema`` "lorasup.report/1"):
   ``timing.training_s`` = last new step (the highest step number) − first step,
   ``timing.finish_s`` = ``exited`` − last new step (the final save, or the hang and the
   stop), ``timing.trainer_s`` = ``exited`` − ``started``. When all four are defined,
-  ``startup_s + training_s + finish_s == trainer_s`` (up to float rounding). One that
+  ``trainer_s`` is computed as ``startup_s + training_s + finish_s``, so they add up
+  exactly (the same span, free of float rounding). One that
   cannot be computed (no step recorded, no ``exited`` record) is ``null``, named in
   ``timing.missing`` with the reason in ``timing.explanation``.
 - ``stacks``: each capture of the tree's Python stacks (before a stall kill, or on
@@ -635,6 +636,9 @@ class ReportBuilder:
             "finish_s": end - last if end is not None and last is not None else None,
             "trainer_s": end - start if end is not None and start is not None else None,
         }
+        if None not in phases.values():
+            # The same span, summed in this order, so that the three add up exactly.
+            phases["trainer_s"] = phases["startup_s"] + phases["training_s"] + phases["finish_s"]
         why = {"startup_s": no_start if start is None else no_step,
                "training_s": no_step,
                "finish_s": no_step if last is None else no_exit,
