@@ -50,6 +50,13 @@ def start(
     timeout: Annotated[float | None, typer.Option(help="total seconds [steps × 30]")] = None,
     no_output_timeout: Annotated[
         float | None, typer.Option(help="seconds of silence that count as a hang [300]")] = None,
+    startup_timeout: Annotated[
+        float | None,
+        typer.Option(help="seconds of silence allowed before the first step "
+                          "[the no-output timeout]")] = None,
+    no_progress_timeout: Annotated[
+        float | None,
+        typer.Option(help="seconds without a new step, from the first step [off]")] = None,
     grace: Annotated[
         float | None, typer.Option(help="seconds from the graceful stop to SIGKILL [30]")] = None,
     finish_timeout: Annotated[
@@ -88,6 +95,7 @@ def start(
         job = build_job(file_values, {
             "trainer": trainer, "steps": steps, "run_dir": run_dir, "logs_dir": logs_dir,
             "timeout": timeout, "no_output_timeout": no_output_timeout, "grace": grace,
+            "startup_timeout": startup_timeout, "no_progress_timeout": no_progress_timeout,
             "finish_timeout": finish_timeout, "nan_patience": nan_patience,
             "log_format": log_format,
             "trainer_argv": tuple(ctx.args) if ctx.args else None,

@@ -36,6 +36,10 @@ class Job(BaseModel):
     #: total wall-time limit; None = steps × 30 s once steps are known
     timeout: float | None = Field(default=None, gt=0)
     no_output_timeout: float = Field(default=DEFAULT_NO_OUTPUT_TIMEOUT, gt=0)
+    #: the silence limit before the first step (model loading); None = no_output_timeout
+    startup_timeout: float | None = Field(default=None, gt=0)
+    #: time without a new step, counted from the first step; None = not watched
+    no_progress_timeout: float | None = Field(default=None, gt=0)
     #: total time from the first graceful signal to SIGKILL
     grace: float = Field(default=DEFAULT_GRACE, ge=0)
     #: how long a trainer that stops by itself may take after step N (its final save)

@@ -185,6 +185,22 @@ class Note(Event):
 
 
 @dataclass(frozen=True, slots=True)
+class Stacks(Event):
+    """Python stacks of the trainer's tree (py-spy), taken before a stall kill or on SIGQUIT.
+
+    ``processes``: one small dict per process (pid, role, command, threads with their
+    innermost frames, or ``error`` saying why no stack could be taken); the full stacks are
+    in ``file`` (stacks.txt in the run directory), absent when it could not be written.
+    """
+
+    kind: ClassVar[str] = "stacks"
+    reason: str
+    processes: tuple[dict[str, Any], ...] = ()
+    file: str | None = None
+    seconds: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Outcome(Event):
     kind: ClassVar[str] = "outcome"
     outcome: str
@@ -216,5 +232,5 @@ def step_json(t: float, event: Step) -> str:
 EVENT_TYPES: dict[str, type[Event]] = {
     cls.kind: cls
     for cls in (Started, Step, Resumed, Scalar, Epoch, Checkpoint, Finished, Problem, Rejected,
-                SignalSent, Exited, Note, Outcome)
+                SignalSent, Exited, Note, Stacks, Outcome)
 }

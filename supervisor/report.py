@@ -24,6 +24,19 @@ Conventions of the report (``schema`` "lorasup.report/1"):
 - Only steps in the requested range (``resumed_from`` < step <= ``resumed_from`` +
   ``requested``) are recorded; anything outside it (e.g. TensorBoard scalars of an
   earlier run) is counted in a note.
+- Where the time went, from the ``t`` of four records (a step's ``t`` is when lorasup parsed
+  its first report): ``timing.startup_s`` = first step − ``started`` (the spawn),
+  ``timing.training_s`` = last new step (the highest step number) − first step,
+  ``timing.finish_s`` = ``exited`` − last new step (the final save, or the hang and the
+  stop), ``timing.trainer_s`` = ``exited`` − ``started``. When all four are defined,
+  ``trainer_s`` is computed as ``startup_s + training_s + finish_s``, so they add up
+  exactly (the same span, free of float rounding). One that
+  cannot be computed (no step recorded, no ``exited`` record) is ``null``, named in
+  ``timing.missing`` with the reason in ``timing.explanation``.
+- ``stacks``: each capture of the tree's Python stacks (before a stall kill, or on
+  lorasup's SIGQUIT): reason, ``t``, and per process its pid, role, command, ``where``
+  (the main thread's innermost frame) or ``error`` (why py-spy took no stack), and the
+  innermost frames of its threads; the full stacks are in ``stacks.txt``.
 """
 
 from __future__ import annotations
@@ -85,6 +98,8 @@ CSV_COLUMNS = ("step", "loss", "avg_loss", "ema_loss", "lr", "epoch", "t")
 MAX_PROBLEMS = 200
 MAX_NOTES = 500
 MAX_SPARSE_TAGS = 100
+MAX_STACK_CAPTURES = 20
+MAX_STACK_PROCESSES = 64
 
 _SERIES_LABELS = {
     "loss": "per-step loss",
@@ -255,6 +270,13 @@ class ReportBuilder:
         self._notes: list[str] = []
         self._markers: dict[str, None] = {}
         self._model_files: list[str] = []
+        # timing.* phases and stack captures: O(1) state of their own
+        self._started_t: float | None = None
+        self._exited_t: float | None = None
+        self._first_step_t: float | None = None
+        self._last_step_t: float | None = None
+        self._top_step: int | None = None
+        self._stacks: list[dict[str, Any]] = []
         #: run-dir files the report names; the sink writes the first two from the start
         self._files = {EVENTS_JSONL: True, TRAINER_LOG: True, LOSSES_CSV: False,
                        LOSS_CURVES_PNG: False}
@@ -302,6 +324,7 @@ class ReportBuilder:
         if requested is not None:
             self.steps_requested = requested
         self.started_at = _time(r.get("wall_time"))
+        self._started_t = t
 
     def _on_resumed(self, r: dict[str, Any], t: float | None) -> None:
         step = _int(r.get("step"))
@@ -347,6 +370,7 @@ class ReportBuilder:
         """A step record with values already typed: the live sink's fast path."""
         if t is not None and (self.last_t is None or t > self.last_t):
             self.last_t = t
+        self._time_step(step, t)
         row = self._row(step)
         first_report = self._t.get(row) is None
         if first_report and t is not None:
@@ -362,6 +386,18 @@ class ReportBuilder:
             self._epoch.set(row, epoch)
         elif first_report and self._current_epoch is not None and self._epoch.get(row) is None:
             self._epoch.set(row, self._current_epoch)
+
+    def _time_step(self, step: int, t: float | None) -> None:
+        """When the first and the last new step (in the requested range) were seen."""
+        lo = self.resumed_from or 0
+        if t is None or step <= lo or (self.steps_requested is not None
+                                       and step > lo + self.steps_requested):
+            return
+        if self._first_step_t is None:
+            self._first_step_t = t
+        if self._top_step is None or step > self._top_step:
+            self._top_step = step
+            self._last_step_t = t
 
     def _on_scalar(self, r: dict[str, Any], t: float | None) -> None:
         tag, step, value = r.get("tag"), _int(r.get("step")), read_number(r.get("value"))
@@ -433,6 +469,18 @@ class ReportBuilder:
 
     def _on_exited(self, r: dict[str, Any], t: float | None) -> None:
         self.exited_returncode = _int(r.get("returncode"))
+        self._exited_t = t
+
+    def _on_stacks(self, r: dict[str, Any], t: float | None) -> None:
+        if len(self._stacks) >= MAX_STACK_CAPTURES:
+            return
+        processes = r.get("processes")
+        self._stacks.append({
+            "t": t, "reason": str(r.get("reason", "")),
+            "file": r["file"] if isinstance(r.get("file"), str) else None,
+            "seconds": _time(r.get("seconds")),
+            "processes": [p for p in processes[:MAX_STACK_PROCESSES] if isinstance(p, dict)]
+            if isinstance(processes, list) else []})
 
     def _on_note(self, r: dict[str, Any], t: float | None) -> None:
         if "message" in r:
@@ -457,6 +505,7 @@ class ReportBuilder:
         "rejected": _on_rejected,
         "signal": _on_signal,
         "exited": _on_exited,
+        "stacks": _on_stacks,
         "note": _on_note,
         "outcome": _on_outcome,
     }
@@ -549,8 +598,10 @@ class ReportBuilder:
                 "first_step_s": min((t for _, t in timed), default=None),
                 "median_s_per_step": statistics.median(finite_sps) if finite_sps else None,
                 "steps_per_s": steps_per_s,
+                **self._phases(),
             },
             "problems": [dict(p) for p in self._problems.values()],
+            "stacks": [dict(c) for c in self._stacks],
             "series": {
                 "step": steps,
                 "t": times,
@@ -572,6 +623,30 @@ class ReportBuilder:
             "artifacts": self.artifacts(),
             "notes": notes,
         }
+
+    def _phases(self) -> dict[str, Any]:
+        """timing.startup_s/training_s/finish_s/trainer_s (see the module docstring)."""
+        start, first, last, end = (self._started_t, self._first_step_t, self._last_step_t,
+                                   self._exited_t)
+        no_step = "no step was recorded"
+        no_exit = ("the trainer's exit is not in events.jsonl (still running, or lorasup "
+                   "was killed)")
+        no_start = "the start of the trainer is not in events.jsonl"
+        phases: dict[str, float | None] = {
+            "startup_s": first - start if first is not None and start is not None else None,
+            "training_s": last - first if last is not None and first is not None else None,
+            "finish_s": end - last if end is not None and last is not None else None,
+            "trainer_s": end - start if end is not None and start is not None else None,
+        }
+        if None not in phases.values():
+            # The same span, summed in this order, so that the three add up exactly.
+            phases["trainer_s"] = phases["startup_s"] + phases["training_s"] + phases["finish_s"]
+        why = {"startup_s": no_start if start is None else no_step,
+               "training_s": no_step,
+               "finish_s": no_step if last is None else no_exit,
+               "trainer_s": no_start if start is None else no_exit}
+        missing = [name for name, value in phases.items() if value is None]
+        return {**phases, "missing": missing, "explanation": {name: why[name] for name in missing}}
 
     def artifacts(self) -> dict[str, Any]:
         """The files a run left, as report.json names them."""

@@ -50,9 +50,15 @@ from lorasup.supervisor.process import (
 )
 from lorasup.supervisor.signals import STOP_SIGNALS
 from lorasup.supervisor.sink import Batch, ReportSink
+from lorasup.supervisor.stacks import evidence, take_stacks
 from lorasup.supervisor.streams import LineSplitter
 from lorasup.supervisor.tensorboard import EventFileFollower
-from lorasup.supervisor.watchdogs import DivergenceWatch, SilenceWatchdog, total_timeout
+from lorasup.supervisor.watchdogs import (
+    DivergenceWatch,
+    ProgressWatchdog,
+    SilenceWatchdog,
+    total_timeout,
+)
 from lorasup.trainers.base import Adapter
 
 log = structlog.get_logger("lorasup")
@@ -87,6 +93,8 @@ SERVICE_ENVIRONMENT = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN
                        "LISTEN_PID", "LISTEN_FDNAMES")
 #: parser errors written to the log before only the count goes on
 PARSER_ERRORS_LOGGED = 5
+#: stop reasons that mean "hung": the tree's stacks are taken before it is stopped
+STACKS_BEFORE_STOP = ("stalled", "no_progress")
 
 
 def _supersedes(new: Step, old: Step) -> bool:
@@ -156,6 +164,10 @@ class RunPlan:
     progress_tty: bool = False
     #: a folder where the trainer writes TensorBoard event files, followed live
     tensorboard_dir: Path | None = None
+    #: the silence limit before the first step; None = no_output_timeout
+    startup_timeout: float | None = None
+    #: time without a new step (from the first step) that counts as stalled; None = off
+    no_progress_timeout: float | None = None
 
 
 @dataclass(frozen=True)
@@ -186,7 +198,13 @@ class Supervisor:
         self.gate = StepGate(plan.steps, stop_at_limit=not adapter.stops_by_itself,
                              on_stop=self.request_stop, on_limit=self._on_limit)
         self.divergence = DivergenceWatch(plan.nan_patience)
-        self.silence = SilenceWatchdog(plan.no_output_timeout)
+        self.silence = SilenceWatchdog(plan.no_output_timeout, plan.startup_timeout)
+        self.progress_watch = (ProgressWatchdog(plan.no_progress_timeout)
+                               if plan.no_progress_timeout is not None else None)
+        #: what the silence watchdog saw when it fired (the outcome's reason)
+        self._silence_reason: str | None = None
+        #: one stacks capture at a time (SIGQUIT and a stall may meet)
+        self._stacks_lock = anyio.Lock()
         self._trainer_log: int | None = None
         #: lorasup's own faults, counted: file writes that failed, parser exceptions
         self.write_errors: dict[str, int] = {}
@@ -234,6 +252,9 @@ class Supervisor:
         log.info("stop_requested", reason=reason, step=self.gate.last, t=round(self.now(), 3))
 
     def _on_limit(self) -> None:
+        if self.progress_watch is not None:
+            # No step follows the last one: the final save is the finish limit's business.
+            self.progress_watch.stand_down()
         if self.adapter.stops_by_itself:
             self.silence.finish_within(self.plan.finish_timeout)
             log.info("last_step_seen", step=self.gate.last,
@@ -277,8 +298,45 @@ class Supervisor:
         async with send:
             await self.stop_requested.wait()
             with anyio.CancelScope(shield=True):
+                if self.stop_reason in STACKS_BEFORE_STOP:
+                    # Where it hung, before the evidence is killed (bounded, see stacks.py).
+                    await self._dump_stacks(self.stop_reason or "stalled", send, stalled=True)
                 await self._escalate(self.stop_reason or "stop", send)
             self.stop_done.set()
+
+    async def _dump_stacks(self, reason: str, send: ObjectSendStream[Batch], *,
+                           stalled: bool) -> None:
+        """The tree's Python stacks into stacks.txt and the report; for a stall, each
+        process's innermost frames become the problem's evidence."""
+        assert self.tree is not None
+        async with self._stacks_lock:
+            event, stacks = await take_stacks(self.tree, self.plan.run_dir, reason)
+        t = self.now()
+        batch: list[tuple[float, Event]] = [(t, event)]
+        if stalled:
+            batch.extend((t, Problem(problem="stalled_in" if s.threads else "no_stack",
+                                     line=evidence(s))) for s in stacks)
+        await self._emit(send, batch)
+
+    async def _watch_quit(self, send: ObjectSendStream[Batch]) -> None:
+        """lorasup's own SIGQUIT: dump the tree's stacks, stop nothing."""
+        async with send:
+            with anyio.open_signal_receiver(signal.SIGQUIT) as signals:
+                async for _ in signals:
+                    log.info("lorasup_signalled", signal="SIGQUIT", action="dumping stacks")
+                    if not self.exited:
+                        await self._dump_stacks("SIGQUIT", send, stalled=False)
+
+    def _on_silence(self) -> None:
+        before = "" if self.silence.training else " before the first step"
+        self._silence_reason = f"no output for {self.silence.limit:g}s{before}"
+        self.request_stop("stalled")
+
+    def _stepped(self) -> None:
+        """A new step: the start-up allowance is over, and progress was made."""
+        self.silence.first_step()
+        if self.progress_watch is not None:
+            self.progress_watch.stepped()
 
     async def _watch_signals(self, signals: AsyncIterator[int]) -> None:
         """lorasup's own SIGINT/SIGTERM/SIGHUP: stop the trainer gracefully, exit 128+n.
@@ -390,6 +448,7 @@ class Supervisor:
         if not lines:
             return batch
         t = self.now()
+        last_before = self.gate.last
         parse = self._parse
         if self._redraw_prefix is not None and len(lines) > 1:
             lines = _drop_redrawn(lines, self._redraw_prefix)
@@ -433,6 +492,8 @@ class Supervisor:
                     self._checkpoints.append(event.path)
                     log.info("checkpoint", path=event.path)
                 batch.append((t, event))
+        if self.gate.last > last_before and self.gate.last > self.gate.offset:
+            self._stepped()
         return batch
 
     def _log_problem(self, problem: Problem) -> None:
@@ -688,15 +749,20 @@ class Supervisor:
         self.notifier.ready(f"training with {plan.trainer}: step 0/{self.gate.final_step}")
         log.info("started", trainer=plan.trainer, argv=list(started.argv), pid=self.tree.pid,
                  steps=plan.steps, run_dir=str(plan.run_dir), timeout_s=plan.timeout,
-                 no_output_timeout_s=plan.no_output_timeout, grace_s=plan.grace)
+                 no_output_timeout_s=plan.no_output_timeout, grace_s=plan.grace,
+                 startup_timeout_s=plan.startup_timeout,
+                 no_progress_timeout_s=plan.no_progress_timeout)
         process = self.tree.process
         assert process.stdout is not None and process.stderr is not None
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._read, process.stdout, send.clone())
             tg.start_soon(self._read, process.stderr, send.clone())
             tg.start_soon(total_timeout, plan.timeout, lambda: self.request_stop("timeout"))
-            tg.start_soon(self.silence.run, lambda: self.request_stop("stalled"),
+            tg.start_soon(self.silence.run, self._on_silence,
                           lambda: self.request_stop("finish_timeout"))
+            if self.progress_watch is not None:
+                tg.start_soon(self.progress_watch.run, lambda: self.request_stop("no_progress"))
+            tg.start_soon(self._watch_quit, send.clone())
             tg.start_soon(self._control, send.clone())
             tg.start_soon(self._scan_tree)
             tg.start_soon(self.notifier.keep_alive)
@@ -744,10 +810,15 @@ class Supervisor:
         if reason == "interrupted":
             sig = self.interrupt_signal or signal.SIGINT
             return "interrupted", 128 + int(sig), f"lorasup received {sig.name}"
+        if reason == "no_progress":
+            return "stalled", EXIT_CODES["stalled"], (
+                f"no new step for {self.plan.no_progress_timeout:g}s "
+                f"(last new step: {self.gate.last})")
         if reason in ("timeout", "stalled", "diverged"):
             return reason, EXIT_CODES[reason], {
                 "timeout": f"total time limit of {self.plan.timeout:g}s passed",
-                "stalled": f"no output for {self.plan.no_output_timeout:g}s",
+                "stalled": self._silence_reason
+                or f"no output for {self.plan.no_output_timeout:g}s",
                 "diverged": f"non-finite loss at {self.divergence.nonfinite} step(s)",
             }[reason]
         if reason == "finish_timeout":

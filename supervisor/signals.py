@@ -22,9 +22,12 @@ def _remember(signum: int, _frame: FrameType | None) -> None:
 
 
 def hold() -> None:
-    """Remember stop signals instead of dying of them (main thread only)."""
+    """Remember stop signals instead of dying of them (main thread only). SIGQUIT, which
+    dumps stacks while a trainer runs, is ignored outside that time (its default action
+    would kill lorasup)."""
     for sig in STOP_SIGNALS:
         signal.signal(sig, _remember)
+    signal.signal(signal.SIGQUIT, signal.SIG_IGN)
 
 
 def take_held() -> list[signal.Signals]:

@@ -36,7 +36,7 @@ from lorasup.supervisor.report import (
 
 TOP_LEVEL = {
     "schema", "run_id", "trainer", "command", "status", "outcome", "reason", "exit_code",
-    "trainer_returncode", "signals_sent", "steps", "loss", "epochs", "timing", "problems",
+    "trainer_returncode", "signals_sent", "steps", "loss", "epochs", "timing", "problems", "stacks",
     "series", "artifacts", "notes",
 }
 
