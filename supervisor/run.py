@@ -744,6 +744,7 @@ class Supervisor:
             self.spawn_error = f"could not start the trainer: {exc.strerror or exc}"
             log.error("spawn_failed", error=str(exc), argv=redact_argv(plan.argv))
             return None
+        self.silence.touch()  # silence counts from the spawn, not from our own set-up
         started = self._started_event()
         await self._emit(send, [(self.now(), started)])
         self.notifier.ready(f"training with {plan.trainer}: step 0/{self.gate.final_step}")
