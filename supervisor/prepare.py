@@ -58,7 +58,7 @@ def plan_run(job: Job, *, progress_tty: bool = False) -> tuple[RunPlan, Adapter]
     )
     run_dir = _run_dir_path(job, run_id, cwd)
     trainer_job = TrainerJob(steps=steps, argv=tuple(job.trainer_argv), run_dir=str(run_dir),
-                             options=tuple(sorted(job.options.items())))
+                             options=job.options.as_pairs())
     argv = adapter.command(trainer_job)
     if not argv:
         raise UsageError("the trainer command is empty")
