@@ -63,6 +63,9 @@ def plan_run(job: Job, *, progress_tty: bool = False) -> tuple[RunPlan, Adapter]
     if not argv:
         raise UsageError("the trainer command is empty")
     _check_program(argv, cwd)
+    preflight = getattr(adapter, "preflight", None)
+    if preflight is not None:
+        preflight(trainer_job, cwd)  # the trainer's inputs; raises UsageError
     _make_run_dir(run_dir)
     output_dirs = getattr(adapter, "output_dirs", None)
     tensorboard_dir = getattr(adapter, "tensorboard_dir", None)
