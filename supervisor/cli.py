@@ -48,6 +48,20 @@ def _default(value: object) -> str:
     return f"[default: {text}]"
 
 
+def _complete_trainer(incomplete: str) -> list[str]:
+    return [name for name in sorted(REGISTRY) if name.startswith(incomplete)]
+
+
+def _complete_run(ctx: typer.Context, incomplete: str) -> list[str]:
+    """Run ids under --logs-dir (shell completion of RUN)."""
+    logs_dir = Path(ctx.params.get("logs_dir") or DEFAULT_LOGS_DIR)
+    try:
+        names = sorted(p.name for p in logs_dir.iterdir() if (p / "events.jsonl").is_file())
+    except OSError:
+        return []
+    return [name for name in names if name.startswith(incomplete)]
+
+
 class StartCommand(TyperCommand):
     """``start``'s usage line shows where the trainer's own argv goes."""
 
@@ -95,7 +109,7 @@ def _root(
 def start(
     ctx: typer.Context,
     trainer: Annotated[str | None, typer.Option(
-        metavar="NAME",
+        metavar="NAME", autocompletion=_complete_trainer,
         help=f"the trainer program: {', '.join(sorted(REGISTRY))} "
              f"{_default(Job.model_fields['trainer'].default)}")] = None,
     steps: Annotated[int | None, typer.Option(
@@ -200,7 +214,8 @@ def _want_json(flag: bool) -> bool:
 
 @app.command(help="Rebuild report.json, losses.csv and loss_curves.png from events.jsonl.")
 def report(
-    run: Annotated[str, typer.Argument(metavar="RUN", help=_RUN_HELP)],
+    run: Annotated[str, typer.Argument(
+        metavar="RUN", help=_RUN_HELP, autocompletion=_complete_run)],
     logs_dir: Annotated[Path, typer.Option(metavar="DIR", help=_LOGS_DIR_HELP,
                                                      show_default=False)
                         ] = DEFAULT_LOGS_DIR,
@@ -226,7 +241,8 @@ def report(
 
 @app.command(help="Show the outcome and progress of a run (live while it runs).")
 def status(
-    run: Annotated[str, typer.Argument(metavar="RUN", help=_RUN_HELP)],
+    run: Annotated[str, typer.Argument(
+        metavar="RUN", help=_RUN_HELP, autocompletion=_complete_run)],
     logs_dir: Annotated[Path, typer.Option(metavar="DIR", help=_LOGS_DIR_HELP,
                                                      show_default=False)
                         ] = DEFAULT_LOGS_DIR,

@@ -218,7 +218,7 @@ def test_status_on_a_terminal_is_a_short_summary(logs: Path) -> None:
 
 
 def test_start_on_a_terminal_ends_with_one_summary_line(tmp_path: Path) -> None:
-    code, text = _on_a_terminal(lorasup_argv("start", "--steps", "20"), tmp_path)
+    code, text = _on_a_terminal(lorasup_argv("start", "--steps", "5"), tmp_path)
     assert code == 0
     last = text.strip().splitlines()[-1]
     assert re.fullmatch(r"lorasup: completed \(trainer finished all steps\); final loss "
@@ -233,3 +233,16 @@ def test_start_on_a_terminal_ends_with_one_summary_line(tmp_path: Path) -> None:
 def test_round_floats_keeps_six_significant_digits() -> None:
     assert round_floats({"a": [0.123456789, 1234567.89, 0.0, None, "nan"], "b": 3}) == {
         "a": [0.123457, 1234570.0, 0.0, None, "nan"], "b": 3}
+
+
+def test_shell_completion_knows_trainers_and_run_ids(logs: Path) -> None:
+    def complete(*words: str) -> list[str]:
+        env = {**child_env(), "_LORASUP_COMPLETE": "complete_bash",
+               "COMP_WORDS": " ".join(["lorasup", *words]), "COMP_CWORD": str(len(words))}
+        proc = subprocess.run(lorasup_argv(), capture_output=True, text=True, timeout=60,
+                              env=env, cwd=logs.parent)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout.split()
+
+    assert complete("start", "--trainer", "k") == ["kohya"]
+    assert complete("status", "") == sorted(p.name for p in logs.iterdir())
