@@ -14,8 +14,15 @@ from typing import Any
 
 from . import protocol
 from .checkpoint import check_state, load_state
-from .dataset import DatasetError, load_dataset
-from .inputs import DEMO_DATASET, StateError, dataset_root, output_dir_problem, state_path
+from .dataset import load_dataset
+from .inputs import (
+    DEMO_DATASET,
+    DatasetError,
+    StateError,
+    dataset_root,
+    output_dir_problem,
+    state_path,
+)
 from .model import BASE_VERSION
 from .options import DEFAULT_DATASET, DEFAULTS, build_parser, name_problem
 from .stop import STOP, StopFlag

@@ -1,6 +1,7 @@
-"""The kohya dataset layout: ``<root>/<repeats>_<name>/`` folders of images and captions.
+"""The dataset in memory: every image of the kohya layout as a row of pixels.
 
-Everything is validated and decoded before the first step, so a bad dataset fails in
+The layout, decoding and captions are checked by ``inputs`` (which lorasup's pre-flight
+uses too); here everything is decoded before the first step, so a bad dataset fails in
 well under a second with a message naming the offending file, and nothing is trained or
 written. Images are centre-cropped to a square and downscaled to 32×32 RGB once, then
 kept in memory as rows of pixels in [-1, 1].
@@ -15,23 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .inputs import (
-    DEMO_DATASET,
-    FOLDER_PATTERN,
-    IMAGE_EXTENSIONS,
-    Concept,
-    DatasetError,
-    decode_image,
-    is_image,
-    read_caption,
-    read_image_bytes,
-    scan,
-)
+from .inputs import Concept, decode_image, read_caption, read_image_bytes, scan
 from .model import IMAGE_SIZE
-
-__all__ = ["DEMO_DATASET", "FOLDER_PATTERN", "IMAGE_EXTENSIONS", "Concept", "Dataset",
-           "DatasetError", "epoch_order", "is_image", "load_dataset", "load_image",
-           "read_caption", "scan"]
 
 
 @dataclass(frozen=True, slots=True)
