@@ -248,7 +248,7 @@ def status_text(summary: RunSummary) -> str:
     if summary.model_files:
         lines.append("  model files: " + ", ".join(summary.model_files))
     elif summary.outcome is not None:
-        lines.append("  model files: none found")
+        lines.append("  model files: none listed")
     lines.append(f"  run dir: {summary.run_dir}")
     return "\n".join(lines)
 

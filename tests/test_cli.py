@@ -188,7 +188,7 @@ def test_status_for_people(logs: Path) -> None:
     assert summary.outcome == "completed"
     assert re.search(r"completed: trainer finished all steps", text)
     assert re.search(r"step (3/3|4/4)\s+last loss \d\.\d{1,4}\s+elapsed \d+\.\d s", text)
-    assert "lorasup_lora.safetensors" in text or "model files: none found" in text
+    assert "lorasup_lora.safetensors" in text or "model files: none listed" in text
 
 
 def _on_a_terminal(argv: list[str], cwd: Path) -> tuple[int, str]:
