@@ -212,7 +212,8 @@ def _want_json(flag: bool) -> bool:
     return flag or not sys.stdout.isatty()
 
 
-@app.command(help="Rebuild report.json, losses.csv and loss_curves.png from events.jsonl.")
+@app.command(help="Rebuild report.json, losses.csv and loss_curves.png from events.jsonl.",
+             short_help="Rebuild a run's report, CSV and PNG from events.jsonl.")
 def report(
     run: Annotated[str, typer.Argument(
         metavar="RUN", help=_RUN_HELP, autocompletion=_complete_run)],
