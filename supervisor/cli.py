@@ -2,6 +2,10 @@
 
 Exit codes are the outcome table of the README (0 completed, 1 trainer_failed, 2 usage,
 3 timeout, 4 stalled, 5 diverged, 130/143 interrupted).
+
+Help is plain text (no rich markup): defaults in ``[default: ...]`` stay visible, and the
+option lists are generated from the trainer registry and the config defaults so that
+``--help`` cannot drift from the code.
 """
 
 from __future__ import annotations
@@ -13,17 +17,64 @@ from typing import Annotated, Any, Literal
 
 import anyio
 import typer
+from typer.core import TyperCommand
 
+from lorasup import __version__
 from lorasup.supervisor import logs, signals
-from lorasup.supervisor.config import ConfigError, build_job, load_toml
+from lorasup.supervisor.config import (
+    DEFAULT_FINISH_TIMEOUT,
+    DEFAULT_GRACE,
+    DEFAULT_LOGS_DIR,
+    DEFAULT_NO_OUTPUT_TIMEOUT,
+    DEFAULT_SECONDS_PER_STEP_LIMIT,
+    ConfigError,
+    Job,
+    build_job,
+    load_toml,
+)
+from lorasup.trainers import OPTIONS, REGISTRY
 
 USAGE_EXIT = 2
+TRAINER_ARGV = "[-- TRAINER_ARGV...]"
+
+
+def _for(option: str) -> str:
+    """``builtin:`` / ``diffusers, hf:``: which trainers read a trainer option."""
+    return ", ".join(sorted(t for t, keys in OPTIONS.items() if option in keys)) + ":"
+
+
+def _default(value: object) -> str:
+    text = f"{value:g}" if isinstance(value, float) else str(value)
+    return f"[default: {text}]"
+
+
+def _complete_trainer(incomplete: str) -> list[str]:
+    return [name for name in sorted(REGISTRY) if name.startswith(incomplete)]
+
+
+def _complete_run(ctx: typer.Context, incomplete: str) -> list[str]:
+    """Run ids under --logs-dir (shell completion of RUN)."""
+    logs_dir = Path(ctx.params.get("logs_dir") or DEFAULT_LOGS_DIR)
+    try:
+        names = sorted(p.name for p in logs_dir.iterdir() if (p / "events.jsonl").is_file())
+    except OSError:
+        return []
+    return [name for name in names if name.startswith(incomplete)]
+
+
+class StartCommand(TyperCommand):
+    """``start``'s usage line shows where the trainer's own argv goes."""
+
+    def collect_usage_pieces(self, ctx: Any) -> list[str]:
+        return [*super().collect_usage_pieces(ctx), TRAINER_ARGV]
+
 
 app = typer.Typer(
     name="lorasup",
     help="Supervise a LoRA training run: exact step stops, watchdogs, clean kills, reports.",
     no_args_is_help=True,
-    add_completion=False,
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
     pretty_exceptions_enable=False,
 )
 
@@ -33,65 +84,97 @@ def _fail(message: str) -> typer.Exit:
     return typer.Exit(USAGE_EXIT)
 
 
+def _show_version(value: bool) -> None:
+    if value:
+        typer.echo(f"lorasup {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option(
+        "--version", "-V", is_eager=True, callback=_show_version,
+        help="Show the version and exit.")] = False,
+) -> None:
+    """Supervise a LoRA training run: exact step stops, watchdogs, clean kills, reports."""
+
+
 @app.command(
+    cls=StartCommand,
     # Only what follows '--' goes to the trainer: a mistyped lorasup flag is an error.
     context_settings={"allow_extra_args": True},
-    help="Start and supervise a trainer. The trainer's own argv goes after '--'.",
+    help="Start and supervise a trainer. The trainer's own argv goes after '--' (an argv "
+         "list, never a shell string). Flags win over the --config job file.",
 )
 def start(
     ctx: typer.Context,
-    trainer: Annotated[
-        str | None,
-        typer.Option(help="builtin, kohya, diffusers, native or command [builtin]")] = None,
-    steps: Annotated[int | None, typer.Option(help="optimizer steps to run, exactly")] = None,
-    run_dir: Annotated[Path | None, typer.Option(help="the run directory, exactly")] = None,
-    logs_dir: Annotated[
-        Path | None, typer.Option(help="parent of <run-id>/ [training_logs]")] = None,
-    timeout: Annotated[float | None, typer.Option(help="total seconds [steps × 30]")] = None,
-    no_output_timeout: Annotated[
-        float | None, typer.Option(help="seconds of silence that count as a hang [300]")] = None,
-    startup_timeout: Annotated[
-        float | None,
-        typer.Option(help="seconds of silence allowed before the first step "
-                          "[the no-output timeout]")] = None,
-    no_progress_timeout: Annotated[
-        float | None,
-        typer.Option(help="seconds without a new step, from the first step [off]")] = None,
-    grace: Annotated[
-        float | None, typer.Option(help="seconds from the graceful stop to SIGKILL [30]")] = None,
-    finish_timeout: Annotated[
-        float | None,
-        typer.Option(help="seconds a self-stopping trainer may save after step N [900]")] = None,
-    nan_patience: Annotated[
-        int | None, typer.Option(help="non-finite losses tolerated before 'diverged' [0]")] = None,
-    log_format: Annotated[
-        str | None, typer.Option(help="auto, json or console [auto: console on a TTY]")] = None,
-    config: Annotated[Path | None, typer.Option(help="TOML job file; flags win")] = None,
-    new: Annotated[bool, typer.Option("--new", help="builtin: start fresh")] = False,
-    continue_: Annotated[
-        bool, typer.Option("--continue", help="builtin: resume and run --steps more")] = False,
-    dataset: Annotated[str | None, typer.Option(help="builtin: dataset folder")] = None,
-    output_dir: Annotated[str | None, typer.Option(help="builtin: LoRA output folder")] = None,
+    trainer: Annotated[str | None, typer.Option(
+        metavar="NAME", autocompletion=_complete_trainer,
+        help=f"the trainer program: {', '.join(sorted(REGISTRY))} "
+             f"{_default(Job.model_fields['trainer'].default)}")] = None,
+    steps: Annotated[int | None, typer.Option(
+        metavar="N", help="optimizer steps to run, exactly (kohya, diffusers, hf: else their "
+                          "own step flag)")] = None,
+    run_dir: Annotated[Path | None, typer.Option(
+        metavar="DIR", help="the run directory, exactly (refused if it holds a run)")] = None,
+    logs_dir: Annotated[Path | None, typer.Option(
+        metavar="DIR", help=f"the run goes to DIR/<run-id>/ {_default(DEFAULT_LOGS_DIR)}")
+    ] = None,
+    timeout: Annotated[float | None, typer.Option(
+        metavar="S", help=f"total wall time in seconds "
+                          f"[default: steps × {DEFAULT_SECONDS_PER_STEP_LIMIT:g}]")] = None,
+    no_output_timeout: Annotated[float | None, typer.Option(
+        metavar="S", help=f"seconds of silence that count as a hang "
+                          f"{_default(DEFAULT_NO_OUTPUT_TIMEOUT)}")] = None,
+    startup_timeout: Annotated[float | None, typer.Option(
+        metavar="S", help="seconds of silence allowed before the first step "
+                          "[default: the no-output timeout]")] = None,
+    no_progress_timeout: Annotated[float | None, typer.Option(
+        metavar="S", help="seconds without a new step, counted from the first step "
+                          "(suggested for multi-GPU) [default: off]")] = None,
+    grace: Annotated[float | None, typer.Option(
+        metavar="S", help=f"seconds from the first graceful signal to SIGKILL "
+                          f"{_default(DEFAULT_GRACE)}")] = None,
+    finish_timeout: Annotated[float | None, typer.Option(
+        metavar="S", help=f"seconds a self-stopping trainer may take to save after step N "
+                          f"{_default(DEFAULT_FINISH_TIMEOUT)}")] = None,
+    nan_patience: Annotated[int | None, typer.Option(
+        metavar="K", help=f"non-finite losses tolerated before 'diverged' "
+                          f"{_default(Job.model_fields['nan_patience'].default)}")] = None,
+    log_format: Annotated[str | None, typer.Option(
+        metavar="FORMAT", help="json (one object per line on stdout), console, or auto: "
+                               "console on a TTY, else json [default: auto]")] = None,
+    config: Annotated[Path | None, typer.Option(
+        metavar="FILE", help="TOML job file with the same keys (steps, no_output_timeout, "
+                             "command = [...], [options] ...); flags win")] = None,
+    new: Annotated[bool, typer.Option(
+        "--new", help=f"{_for('mode')} start a new LoRA (the default; an existing one is "
+                      "kept as <name>.<time>.bak.safetensors)")] = False,
+    continue_: Annotated[bool, typer.Option(
+        "--continue", help=f"{_for('mode')} resume from the saved state and run --steps "
+                           "more")] = False,
+    dataset: Annotated[str | None, typer.Option(
+        metavar="DIR", help=f"{_for('dataset')} dataset folder of <repeats>_<name>/ folders "
+                            "[default: lora_train_set, else the demo dataset]")] = None,
+    output_dir: Annotated[str | None, typer.Option(
+        metavar="DIR", help=f"{_for('output_dir')} LoRA output folder "
+                            "[default: lora_output]")] = None,
     tensorboard: Annotated[bool, typer.Option(
         "--tensorboard",
-        help="diffusers: make the script write TensorBoard files into the run dir")] = False,
+        help=f"{_for('tensorboard')} make the script write TensorBoard event files into the "
+             "run directory, and read them live")] = False,
 ) -> None:
     # From here on a stop signal is remembered, never fatal (see supervisor/signals.py).
     signals.hold()
     from lorasup.supervisor.prepare import plan_run
     from lorasup.supervisor.run import Supervisor
+    from lorasup.supervisor.show import RunSummary, end_line
     from lorasup.trainers.base import UsageError
 
     if new and continue_:
         raise _fail("--new and --continue exclude each other")
-    options = {k: v for k, v in
-               {"mode": "new" if new else ("continue" if continue_ else None),
-                "dataset": dataset, "output_dir": output_dir,
-                "tensorboard": "1" if tensorboard else None}.items() if v is not None}
     try:
         file_values: dict[str, Any] = load_toml(config) if config is not None else {}
-        if options:
-            file_values["options"] = {**file_values.get("options", {}), **options}
         job = build_job(file_values, {
             "trainer": trainer, "steps": steps, "run_dir": run_dir, "logs_dir": logs_dir,
             "timeout": timeout, "no_output_timeout": no_output_timeout, "grace": grace,
@@ -99,9 +182,13 @@ def start(
             "finish_timeout": finish_timeout, "nan_patience": nan_patience,
             "log_format": log_format,
             "trainer_argv": tuple(ctx.args) if ctx.args else None,
+        }, {
+            "mode": "new" if new else ("continue" if continue_ else None),
+            "dataset": dataset, "output_dir": output_dir, "tensorboard": tensorboard or None,
         })
         chosen = logs.configure(job.log_format)  # type: ignore[arg-type]
-        plan, adapter = plan_run(job, progress_tty=chosen == "console" and sys.stderr.isatty())
+        on_terminal = sys.stderr.isatty()
+        plan, adapter = plan_run(job, progress_tty=chosen == "console" and on_terminal)
     except (ConfigError, UsageError) as exc:
         raise _fail(str(exc)) from None
 
@@ -109,45 +196,97 @@ def start(
         return await Supervisor(plan, adapter).run()
 
     result = anyio.run(_main)
+    if on_terminal:
+        data = result.report if isinstance(result.report, dict) else {}
+        summary = RunSummary.of(plan.run_dir, {**data, "outcome": result.outcome})
+        typer.echo(end_line(summary), err=True)
     raise typer.Exit(result.exit_code)
 
 
-@app.command(help="Rebuild report.json, losses.csv and loss_curves.png from events.jsonl.")
+_RUN_HELP = "a run directory, or a run id under --logs-dir"
+_LOGS_DIR_HELP = f"where run ids are looked up {_default(DEFAULT_LOGS_DIR)}"
+_JSON_HELP = "JSON on stdout (the default when stdout is not a terminal)"
+
+
+def _find(run: str, logs_dir: Path) -> Path:
+    from lorasup.supervisor.show import RunNotFound, find_run
+
+    try:
+        return find_run(run, logs_dir)
+    except RunNotFound as exc:
+        raise _fail(str(exc)) from None
+
+
+def _want_json(flag: bool) -> bool:
+    return flag or not sys.stdout.isatty()
+
+
+@app.command(help="Rebuild report.json, losses.csv and loss_curves.png from events.jsonl.",
+             short_help="Rebuild a run's report, CSV and PNG from events.jsonl.")
 def report(
-    run_dir: Annotated[Path, typer.Argument(help="a run directory")],
-    log_format: Annotated[str, typer.Option(help="auto, json or console")] = "auto",
+    run: Annotated[str, typer.Argument(
+        metavar="RUN", help=_RUN_HELP, autocompletion=_complete_run)],
+    logs_dir: Annotated[Path, typer.Option(metavar="DIR", help=_LOGS_DIR_HELP,
+                                                     show_default=False)
+                        ] = DEFAULT_LOGS_DIR,
+    log_format: Annotated[str, typer.Option(
+        metavar="FORMAT", help="auto, json or console (on stderr) [default: auto]",
+        show_default=False)] = "auto",
+    as_json: Annotated[bool, typer.Option("--json", help=_JSON_HELP)] = False,
 ) -> None:
     from lorasup.supervisor.report import rebuild
+    from lorasup.supervisor.show import RunSummary, round_floats, status_text
 
-    logs.configure(_format(log_format))
-    if not (run_dir / "events.jsonl").is_file():
-        raise _fail(f"no events.jsonl in {run_dir}")
+    logs.configure(_format(log_format), stream=sys.stderr)
+    run_dir = _find(run, logs_dir)
     rebuilt = rebuild(run_dir)
-    typer.echo(json.dumps({"report": str(run_dir / "report.json"),
-                           "outcome": rebuilt.get("outcome"),
-                           "steps": rebuilt.get("steps")}))
+    if _want_json(as_json):
+        typer.echo(json.dumps(round_floats({
+            "report": str(run_dir / "report.json"), "outcome": rebuilt.get("outcome"),
+            "steps": rebuilt.get("steps")})))
+    else:
+        typer.echo(f"rebuilt {run_dir / 'report.json'}, losses.csv, loss_curves.png")
+        typer.echo(status_text(RunSummary.of(run_dir, rebuilt)))
 
 
-@app.command(help="Show the outcome and progress of a run (live: read from events.jsonl).")
-def status(run_dir: Annotated[Path, typer.Argument(help="a run directory")]) -> None:
-    from lorasup.supervisor.liveness import LivenessTracker
-    from lorasup.supervisor.report import ReportBuilder, read_events
+@app.command(help="Show the outcome and progress of a run (live while it runs).")
+def status(
+    run: Annotated[str, typer.Argument(
+        metavar="RUN", help=_RUN_HELP, autocompletion=_complete_run)],
+    logs_dir: Annotated[Path, typer.Option(metavar="DIR", help=_LOGS_DIR_HELP,
+                                                     show_default=False)
+                        ] = DEFAULT_LOGS_DIR,
+    as_json: Annotated[bool, typer.Option("--json", help=_JSON_HELP)] = False,
+) -> None:
+    from lorasup.supervisor.show import RunSummary, load_run, status_json, status_text
 
-    events = run_dir / "events.jsonl"
-    if not events.is_file():
-        raise _fail(f"no events.jsonl in {run_dir}")
-    builder = ReportBuilder()
-    liveness = LivenessTracker()
-    for record in read_events(events):
-        builder.add(record)
-        liveness.observe(record)
-    lost = liveness.lost_record()
-    if lost is not None:
-        builder.add(lost)
-    data = builder.snapshot()
-    typer.echo(json.dumps({"run_id": data.get("run_id"), "status": data.get("status"),
-                           "outcome": data.get("outcome"), "exit_code": data.get("exit_code"),
-                           "steps": data.get("steps"), "loss": data.get("loss")}))
+    run_dir = _find(run, logs_dir)
+    data = load_run(run_dir)
+    summary = RunSummary.of(run_dir, data)
+    if _want_json(as_json):
+        typer.echo(json.dumps(status_json(summary, data)))
+    else:
+        typer.echo(status_text(summary))
+
+
+@app.command("ls", help="List the runs in a logs directory, newest last.")
+def list_runs(
+    logs_dir: Annotated[Path, typer.Option(
+        metavar="DIR", help=f"the logs directory {_default(DEFAULT_LOGS_DIR)}",
+        show_default=False)
+                        ] = DEFAULT_LOGS_DIR,
+    as_json: Annotated[bool, typer.Option("--json", help="a JSON list on stdout")] = False,
+) -> None:
+    from lorasup.supervisor.show import list_runs as find_runs
+    from lorasup.supervisor.show import runs_table
+
+    runs = find_runs(logs_dir)
+    if as_json:
+        typer.echo(json.dumps([run.to_json() for run in runs]))
+    elif runs:
+        typer.echo(runs_table(runs))
+    else:
+        typer.echo(f"no runs in {logs_dir}/", err=True)
 
 
 def _format(value: str) -> Literal["auto", "json", "console"]:

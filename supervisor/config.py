@@ -1,37 +1,82 @@
 """The job: what to run and the limits to hold it to, from a TOML file and flags (flags win).
 
 Validation happens here, before anything is started, so a bad job costs one clear line
-and exit code 2 instead of a half-started run.
+and exit code 2 instead of a half-started run. The pydantic models below are the single
+list of what a job file may say: an unknown key, anywhere, is refused with the closest
+known one suggested (a typo like ``datset`` must not silently train on the demo data), and
+numbers and switches are strict (``steps = true`` is not 1 step; a float accepts an int).
 """
 
 from __future__ import annotations
 
+import difflib
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import ErrorDetails
+
+from lorasup.trainers import OPTIONS, REGISTRY
 
 DEFAULT_NO_OUTPUT_TIMEOUT = 300.0
 DEFAULT_GRACE = 30.0
 DEFAULT_SECONDS_PER_STEP_LIMIT = 30.0
 DEFAULT_FINISH_TIMEOUT = 900.0
+DEFAULT_LOGS_DIR = Path("training_logs")
+
+#: the job file's name for ``trainer_argv``
+COMMAND_KEY = "command"
 
 
 class ConfigError(ValueError):
     """The job is invalid; the message is one line meant for the user."""
 
 
-class Job(BaseModel):
-    """One supervised run. ``steps``/``timeout`` may be None until the adapter resolves them."""
+class Options(BaseModel):
+    """Trainer-specific switches (``[options]`` in a job file, or their flags).
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    Which trainer reads which key is ``lorasup.trainers.OPTIONS``; a key the chosen
+    trainer would ignore is refused rather than dropped.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    #: builtin: ``new`` (the default: start fresh, an earlier LoRA kept as a backup) or
+    #: ``continue`` (resume and run ``steps`` more)
+    mode: Literal["new", "continue"] | None = None
+    #: builtin: the dataset folder (kohya layout)
+    dataset: str | None = None
+    #: builtin: where the LoRA and its resume state go
+    output_dir: str | None = None
+    #: diffusers, hf: make the script write TensorBoard files into the run directory
+    tensorboard: bool | None = None
+
+    def as_pairs(self) -> tuple[tuple[str, str], ...]:
+        """The adapter's view: given options only, as strings (a set switch is ``"1"``)."""
+        pairs = []
+        for name in sorted(self.model_fields_set):
+            value = getattr(self, name)
+            if value is None or value is False:
+                continue
+            pairs.append((name, "1" if value is True else str(value)))
+        return tuple(pairs)
+
+
+class Job(BaseModel):
+    """One supervised run. ``steps``/``timeout`` may be None until the adapter resolves them.
+
+    Strict: ints, floats and bools must be given as such (a float accepts an int); paths
+    and the argv list are the exceptions, since TOML spells them as strings and arrays.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     trainer: str = "builtin"
     steps: int | None = Field(default=None, gt=0)
-    trainer_argv: tuple[str, ...] = ()
-    run_dir: Path | None = None
-    logs_dir: Path = Path("training_logs")
+    trainer_argv: tuple[str, ...] = Field(default=(), strict=False)
+    run_dir: Path | None = Field(default=None, strict=False)
+    logs_dir: Path = Field(default=DEFAULT_LOGS_DIR, strict=False)
     run_id: str | None = None
     #: total wall-time limit; None = steps × 30 s once steps are known
     timeout: float | None = Field(default=None, gt=0)
@@ -47,9 +92,9 @@ class Job(BaseModel):
     #: non-finite losses tolerated before the run counts as diverged (0: the first stops it)
     nan_patience: int = Field(default=0, ge=0)
     log_format: Literal["auto", "json", "console"] = "auto"
-    #: trainer-specific options (builtin: mode, dataset, output_dir)
-    options: dict[str, str] = Field(default_factory=dict)
-    cwd: Path | None = None
+    #: trainer-specific options (builtin: mode, dataset, output_dir; diffusers, hf: tensorboard)
+    options: Options = Field(default_factory=Options)
+    cwd: Path | None = Field(default=None, strict=False)
 
     @model_validator(mode="after")
     def _exclusive_dirs(self) -> Job:
@@ -61,10 +106,76 @@ class Job(BaseModel):
         return self.timeout if self.timeout is not None else steps * DEFAULT_SECONDS_PER_STEP_LIMIT
 
 
+#: pydantic error type → what the value should have been, in words
+_EXPECTED = {
+    "int_type": "a whole number",
+    "int_parsing": "a whole number",
+    "int_from_float": "a whole number",
+    "float_type": "a number",
+    "float_parsing": "a number",
+    "bool_type": "true or false",
+    "bool_parsing": "true or false",
+    "string_type": "a string",
+    "tuple_type": "a list of strings",
+    "list_type": "a list of strings",
+    "dict_type": "a table",
+    "model_type": "a table",
+    "model_attributes_type": "a table",
+    "path_type": "a path (a string)",
+}
+
+
+def _shown(value: Any) -> str:
+    """A value as the job file would spell it (TOML: true/false, quoted strings)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return repr(value)
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _known_keys(where: tuple[str | int, ...]) -> list[str]:
+    """The keys the model at ``where`` accepts (the job file's spelling)."""
+    if where == ("options",):
+        return list(Options.model_fields)
+    return [COMMAND_KEY if name == "trainer_argv" else name for name in Job.model_fields]
+
+
+def _unknown_key(where: tuple[str | int, ...], key: str) -> str:
+    table = f"[{'.'.join(map(str, where))}]" if where else "the job file"
+    message = f"unknown key {key!r} in {table}"
+    close = difflib.get_close_matches(key, _known_keys(where), n=1, cutoff=0.6)
+    if close:
+        return f"{message}; did you mean {close[0]!r}?"
+    return f"{message} (known: {', '.join(sorted(_known_keys(where)))})"
+
+
+def _describe(error: ErrorDetails) -> str:
+    loc = tuple(error["loc"])
+    if error["type"] == "extra_forbidden" and loc:
+        return _unknown_key(loc[:-1], str(loc[-1]))
+    # A tuple index (trainer_argv.0) reads better as "command[0]".
+    names = [COMMAND_KEY if part == "trainer_argv" else part for part in loc]
+    where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in names).lstrip(".")
+    if not where:  # a check across fields (run_dir and run_id)
+        return error["msg"].removeprefix("Value error, ")
+    ctx = error.get("ctx", {})
+    expected = _EXPECTED.get(error["type"])
+    if expected is None and "expected" in ctx:
+        expected = str(ctx["expected"])
+    elif expected is None and "gt" in ctx:
+        expected = f"a number greater than {ctx['gt']:g}"
+    elif expected is None and "ge" in ctx:
+        expected = f"a number of at least {ctx['ge']:g}"
+    if expected is None:
+        message = error["msg"].removeprefix("Value error, ")
+        return f"invalid {where}: {message[:1].lower()}{message[1:]}"
+    return f"invalid {where}: expected {expected}, got {_shown(error['input'])}"
+
+
 def _one_line(error: ValidationError) -> str:
-    first = error.errors()[0]
-    where = ".".join(str(part) for part in first["loc"]) or "job"
-    return f"invalid {where}: {first['msg']}"
+    return _describe(error.errors()[0])
 
 
 def load_toml(path: Path) -> dict[str, Any]:
@@ -80,21 +191,55 @@ def load_toml(path: Path) -> dict[str, Any]:
     job = data.pop("job", {})
     if not isinstance(job, dict):
         raise ConfigError(f"{path}: [job] must be a table")
+    twice = sorted(set(job) & set(data))
+    if twice:
+        raise ConfigError(f"{path}: {twice[0]!r} is given both at the top and in [job]")
     merged = {**data, **job}
-    if "command" in merged and "trainer_argv" not in merged:
-        merged["trainer_argv"] = merged.pop("command")
+    if COMMAND_KEY in merged:
+        if "trainer_argv" in merged:
+            raise ConfigError(f"{path}: give 'command' or 'trainer_argv', not both")
+        merged["trainer_argv"] = merged.pop(COMMAND_KEY)
     return merged
 
 
-def build_job(file_values: dict[str, Any], flag_values: dict[str, Any]) -> Job:
-    """Merge a job file with the flags that were given (None = not given) and validate."""
+def _check_options(trainer: str, options: Options) -> None:
+    """Each given option must be one the chosen trainer reads."""
+    readers = OPTIONS.get(trainer, frozenset())
+    for name in sorted(options.model_fields_set):
+        if name in readers:
+            continue
+        users = sorted(t for t, keys in OPTIONS.items() if name in keys)
+        flag = "--" + ("new/--continue" if name == "mode" else name.replace("_", "-"))
+        raise ConfigError(f"option {name!r} ({flag}) is not used by --trainer {trainer}; "
+                          f"it is for: {', '.join(users)}")
+
+
+def build_job(file_values: dict[str, Any], flag_values: dict[str, Any],
+              flag_options: dict[str, Any] | None = None) -> Job:
+    """Merge a job file with the flags that were given (None = not given) and validate.
+
+    ``flag_options`` are the trainer-option flags (``--dataset`` ...); they win over the
+    file's ``[options]`` key by key.
+    """
     values = dict(file_values)
     values.update({k: v for k, v in flag_values.items() if v is not None})
+    given = {k: v for k, v in (flag_options or {}).items() if v is not None}
+    if given:
+        from_file = values.get("options", {})
+        if not isinstance(from_file, dict):
+            raise ConfigError(f"invalid options: expected a table, got {_shown(from_file)}")
+        values["options"] = {**from_file, **given}
     if isinstance(values.get("trainer_argv"), str):
-        raise ConfigError("trainer_argv/command must be a list of strings, not one string")
+        raise ConfigError("command must be a list of strings, not one string")
+    trainer = values.get("trainer", Job.model_fields["trainer"].default)
+    if isinstance(trainer, str) and trainer not in REGISTRY:
+        known = ", ".join(sorted(REGISTRY))
+        close = difflib.get_close_matches(trainer, list(REGISTRY), n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"unknown trainer {trainer!r} (known: {known}){hint}")
     try:
-        return Job(**values)
+        job = Job(**values)
     except ValidationError as exc:
         raise ConfigError(_one_line(exc)) from exc
-    except TypeError as exc:
-        raise ConfigError(str(exc)) from exc
+    _check_options(job.trainer, job.options)
+    return job

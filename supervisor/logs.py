@@ -137,6 +137,33 @@ def _point_at_devnull(stream: TextIO) -> None:
         os.close(devnull)
 
 
+#: erases the terminal line the cursor is on: the live progress line run.py draws on stderr
+CLEAR_LINE = "\r\x1b[K"
+
+
+class LineClearingLogger:
+    """Prints each log line after erasing the live ``step k/N`` line on the terminal.
+
+    The progress line is redrawn in place without a newline; a log line printed over it
+    would be glued to its end. The next step redraws the progress line below the log.
+    """
+
+    def __init__(self, file: TextIO, terminal: TextIO) -> None:
+        self._file = file
+        self._terminal = terminal
+
+    def msg(self, message: str) -> None:
+        try:
+            self._terminal.write(CLEAR_LINE)
+            self._terminal.flush()
+        except (OSError, ValueError):  # a closed terminal must not cost the log line
+            pass
+        print(message, file=self._file, flush=True)
+
+    log = debug = info = warn = warning = error = err = critical = exception = msg
+    fatal = failure = msg
+
+
 def resolve_format(log_format: Literal["auto", "json", "console"], stream: TextIO) -> str:
     if log_format != "auto":
         return log_format
@@ -162,10 +189,16 @@ def configure(log_format: Literal["auto", "json", "console"] = "auto",
                        structlog.processors.JSONRenderer(ensure_ascii=False)]
     else:
         processors += [structlog.dev.ConsoleRenderer(colors=stream.isatty())]
+    terminal = sys.stderr
+    if chosen == "console" and terminal is not None and terminal.isatty():
+        def factory(*_args: Any) -> Any:
+            return LineClearingLogger(_STREAM, terminal)  # type: ignore[arg-type]
+    else:
+        factory = structlog.PrintLoggerFactory(file=_STREAM)  # type: ignore[arg-type]
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
-        logger_factory=structlog.PrintLoggerFactory(file=_STREAM),  # type: ignore[arg-type]
+        logger_factory=factory,
         cache_logger_on_first_use=False,
     )
     return chosen

@@ -78,11 +78,14 @@ def plan_run(job: Job, *, progress_tty: bool = False) -> tuple[RunPlan, Adapter]
             continue  # a generated id is never reused, even one taken a moment ago
         trainer_job = TrainerJob(steps=steps, argv=tuple(job.trainer_argv),
                                  run_dir=str(run_dir),
-                                 options=tuple(sorted(job.options.items())))
+                                 options=job.options.as_pairs())
         argv = adapter.command(trainer_job)
         if not argv:
             raise UsageError("the trainer command is empty")
         _check_program(argv, cwd)
+        preflight = getattr(adapter, "preflight", None)
+        if preflight is not None:
+            preflight(trainer_job, cwd)  # the trainer's inputs; raises UsageError
         # Claimed last: a job refused above leaves nothing behind.
         claim_run_dir(run_dir)
         break

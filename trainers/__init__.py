@@ -16,6 +16,14 @@ REGISTRY: dict[str, str] = {
     "native": "lorasup.trainers.native:NativeAdapter",
 }
 
+#: name → the job options (``[options]`` keys, or their flags) the adapter reads through
+#: ``TrainerJob.option``; any other option is refused for that trainer instead of ignored
+OPTIONS: dict[str, frozenset[str]] = {
+    "builtin": frozenset({"mode", "dataset", "output_dir"}),
+    "diffusers": frozenset({"tensorboard"}),
+    "hf": frozenset({"tensorboard"}),
+}
+
 
 def get_adapter(name: str) -> Adapter:
     try:

@@ -56,6 +56,12 @@ class Adapter(Protocol):
     # Optional: ``needles: tuple[str, ...]``, substrings at least one of which is in every
     # line ``parse`` gets anything from; lets the reader skip whole chunks of chatter.
 
+    # Optional: ``preflight(job: TrainerJob, cwd: Path) -> None``: check the trainer's
+    # inputs (dataset, output folder, resume state) before anything is started, raising
+    # UsageError with one line for the user. ``cwd`` is where the trainer will run (relative
+    # paths are taken from there). Called by ``prepare.plan_run`` after ``command`` and before
+    # the run directory is made; must not write anything.
+
 
 @dataclass(frozen=True, slots=True)
 class ProblemPattern:

@@ -1,8 +1,9 @@
 """How lorasup drives its own builtin trainer (``--trainer builtin``, the default).
 
 The trainer speaks the native protocol, so parsing is NativeAdapter's; this adapter
-only knows the program's command line: where the step limit goes and how the job's
-mode, dataset and output folder map onto its options.
+only knows the program's command line (where the step limit goes and how the job's
+mode, dataset and output folder map onto its options) and checks its inputs before
+lorasup starts it (``preflight``).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import signal
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from lorasup.trainers.base import TrainerJob, UsageError, drop_flag
 from lorasup.trainers.native import NativeAdapter
@@ -33,6 +35,10 @@ class BuiltinAdapter(NativeAdapter):
         return steps
 
     def command(self, job: TrainerJob) -> list[str]:
+        return [sys.executable, "-m", "lorasup.trainers.builtin", *self.trainer_args(job)]
+
+    def trainer_args(self, job: TrainerJob) -> list[str]:
+        """The trainer's own argv: the step limit, the job's options, the user's args."""
         mapped: list[str] = []
         mode = job.option("mode")
         if mode is not None:
@@ -47,5 +53,14 @@ class BuiltinAdapter(NativeAdapter):
             value = job.option(option)
             if value is not None:
                 mapped += [flag, value]
-        return [sys.executable, "-m", "lorasup.trainers.builtin", "--steps", str(job.steps),
-                *mapped, *drop_flag(job.argv, "--steps")]
+        return ["--steps", str(job.steps), *mapped, *drop_flag(job.argv, "--steps")]
+
+    def preflight(self, job: TrainerJob, cwd: Path) -> None:
+        """A missing or empty dataset, an unreadable image, an output folder that cannot be
+        written, ``--continue`` without a saved state: one line, before anything starts."""
+        from .preflight import InputError, check  # PIL only when a builtin run starts
+
+        try:
+            check(self.trainer_args(job), cwd)
+        except InputError as exc:
+            raise UsageError(str(exc)) from None

@@ -23,21 +23,10 @@ from typing import Any
 
 import numpy as np
 
+from .inputs import StateError
 from .model import LAYERS, LoraAdapters, layer_shapes
 
 STATE_FORMAT = "lorasup-builtin-state/1"
-
-
-class StateError(Exception):
-    """No usable resume state; the message says which file and why."""
-
-
-def lora_path(output_dir: Path, name: str) -> Path:
-    return output_dir / f"{name}.safetensors"
-
-
-def state_path(output_dir: Path, name: str) -> Path:
-    return output_dir / f"{name}-state.npz"
 
 
 def _write_atomic(path: Path, data: bytes) -> None:

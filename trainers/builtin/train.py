@@ -18,15 +18,9 @@ from typing import Any
 import numpy as np
 
 from . import protocol
-from .checkpoint import (
-    TrainState,
-    backup_existing,
-    lora_path,
-    save_lora,
-    save_state,
-    state_path,
-)
+from .checkpoint import TrainState, backup_existing, save_lora, save_state
 from .dataset import Dataset, epoch_order
+from .inputs import lora_path, state_path
 from .model import BASE_VERSION, IMAGE_SIZE, PIXELS, BaseModel, LoraAdapters, loss_and_grads
 from .noise import NoiseSchedule, add_noise, linear_schedule
 from .optim import AdamW, clip_grad_norm
