@@ -521,7 +521,7 @@ class Supervisor:
         except Exception as exc:  # odd event files must not end the run
             self.parser_errors += 1
             if self.parser_errors <= PARSER_ERRORS_LOGGED:
-                log.warning("tensorboard_read_failed", error=f"{type(exc).__name__}: {exc}")
+                log.warning("tensorboard.read_failed", error=f"{type(exc).__name__}: {exc}")
             return
         if scalars:
             batch = self._handle_scalars(scalars)
