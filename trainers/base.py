@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from lorasup.supervisor.events import Event, Problem, Step
+from lorasup.supervisor.numbers import read_count, read_float, read_step
 
 
 class UsageError(ValueError):
@@ -161,9 +162,10 @@ def steps_from_flag(steps: int | None, argv: Sequence[str], flag: str, *, why: s
     given = flag_value(argv, flag)
     if given is None:
         raise UsageError(f"give --steps N (or {flag}=N in the trainer command){why}")
-    if not given.isdigit() or int(given) <= 0:
+    count = read_count(given)
+    if not count:
         raise UsageError(f"{flag}={given!r} is not a positive whole number")
-    return int(given)
+    return count
 
 
 #: a progress-bar parser: the step a line shows and the text glued after the frame
@@ -180,11 +182,13 @@ def parse_bar_line(line: str, parse_bar: BarParser,
     return [step, *parse_text(rest.lstrip())] if len(rest) > 1 else [step]
 
 
-def tqdm_frame(line: str, desc: str, pattern: re.Pattern[str]) -> tuple[int, int, str, str] | None:
+def tqdm_frame(line: str, desc: str,
+               pattern: re.Pattern[str]) -> tuple[int, int | None, str, str] | None:
     """(step, total, postfix, text after the frame) of the ``desc`` tqdm frame in a line.
 
     ``pattern`` is matched where ``desc`` starts and must capture step, total and the
-    bracketed info. A substring find first: most lines are not frames.
+    bracketed info. A substring find first: most lines are not frames. A count that is not
+    a sane step (e.g. 5000 digits) makes the line no frame; an absurd total is left out.
     """
     start = line.find(desc)
     if start < 0:
@@ -192,8 +196,11 @@ def tqdm_frame(line: str, desc: str, pattern: re.Pattern[str]) -> tuple[int, int
     match = pattern.match(line, start)
     if match is None:
         return None
-    step, total, info = match.groups()
-    return int(step), int(total), info, line[match.end():]
+    step_text, total_text, info = match.groups()
+    step = read_step(step_text)
+    if step is None:
+        return None
+    return step, read_count(total_text), info, line[match.end():]
 
 
 def postfix_value(info: str, key: str) -> float | None:
@@ -201,7 +208,4 @@ def postfix_value(info: str, key: str) -> float | None:
     at = info.find(key)
     if at < 0:
         return None
-    try:
-        return float(info[at + len(key):].split(",", 1)[0])
-    except ValueError:
-        return None
+    return read_float(info[at + len(key):].split(",", 1)[0])

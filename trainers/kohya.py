@@ -24,6 +24,7 @@ import signal
 from collections.abc import Iterable, Sequence
 
 from lorasup.supervisor.events import Checkpoint, Epoch, Event, Finished, Step
+from lorasup.supervisor.numbers import read_count
 from lorasup.trainers.base import (
     PYTHON_PROBLEM_NEEDLES,
     PYTHON_PROBLEMS,
@@ -109,8 +110,9 @@ class KohyaAdapter:
     def _parse_text(self, line: str) -> list[Event]:
         if line.startswith("epoch "):
             match = _EPOCH.match(line)
-            if match is not None:
-                return [Epoch(epoch=int(match[1]), total=int(match[2]))]
+            epoch = read_count(match[1]) if match is not None else None
+            if epoch is not None:
+                return [Epoch(epoch=epoch, total=read_count(match[2]))]
         if line.startswith("saving checkpoint: "):
             match = _CHECKPOINT.match(line)
             if match is not None:
