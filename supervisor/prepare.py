@@ -57,8 +57,12 @@ def plan_run(job: Job, *, progress_tty: bool = False) -> tuple[RunPlan, Adapter]
         job.run_dir.name if job.run_dir is not None else new_run_id(job.trainer)
     )
     run_dir = _run_dir_path(job, run_id, cwd)
+    if job.parse and not getattr(adapter, "accepts_parse_table", False):
+        raise UsageError(f"a [parse] table is read by --trainer command only; --trainer "
+                         f"{job.trainer} reads its own output")
     trainer_job = TrainerJob(steps=steps, argv=tuple(job.trainer_argv), run_dir=str(run_dir),
-                             options=tuple(sorted(job.options.items())))
+                             options=tuple(sorted(job.options.items())),
+                             parse=tuple(job.parse.items()))
     argv = adapter.command(trainer_job)
     if not argv:
         raise UsageError("the trainer command is empty")

@@ -29,6 +29,9 @@ class TrainerJob:
     argv: tuple[str, ...]
     run_dir: str
     options: tuple[tuple[str, str], ...] = ()
+    #: the job file's ``[parse]`` table (key, regex), only for adapters that set
+    #: ``accepts_parse_table``; the adapter checks it in ``command()`` (UsageError)
+    parse: tuple[tuple[str, str], ...] = ()
 
     def option(self, name: str, default: str | None = None) -> str | None:
         return dict(self.options).get(name, default)
@@ -56,6 +59,9 @@ class Adapter(Protocol):
 
     # Optional: ``needles: tuple[str, ...]``, substrings at least one of which is in every
     # line ``parse`` gets anything from; lets the reader skip whole chunks of chatter.
+    # Optional: ``accepts_parse_table: bool``, True when the adapter reads the user's regexes
+    # (``TrainerJob.parse``, a job file's ``[parse]`` table); a job with a ``[parse]`` table
+    # for any other adapter is refused before anything starts.
 
 
 @dataclass(frozen=True, slots=True)
