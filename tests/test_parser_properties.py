@@ -47,6 +47,11 @@ SETTINGS = settings(max_examples=60, deadline=None,
 def make(name: str):
     adapter = get_adapter(name)
     adapter.command(TrainerJob(steps=N, argv=("python", "train.py"), run_dir="/tmp/run"))
+    # hf's parse wraps its parser in a last-resort ``except Exception``: test the parser
+    # itself, so that a raise is found here instead of being swallowed there.
+    inner = getattr(adapter, "_parse", None)
+    if inner is not None:
+        adapter.parse = inner
     return adapter
 
 
@@ -309,3 +314,62 @@ def test_steps_and_their_final_values_do_not_depend_on_chunking(
     assert sorted(whole) == list(range(1, steps + 1))
     assert final_values(name, cut(data, cuts)) == whole
     assert final_values(name, [data[i:i + 1] for i in range(len(data))]) == whole
+
+
+def _hf_streams(steps: int, values: list[str], log_every: int) -> tuple[bytes, bytes]:
+    """The Trainer's two pipes: bars and write marks on stderr, log dicts on stdout."""
+    err, out = [], []
+    for k in range(1, steps + 1):
+        frame = f"{k * 100 // N:>3}%|####      | {k}/{N} [00:07<02:31,  7.97s/it]"
+        err.append("\r" + frame)
+        if k % log_every == 0:
+            # tqdm.write: clear the bar, write the dict to stdout, redraw the bar
+            err.append("\r" + " " * len(frame) + "\r" + frame)
+            out.append(f"{{'loss': '{values[k - 1]}', 'grad_norm': '1.0', "
+                       f"'learning_rate': '0.001', 'epoch': '{k / N:.4g}'}}\n")
+    return "".join(err).encode(), "".join(out).encode()
+
+
+@given(values=st.lists(VALUES, min_size=N, max_size=N), steps=st.integers(1, N),
+       log_every=st.integers(1, 4), cuts_err=st.lists(st.integers(0, 10**6), max_size=20),
+       cuts_out=st.lists(st.integers(0, 10**6), max_size=10),
+       order=st.lists(st.booleans(), min_size=40, max_size=40))
+@SETTINGS
+def test_hf_steps_and_losses_do_not_depend_on_chunking_or_read_order(
+        values: list[str], steps: int, log_every: int, cuts_err: list[int],
+        cuts_out: list[int], order: list[bool]) -> None:
+    """hf pairs the k-th write mark on stderr with the k-th dict on stdout, whichever pipe is
+    read first: the steps and their final values are the same for any chunking of either
+    pipe and any interleaving of the reads of the two."""
+    err, out = _hf_streams(steps, values, log_every)
+
+    def run(err_chunks: list[bytes], out_chunks: list[bytes], picks: list[bool]) -> dict:
+        adapter = make("hf")
+        gate = StepGate(N, stop_at_limit=False, on_stop=lambda _r: None, on_limit=lambda: None)
+        splitters = {"err": LineSplitter(), "out": LineSplitter()}
+        queues = {"err": list(err_chunks), "out": list(out_chunks)}
+        final: dict[int, tuple] = {}
+
+        def take(lines: list[str]) -> None:
+            for line in lines:
+                for event in check(adapter.parse(line)) if line else ():
+                    admitted = gate.admit(event) if isinstance(event, Step) else None
+                    if isinstance(admitted, Step):
+                        final[admitted.step] = (repr(admitted.loss), repr(admitted.lr),
+                                                admitted.epoch)
+
+        picks = list(picks)
+        while queues["err"] or queues["out"]:
+            pick = picks.pop() if picks else True
+            name = "err" if (pick and queues["err"]) or not queues["out"] else "out"
+            take(splitters[name].feed(queues[name].pop(0), adapter.needles))
+        for name in ("err", "out"):
+            take(splitters[name].close())
+        return final
+
+    whole = run([err], [out], [True])
+    assert sorted(whole) == list(range(1, steps + 1))
+    logged = [k for k in whole if whole[k][0] != "None"]
+    assert logged == [k for k in range(1, steps + 1) if k % log_every == 0]
+    assert run(cut(err, cuts_err), cut(out, cuts_out), order) == whole
+    assert run(cut(err, cuts_err), cut(out, cuts_out), [not b for b in order]) == whole
