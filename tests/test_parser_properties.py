@@ -85,7 +85,9 @@ def check(events: Iterable[Event]) -> list[Event]:
             _count(event.epoch, optional=False)
             _count(event.total)
         elif isinstance(event, Checkpoint):
-            assert isinstance(event.path, str) and event.path
+            assert isinstance(event.path, str) and event.path and "\x00" not in event.path
+            raw = event.path.encode("utf-8", "surrogateescape")
+            assert len(raw) <= 4096 and max(map(len, raw.split(b"/"))) <= 255
             _count(event.step)
         elif isinstance(event, Scalar):
             _count(event.step, optional=False)
@@ -172,6 +174,7 @@ def _templates(k: str, n: str, x: str, y: str, z: str) -> list[str]:
         "2026-11-27 21:44:30 INFO     model saved.                  train_network.py:1729",
         f"epoch {k}/{n}",
         f"saving checkpoint: out/normal/test_lora-{k}.safetensors",
+        f"saving checkpoint: out/{x}{y}.safetensors",
         f"Steps:  20%|██        | {k}/{n} [00:01<00:06,  1.23it/s, lr={x}, step_loss={y}]",
         f"Model weights saved in ../out/checkpoint-{k}",
         f"  5%|▌         | {k}/{n} [00:07<02:31,  7.97s/it]",
@@ -373,3 +376,21 @@ def test_hf_steps_and_losses_do_not_depend_on_chunking_or_read_order(
     assert logged == [k for k in range(1, steps + 1) if k % log_every == 0]
     assert run(cut(err, cuts_err), cut(out, cuts_out), order) == whole
     assert run(cut(err, cuts_err), cut(out, cuts_out), [not b for b in order]) == whole
+
+
+@pytest.mark.parametrize(("name", "line"), [
+    ("kohya", "saving checkpoint: out/{}"),
+    ("diffusers", "Model weights saved in out/checkpoint-3/{}"),
+    ("hf", "[transformers] Saving model checkpoint to out/{}/checkpoint-3"),
+    ("native", '{{"lorasup":1,"kind":"checkpoint","path":"out/{}","step":3}}'),
+    ("command", '{{"lorasup":1,"kind":"checkpoint","path":"out/{}","step":3}}'),
+])
+def test_a_path_no_file_system_takes_is_no_checkpoint(name: str, line: str) -> None:
+    """A checkpoint path longer than NAME_MAX/PATH_MAX would make the report's look-up fail
+    (ENAMETOOLONG) at the end of the run: it is not taken as a checkpoint at all."""
+    for too_long in ("x" * 256, "/".join(["y" * 200] * 21)):
+        events = check(make(name).parse(line.format(too_long)))
+        assert not [e for e in events if isinstance(e, Checkpoint)]
+    [event] = [e for e in make(name).parse(line.format("x" * 255))
+               if isinstance(e, Checkpoint)]
+    assert "x" * 255 in event.path

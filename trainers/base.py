@@ -178,6 +178,24 @@ def steps_from_flag(steps: int | None, argv: Sequence[str], flag: str, *, why: s
 BarParser = Callable[[str], "tuple[Step, str] | None"]
 
 
+#: the longest path and file name Linux takes (PATH_MAX, NAME_MAX), in bytes
+_PATH_MAX = 4096
+_NAME_MAX = 255
+
+
+def checkpoint_path(text: str) -> str | None:
+    """A path a trainer says it saved to, or None when it cannot name a file (empty, a NUL,
+    longer than PATH_MAX, a component longer than NAME_MAX): looking such a "path" up later
+    would fail with ENAMETOOLONG instead of telling anything."""
+    path = text.strip()
+    if not path or "\x00" in path:
+        return None
+    raw = path.encode("utf-8", "surrogateescape")
+    if len(raw) > _PATH_MAX or any(len(part) > _NAME_MAX for part in raw.split(b"/")):
+        return None
+    return path
+
+
 def parse_bar_line(line: str, parse_bar: BarParser,
                    parse_text: Callable[[str], list[Event]]) -> list[Event]:
     """A bar frame first; a log record or traceback glued after it is read as text too."""

@@ -90,6 +90,7 @@ from lorasup.trainers.base import (
     PYTHON_PROBLEM_NEEDLES,
     TrainerJob,
     UsageError,
+    checkpoint_path,
     flag_value,
     python_problems,
     replace_flag,
@@ -268,8 +269,8 @@ class HfAdapter:
     def _parse_text(self, line: str) -> list[Event]:
         at = line.find(_SAVING)
         if at >= 0:
-            path = line[at + len(_SAVING):].strip()
-            if path:
+            path = checkpoint_path(line[at + len(_SAVING):])
+            if path is not None:
                 found = _CHECKPOINT_STEP.search(path)
                 return [Checkpoint(path=path, step=read_step(found[1]) if found else None)]
         return python_problems(line)

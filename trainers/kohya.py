@@ -31,6 +31,7 @@ from lorasup.trainers.base import (
     ProblemPattern,
     TrainerJob,
     UsageError,
+    checkpoint_path,
     drop_flag,
     flag_value,
     parse_bar_line,
@@ -115,8 +116,9 @@ class KohyaAdapter:
                 return [Epoch(epoch=epoch, total=read_count(match[2]))]
         if line.startswith("saving checkpoint: "):
             match = _CHECKPOINT.match(line)
-            if match is not None:
-                return [Checkpoint(path=match[1])]
+            path = checkpoint_path(match[1]) if match is not None else None
+            if path is not None:
+                return [Checkpoint(path=path)]
         events: list[Event] = []
         if "model saved." in line:
             events.append(Finished(marker="model saved."))

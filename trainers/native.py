@@ -34,6 +34,7 @@ from lorasup.trainers.base import (
     PYTHON_PROBLEM_NEEDLES,
     TrainerJob,
     UsageError,
+    checkpoint_path,
     python_problems,
     replace_flag,
 )
@@ -73,8 +74,8 @@ def parse_protocol_line(line: str) -> list[Event]:
         epoch = read_count(record.get("epoch"))
         return [] if epoch is None else [Epoch(epoch=epoch, total=read_count(record.get("total")))]
     if kind == "checkpoint":
-        path = record.get("path")
-        if not isinstance(path, str) or not path:
+        path = checkpoint_path(record.get("path")) if isinstance(record.get("path"), str) else None
+        if path is None:
             return []
         return [Checkpoint(path=path, step=read_step(record.get("step")))]
     if kind == "finished":
