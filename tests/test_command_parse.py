@@ -36,6 +36,8 @@ PLAIN_STEPS = {
     "[rank0] step 7 | loss 1.5 | lr 3e-4": (7, None, 1.5, 3e-4, None),
     "2026-11-27 21:44:00,123 - INFO - __main__ - step 5/10 loss 0.25": (5, 10, 0.25, None, None),
     "INFO:__main__:step 5 loss=0.1": (5, None, 0.1, None, None),
+    "11/27/2026 21:12:10 - INFO - __main__ - [RANK 0] Step 6/10, loss=0.5": (6, 10, 0.5, None,
+                                                                             None),
     "step 3: train_loss=0.4 val_loss=0.9": (3, None, 0.4, None, None),
     "step 3 acc=0.9": (3, None, None, None, None),
     "  step 9/9 loss=inf": (9, 9, math.inf, None, None),
@@ -63,6 +65,8 @@ NOT_STEPS = [
     "step 99999999999999 loss 1",   # beyond any real step count
     "step -5",
     "epoch 1/3",
+    "11/27/2026 21:12:10 - INFO - __main__ - [RANK 0]   Total optimization steps = 10",
+    "11/27/2026 21:12:10 - INFO - __main__ - [RANK 0]   Gradient Accumulation steps = 1",
 ]
 
 

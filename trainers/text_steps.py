@@ -5,12 +5,14 @@ Two sources, both read by the command adapter:
 - **plain progress lines** that hand-written training loops print: ``step 3/100``,
   ``Step 3 of 100``, ``steps: 3/100``, ``iter 3``, ``Iteration 3, loss: 0.5``,
   ``Epoch 1, Step 3/100, Loss: 0.5``. Conservative on purpose, because a false step can stop
-  a run: the step word must open the line (after leading blanks, ``[tags]``, an ISO
-  timestamp or an ``INFO``/``DEBUG`` log header, or an ``Epoch k`` part); the number must end
-  at a separator (not ``step 2026-11-27``, ``step 12:30``, ``step 1.5``); the plural
-  ``steps``/``iters`` only with a total (``steps: 3/100``), since ``Total steps: 1000`` is a
-  count, not progress. ``loss``/``train_loss`` and ``lr``/``learning_rate`` values after the
-  step are read as well (``val_loss``, ``eval_loss`` are not the training loss).
+  a run: the step word must open the line (after leading blanks, ``[tags]``, an ISO or
+  accelerate-style timestamp, an ``INFO``/``DEBUG`` log header, or an ``Epoch k`` part); the
+  number must end at a separator (not ``step 2026-11-27``, ``step 12:30``, ``step 1.5``);
+  the plural ``steps``/``iters`` only with a total (``steps: 3/100``), since ``Total steps:
+  1000`` is a count, not progress; words after the step with no value among them make a
+  list of stages (``Step 1: Loading the model``), not progress. ``loss``/``train_loss`` and
+  ``lr``/``learning_rate`` values after the step are read as well (``val_loss``,
+  ``eval_loss`` are not the training loss).
 - **the user's regular expressions**, a job file's ``[parse]`` table (see ``compile_table``).
 """
 
@@ -33,7 +35,8 @@ _NUMBER = r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?|[-+]?(?i:nan|inf(?:ini
 # for long, whatever a trainer prints.
 _HEADER = (
     r"^\s*+"
-    r"(?:\d{4}-\d\d-\d\d[ T]\d\d:\d\d:\d\d(?:[.,]\d++)?(?:Z|[+-]\d\d:?\d\d)?\s*+"
+    r"(?:(?:\d{4}-\d\d-\d\d|\d\d/\d\d/\d{4})[ T]\d\d:\d\d:\d\d(?:[.,]\d++)?"
+    r"(?:Z|[+-]\d\d:?\d\d)?\s*+"
     r"(?:[-|:]\s*+)?)?"
     r"(?:\[[^\]\n]{0,80}\]\s*+){0,4}"
     r"(?:(?:INFO|DEBUG)(?:\s*+[:|-]\s*+|\s++)(?:[\w.]{1,80}\s*+[:|-]\s*+)?)?"
