@@ -94,6 +94,9 @@ class Job(BaseModel):
     log_format: Literal["auto", "json", "console"] = "auto"
     #: trainer-specific options (builtin: mode, dataset, output_dir; diffusers, hf: tensorboard)
     options: Options = Field(default_factory=Options)
+    #: the job file's ``[parse]`` table: regexes that read steps and values from a program's
+    #: lines (``--trainer command``); the adapter checks the keys and compiles them
+    parse: dict[str, str] = Field(default_factory=dict)
     cwd: Path | None = Field(default=None, strict=False)
 
     @model_validator(mode="after")

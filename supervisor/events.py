@@ -13,6 +13,8 @@ import math
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
+from lorasup.supervisor.numbers import read_float
+
 SCHEMA = "lorasup.events/1"
 
 #: field names per event class, computed once (``dataclasses.fields`` is slow per call)
@@ -26,19 +28,8 @@ def _number(value: float) -> float | str:
     return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
 
 
-def read_number(value: Any) -> float | None:
-    """A float from a JSON-ish value: numbers, numeric strings (the spelled-out "nan"/"inf"
-    included); None for anything else (bools, junk), never an exception."""
-    if isinstance(value, bool) or value is None:
-        return None
-    if isinstance(value, int | float):
-        return float(value)
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            return None
-    return None
+#: kept under its old name for the readers of events.jsonl: the one tolerant float reader
+read_number = read_float
 
 
 @dataclass(frozen=True, slots=True)

@@ -68,6 +68,9 @@ def plan_run(job: Job, *, progress_tty: bool = False) -> tuple[RunPlan, Adapter]
     adapter = get_adapter(job.trainer)
     cwd = (job.cwd or Path.cwd()).resolve()
     steps = adapter.resolve_steps(job.steps, list(job.trainer_argv))
+    if job.parse and not getattr(adapter, "accepts_parse_table", False):
+        raise UsageError(f"a [parse] table is read by --trainer command only; --trainer "
+                         f"{job.trainer} reads its own output")
     generated = job.run_id is None and job.run_dir is None
     for _attempt in range(8):
         run_id = job.run_id or (
@@ -78,7 +81,8 @@ def plan_run(job: Job, *, progress_tty: bool = False) -> tuple[RunPlan, Adapter]
             continue  # a generated id is never reused, even one taken a moment ago
         trainer_job = TrainerJob(steps=steps, argv=tuple(job.trainer_argv),
                                  run_dir=str(run_dir),
-                                 options=job.options.as_pairs())
+                                 options=job.options.as_pairs(),
+                                 parse=tuple(job.parse.items()))
         argv = adapter.command(trainer_job)
         if not argv:
             raise UsageError("the trainer command is empty")

@@ -56,6 +56,7 @@ import anyio
 import structlog
 
 from lorasup.supervisor.events import Scalar
+from lorasup.supervisor.numbers import read_step
 
 __all__ = [
     "EVENT_FILE_PREFIX",
@@ -807,9 +808,12 @@ class EventFileFollower:
     def _scalars(self, records: Iterable[ScalarRecord]) -> Iterable[Scalar]:
         source = self.source
         for r in records:
+            step = read_step(r.step)
+            if step is None:
+                continue  # a negative or absurd int64 step is no step of this run
             # proto3 writes no wall_time when it is 0: absent, not the epoch
             wall_time = r.wall_time if math.isfinite(r.wall_time) and r.wall_time > 0 else None
-            yield Scalar(tag=r.tag, step=r.step, value=r.value, source=source,
+            yield Scalar(tag=r.tag, step=step, value=r.value, source=source,
                          wall_time=wall_time)
 
     async def run(

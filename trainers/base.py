@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from lorasup.supervisor.events import Event, Problem, Step
+from lorasup.supervisor.numbers import read_count, read_float, read_step
 
 
 class UsageError(ValueError):
@@ -28,6 +29,9 @@ class TrainerJob:
     argv: tuple[str, ...]
     run_dir: str
     options: tuple[tuple[str, str], ...] = ()
+    #: the job file's ``[parse]`` table (key, regex), only for adapters that set
+    #: ``accepts_parse_table``; the adapter checks it in ``command()`` (UsageError)
+    parse: tuple[tuple[str, str], ...] = ()
 
     def option(self, name: str, default: str | None = None) -> str | None:
         return dict(self.options).get(name, default)
@@ -55,6 +59,9 @@ class Adapter(Protocol):
 
     # Optional: ``needles: tuple[str, ...]``, substrings at least one of which is in every
     # line ``parse`` gets anything from; lets the reader skip whole chunks of chatter.
+    # Optional: ``accepts_parse_table: bool``, True when the adapter reads the user's regexes
+    # (``TrainerJob.parse``, a job file's ``[parse]`` table); a job with a ``[parse]`` table
+    # for any other adapter is refused before anything starts.
 
     # Optional: ``preflight(job: TrainerJob, cwd: Path) -> None``: check the trainer's
     # inputs (dataset, output folder, resume state) before anything is started, raising
@@ -167,13 +174,32 @@ def steps_from_flag(steps: int | None, argv: Sequence[str], flag: str, *, why: s
     given = flag_value(argv, flag)
     if given is None:
         raise UsageError(f"give --steps N (or {flag}=N in the trainer command){why}")
-    if not given.isdigit() or int(given) <= 0:
+    count = read_count(given)
+    if not count:
         raise UsageError(f"{flag}={given!r} is not a positive whole number")
-    return int(given)
+    return count
 
 
 #: a progress-bar parser: the step a line shows and the text glued after the frame
 BarParser = Callable[[str], "tuple[Step, str] | None"]
+
+
+#: the longest path and file name Linux takes (PATH_MAX, NAME_MAX), in bytes
+_PATH_MAX = 4096
+_NAME_MAX = 255
+
+
+def checkpoint_path(text: str) -> str | None:
+    """A path a trainer says it saved to, or None when it cannot name a file (empty, a NUL,
+    longer than PATH_MAX, a component longer than NAME_MAX): looking such a "path" up later
+    would fail with ENAMETOOLONG instead of telling anything."""
+    path = text.strip()
+    if not path or "\x00" in path:
+        return None
+    raw = path.encode("utf-8", "surrogateescape")
+    if len(raw) > _PATH_MAX or any(len(part) > _NAME_MAX for part in raw.split(b"/")):
+        return None
+    return path
 
 
 def parse_bar_line(line: str, parse_bar: BarParser,
@@ -186,11 +212,13 @@ def parse_bar_line(line: str, parse_bar: BarParser,
     return [step, *parse_text(rest.lstrip())] if len(rest) > 1 else [step]
 
 
-def tqdm_frame(line: str, desc: str, pattern: re.Pattern[str]) -> tuple[int, int, str, str] | None:
+def tqdm_frame(line: str, desc: str,
+               pattern: re.Pattern[str]) -> tuple[int, int | None, str, str] | None:
     """(step, total, postfix, text after the frame) of the ``desc`` tqdm frame in a line.
 
     ``pattern`` is matched where ``desc`` starts and must capture step, total and the
-    bracketed info. A substring find first: most lines are not frames.
+    bracketed info. A substring find first: most lines are not frames. A count that is not
+    a sane step (e.g. 5000 digits) makes the line no frame; an absurd total is left out.
     """
     start = line.find(desc)
     if start < 0:
@@ -198,8 +226,11 @@ def tqdm_frame(line: str, desc: str, pattern: re.Pattern[str]) -> tuple[int, int
     match = pattern.match(line, start)
     if match is None:
         return None
-    step, total, info = match.groups()
-    return int(step), int(total), info, line[match.end():]
+    step_text, total_text, info = match.groups()
+    step = read_step(step_text)
+    if step is None:
+        return None
+    return step, read_count(total_text), info, line[match.end():]
 
 
 def postfix_value(info: str, key: str) -> float | None:
@@ -207,7 +238,4 @@ def postfix_value(info: str, key: str) -> float | None:
     at = info.find(key)
     if at < 0:
         return None
-    try:
-        return float(info[at + len(key):].split(",", 1)[0])
-    except ValueError:
-        return None
+    return read_float(info[at + len(key):].split(",", 1)[0])

@@ -2,8 +2,11 @@
 
 Nothing is injected, so the program is assumed not to stop by itself at the requested
 step: lorasup sends the graceful stop the moment step N is parsed. Steps are read from
-lorasup protocol lines (trainers/native.py) and from ``steps:``/``Steps:`` tqdm bars, the
-form kohya's and diffusers' scripts use.
+lorasup protocol lines (trainers/native.py), from ``steps:``/``Steps:`` tqdm bars (the form
+kohya's and diffusers' scripts use), from plain progress lines (``step 3/100 loss=0.5``,
+``iter 3``; see trainers/text_steps.py), and from the user's own regular expressions: a job
+file's ``[parse]`` table, whose ``step`` regex replaces the bars and plain lines (protocol
+lines are always read) and whose ``loss``/``lr``/... regexes fill values in the step lines.
 """
 
 from __future__ import annotations
@@ -21,13 +24,20 @@ from lorasup.trainers.base import (
     python_problems,
 )
 from lorasup.trainers.native import PREFIX, parse_protocol_line
+from lorasup.trainers.text_steps import NEEDLES, ParseTable, compile_table, plain_step
 
 
 class CommandAdapter:
     name = "command"
     stops_by_itself = False
     stop_signals = (signal.SIGINT, signal.SIGTERM)
-    needles = (PREFIX, "steps:", "Steps:", *PYTHON_PROBLEM_NEEDLES)
+    #: this adapter reads a job file's ``[parse]`` table (TrainerJob.parse)
+    accepts_parse_table = True
+
+    def __init__(self) -> None:
+        self.needles: tuple[str, ...] = (PREFIX, "steps:", "Steps:", *NEEDLES,
+                                         *PYTHON_PROBLEM_NEEDLES)
+        self._table: ParseTable | None = None
 
     def resolve_steps(self, steps: int | None, argv: Sequence[str]) -> int:
         if not argv:
@@ -37,6 +47,10 @@ class CommandAdapter:
         return steps
 
     def command(self, job: TrainerJob) -> list[str]:
+        if job.parse:
+            self._table = compile_table(dict(job.parse))
+            # The user's regexes may match anything: every line must reach parse.
+            self.needles = ()
         return list(job.argv)
 
     def environment(self) -> dict[str, str]:
@@ -45,8 +59,26 @@ class CommandAdapter:
     def parse(self, line: str) -> Iterable[Event]:
         if line.startswith(PREFIX):
             return parse_protocol_line(line)
-        return parse_bar_line(line, _any_bar, python_problems)
+        return parse_bar_line(line, self._step_line, python_problems)
+
+    def _step_line(self, line: str) -> tuple[Step, str] | None:
+        """The step a line shows, and the text glued after a bar frame (scanned for problems)."""
+        table = self._table
+        if table is None:
+            return _builtin_step(line)
+        if table.step is not None:
+            event = table.match_step(line)
+            found = (event, "") if event is not None else None
+        else:
+            found = _builtin_step(line)
+        if found is None:
+            return None
+        return table.fill(found[0], line), found[1]
 
 
-def _any_bar(line: str) -> tuple[Step, str] | None:
-    return kohya.parse_bar(line) or diffusers.parse_bar(line)
+def _builtin_step(line: str) -> tuple[Step, str] | None:
+    bar = kohya.parse_bar(line) or diffusers.parse_bar(line)
+    if bar is not None:
+        return bar
+    event = plain_step(line)
+    return (event, "") if event is not None else None

@@ -25,6 +25,7 @@ from lorasup.trainers.base import (
     PYTHON_PROBLEM_NEEDLES,
     TrainerJob,
     UsageError,
+    checkpoint_path,
     flag_value,
     parse_bar_line,
     postfix_value,
@@ -101,8 +102,10 @@ class DiffusersAdapter:
 
     def _parse_text(self, line: str) -> list[Event]:
         if line.startswith(_SAVED):
-            path = line[len(_SAVED):].strip()
-            if "/checkpoint-" in path:
-                return [Checkpoint(path=path)]
-            return [Checkpoint(path=path), Finished(marker="model weights saved")]
+            said = line[len(_SAVED):]
+            path = checkpoint_path(said)
+            events: list[Event] = [Checkpoint(path=path)] if path is not None else []
+            if "/checkpoint-" not in said:
+                events.append(Finished(marker="model weights saved"))
+            return events
         return python_problems(line)

@@ -84,11 +84,13 @@ import signal
 from collections import deque
 from collections.abc import Iterable, Sequence
 
-from lorasup.supervisor.events import Checkpoint, Event, Problem, Scalar, Step, read_number
+from lorasup.supervisor.events import Checkpoint, Event, Problem, Scalar, Step
+from lorasup.supervisor.numbers import MAX_COUNT, read_count, read_float, read_step
 from lorasup.trainers.base import (
     PYTHON_PROBLEM_NEEDLES,
     TrainerJob,
     UsageError,
+    checkpoint_path,
     flag_value,
     python_problems,
     replace_flag,
@@ -113,7 +115,7 @@ _MAX_WAITING = 4096
 
 
 def _epoch(value: float | None) -> int | None:
-    if value is None or not math.isfinite(value) or value <= 0:
+    if value is None or not math.isfinite(value) or value <= 0 or value > MAX_COUNT:
         return None
     return int(value) if value.is_integer() else math.ceil(value)
 
@@ -133,7 +135,7 @@ def parse_log_dict(line: str) -> dict[str, float] | None:
         return None
     values: dict[str, float] = {}
     for key, value in record.items():
-        number = read_number(value)
+        number = read_float(value)
         if isinstance(key, str) and number is not None:
             values[key] = number
     return values
@@ -144,7 +146,10 @@ def match_bar(line: str) -> tuple[int, int, int] | None:
     match = _BAR.match(line)
     if match is None:
         return None
-    return int(match[1]), int(match[2]), match.end()
+    step, total = read_step(match[1]), read_count(match[2])
+    if step is None or total is None:
+        return None  # not counts a trainer can mean (e.g. 5000 digits): not a bar
+    return step, total, match.end()
 
 
 def _split_report(argv: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -264,10 +269,10 @@ class HfAdapter:
     def _parse_text(self, line: str) -> list[Event]:
         at = line.find(_SAVING)
         if at >= 0:
-            path = line[at + len(_SAVING):].strip()
-            if path:
+            path = checkpoint_path(line[at + len(_SAVING):])
+            if path is not None:
                 found = _CHECKPOINT_STEP.search(path)
-                return [Checkpoint(path=path, step=int(found[1]) if found else None)]
+                return [Checkpoint(path=path, step=read_step(found[1]) if found else None)]
         return python_problems(line)
 
     # the stderr half: bar frames and clears

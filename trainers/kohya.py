@@ -24,12 +24,14 @@ import signal
 from collections.abc import Iterable, Sequence
 
 from lorasup.supervisor.events import Checkpoint, Epoch, Event, Finished, Step
+from lorasup.supervisor.numbers import read_count
 from lorasup.trainers.base import (
     PYTHON_PROBLEM_NEEDLES,
     PYTHON_PROBLEMS,
     ProblemPattern,
     TrainerJob,
     UsageError,
+    checkpoint_path,
     drop_flag,
     flag_value,
     parse_bar_line,
@@ -109,12 +111,14 @@ class KohyaAdapter:
     def _parse_text(self, line: str) -> list[Event]:
         if line.startswith("epoch "):
             match = _EPOCH.match(line)
-            if match is not None:
-                return [Epoch(epoch=int(match[1]), total=int(match[2]))]
+            epoch = read_count(match[1]) if match is not None else None
+            if epoch is not None:
+                return [Epoch(epoch=epoch, total=read_count(match[2]))]
         if line.startswith("saving checkpoint: "):
             match = _CHECKPOINT.match(line)
-            if match is not None:
-                return [Checkpoint(path=match[1])]
+            path = checkpoint_path(match[1]) if match is not None else None
+            if path is not None:
+                return [Checkpoint(path=path)]
         events: list[Event] = []
         if "model saved." in line:
             events.append(Finished(marker="model saved."))

@@ -28,12 +28,13 @@ from lorasup.supervisor.events import (
     Problem,
     Resumed,
     Step,
-    read_number,
 )
+from lorasup.supervisor.numbers import read_count, read_float, read_step
 from lorasup.trainers.base import (
     PYTHON_PROBLEM_NEEDLES,
     TrainerJob,
     UsageError,
+    checkpoint_path,
     python_problems,
     replace_flag,
 )
@@ -41,33 +42,47 @@ from lorasup.trainers.base import (
 PREFIX = '{"lorasup":1'
 
 
-def _int(value: object) -> int | None:
-    return int(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+def _text(value: object, default: str) -> str:
+    """A string field, or ``default`` when the trainer sent something else (a number, a list)."""
+    if value is None:
+        return default
+    return value if isinstance(value, str) else default
 
 
 def parse_protocol_line(line: str) -> list[Event]:
-    """Decode one protocol line; a malformed one yields nothing rather than raising."""
+    """Decode one protocol line; a malformed one (bad JSON, a missing or absurd count, deep
+    nesting, numbers beyond any float) yields nothing rather than raising."""
     try:
         record = json.loads(line)
-        kind = record.get("kind")
-        if kind == "step":
-            return [Step(step=int(record["step"]), total=_int(record.get("total")),
-                         loss=read_number(record.get("loss")),
-                         avg_loss=read_number(record.get("avg_loss")),
-                         lr=read_number(record.get("lr")), epoch=_int(record.get("epoch")))]
-        if kind == "resume":
-            return [Resumed(step=int(record["step"]))]
-        if kind == "epoch":
-            return [Epoch(epoch=int(record["epoch"]), total=_int(record.get("total")))]
-        if kind == "checkpoint":
-            return [Checkpoint(path=str(record["path"]), step=_int(record.get("step")))]
-        if kind == "finished":
-            return [Finished(marker=str(record.get("marker", "finished")))]
-        if kind == "problem":
-            return [Problem(problem=str(record.get("problem", "trainer")),
-                            line=str(record.get("line", ""))[:500])]
-    except (ValueError, TypeError, KeyError, AttributeError):
-        pass
+    except (ValueError, RecursionError, MemoryError):
+        return []  # ValueError covers JSONDecodeError and ints of more than 4300 digits
+    if not isinstance(record, dict):
+        return []
+    kind = record.get("kind")
+    if kind == "step":
+        step = read_step(record.get("step"))
+        if step is None:
+            return []
+        return [Step(step=step, total=read_count(record.get("total")),
+                     loss=read_float(record.get("loss")),
+                     avg_loss=read_float(record.get("avg_loss")),
+                     lr=read_float(record.get("lr")), epoch=read_count(record.get("epoch")))]
+    if kind == "resume":
+        step = read_step(record.get("step"))
+        return [] if step is None else [Resumed(step=step)]
+    if kind == "epoch":
+        epoch = read_count(record.get("epoch"))
+        return [] if epoch is None else [Epoch(epoch=epoch, total=read_count(record.get("total")))]
+    if kind == "checkpoint":
+        path = checkpoint_path(record.get("path")) if isinstance(record.get("path"), str) else None
+        if path is None:
+            return []
+        return [Checkpoint(path=path, step=read_step(record.get("step")))]
+    if kind == "finished":
+        return [Finished(marker=_text(record.get("marker"), "finished")[:200])]
+    if kind == "problem":
+        return [Problem(problem=_text(record.get("problem"), "trainer")[:100],
+                        line=_text(record.get("line"), "")[:500])]
     return []
 
 
