@@ -134,6 +134,9 @@ def status(run_dir: Annotated[Path, typer.Argument(help="a run directory")]) -> 
                            "steps": data.get("steps"), "loss": data.get("loss")}))
 
 
+__import__("lorasup.supervisor.serve.commands", fromlist=["register"]).register(app)
+
+
 def _format(value: str) -> Literal["auto", "json", "console"]:
     if value not in ("auto", "json", "console"):
         raise _fail(f"--log-format must be auto, json or console, not {value!r}")
