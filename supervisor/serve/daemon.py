@@ -369,20 +369,36 @@ class Daemon:
 
     # -- following a run -------------------------------------------------------------------
 
-    async def _follow(self, run: Running) -> None:
+    async def _follow(self, run: Running, exited: anyio.Event, scope: anyio.CancelScope
+                      ) -> None:
+        """Progress from events.jsonl until the outcome is written or the process is gone."""
         while True:
             while await anyio.to_thread.run_sync(run.follower.poll):
                 pass
-            await anyio.sleep(self.config.poll_seconds)
+            if run.progress.outcome is not None or exited.is_set():
+                scope.cancel()
+                return
+            with anyio.move_on_after(self.config.poll_seconds):
+                await exited.wait()
 
     async def _watch(self, run: Running) -> None:
+        """Follow one attempt. The job is settled as soon as its outcome is on record (the
+        trainer is gone by then; the supervisor may still be drawing its plot), so the slot
+        is free at once; the supervisor itself is still awaited to be reaped."""
         assert run.identity is not None
-        returncode: int | None = None
+        identity = run.identity
+        exited = anyio.Event()
+        codes: list[int | None] = []
+
+        async def wait() -> None:
+            codes.append(await wait_exit(identity, run.own_child))
+            exited.set()
+
         async with anyio.create_task_group() as tg:
-            tg.start_soon(self._follow, run)
-            returncode = await wait_exit(run.identity, run.own_child)
-            tg.cancel_scope.cancel()
-        await self._settle(run, returncode)
+            tg.start_soon(wait)
+            async with anyio.create_task_group() as following:
+                following.start_soon(self._follow, run, exited, following.cancel_scope)
+            await self._settle(run, codes[0] if codes else None)
 
     async def _kill_leftovers(self, run: Running) -> None:
         """A supervisor that died without an outcome (SIGKILL, OOM) leaves its trainer: the

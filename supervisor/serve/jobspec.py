@@ -99,6 +99,8 @@ def parse(values: dict[str, Any], *, cwd: str, scratch: Path, name: str | None =
     if not isinstance(values, dict):
         raise JobError("the job must be a table of keys")
     values = dict(values)
+    if "command" in values and "trainer_argv" not in values:
+        values["trainer_argv"] = values.pop("command")  # as load_toml spells it
     if name is not None:
         values["name"] = name
     if priority is not None:
@@ -141,8 +143,26 @@ def parse(values: dict[str, Any], *, cwd: str, scratch: Path, name: str | None =
         values=start_values, name=job_name or f"{job.trainer}", priority=spec_priority,
         gpus=gpus, cwd=str(job_cwd), retries=retries, notify=notify, trainer=job.trainer,
         steps=plan.steps, grace=plan.grace, run_dir=run_dir, logs_dir=logs_dir,
-        output_dirs=tuple(_absolute(p, job_cwd) for p in plan.output_dirs),
+        output_dirs=tuple(dict.fromkeys(_absolute(p, job_cwd) for p in (
+            *plan.output_dirs, *_output_flags(job.trainer, job.trainer_argv, job.options)))),
     )
+
+
+def _output_flags(trainer: str, argv: tuple[str, ...], options: dict[str, str]) -> list[str]:
+    """Where a trainer writes its model, from its options and flags (``--output_dir X``,
+    ``--output-dir=X``); the builtin trainer's default when it is given none."""
+    found: list[str] = []
+    for i, arg in enumerate(argv):
+        for flag in ("--output_dir", "--output-dir"):
+            if arg == flag and i + 1 < len(argv):
+                found.append(argv[i + 1])
+            elif arg.startswith(flag + "="):
+                found.append(arg.split("=", 1)[1])
+    if trainer == "builtin":
+        from lorasup.trainers.builtin.cli import DEFAULT_OUTPUT_DIR
+
+        found = [options.get("output_dir") or (found[-1] if found else DEFAULT_OUTPUT_DIR)]
+    return found
 
 
 # -- the job file handed to ``lorasup start`` -------------------------------------------------
@@ -159,8 +179,12 @@ def _toml_value(value: Any, where: str) -> str:
             return "inf" if value > 0 else "-inf"
         return repr(value)
     if isinstance(value, str):
-        # A JSON string is a valid TOML basic string (same escapes, \uXXXX included).
-        return json.dumps(value, ensure_ascii=True)
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise JobError(f"invalid {where}: not valid text (a lone surrogate)") from None
+        # A JSON string is a TOML basic string (same escapes); TOML also escapes DEL.
+        return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
     if isinstance(value, list | tuple):
         return "[" + ", ".join(_toml_value(v, where) for v in value) + "]"
     raise JobError(f"invalid {where}: a job file cannot hold {type(value).__name__} values")
