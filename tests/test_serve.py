@@ -1,0 +1,181 @@
+"""``lorasup serve`` end to end: a real daemon on a temporary state directory, real runs.
+
+Each run is its own ``lorasup start`` process supervising a small helper trainer (or the
+builtin trainer); waits poll the API with deadlines.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from lorasup.supervisor.serve.jobspec import to_toml
+from tests.serve_support import Daemon, bar_job, events_of
+from tests.support import child_env, gone, lorasup_argv, wait_for
+
+
+@pytest.fixture
+def daemon(tmp_path: Path):
+    made: list[Daemon] = []
+
+    def make(*args: str, env: dict[str, str] | None = None) -> Daemon:
+        made.append(Daemon(tmp_path, *args, env=env))
+        return made[-1]
+
+    yield make
+    for d in made:
+        d.cleanup()
+
+
+def cli(tmp: Path, *args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(lorasup_argv(*args, "--state-dir", str(tmp / "state")),
+                          capture_output=True, text=True, cwd=tmp, env=child_env(),
+                          timeout=timeout)
+
+
+def test_queue_order_priority_and_the_cli(daemon, tmp_path: Path) -> None:
+    d = daemon().start()
+    first = d.submit_ok(bar_job(400, 0.05, name="blocker"))
+    d.wait_step(first, 1)
+    low = d.submit_ok(bar_job(2, name="low"))
+    job_file = tmp_path / "high.toml"
+    job_file.write_text(to_toml(bar_job(2)), encoding="utf-8")
+    submitted = cli(tmp_path, "submit", str(job_file), "--name", "high", "--priority", "5")
+    assert submitted.returncode == 0, submitted.stderr
+    high = int(submitted.stdout.strip())
+    high2 = d.submit_ok(bar_job(2, name="high2", priority=5))
+    listing = cli(tmp_path, "ps")
+    assert listing.returncode == 0 and "blocker" in listing.stdout and "queued" in listing.stdout
+    as_json = json.loads(cli(tmp_path, "ps", "--json").stdout)
+    running = [j for j in as_json if j["state"] == "running"]
+    assert [j["id"] for j in running] == [first] and running[0]["pid"] > 0
+    assert running[0]["slot"] == "cpu0" and running[0]["steps"] == 400
+    assert d.job(first)["step"] >= 1
+    assert d.http.post(f"/jobs/{first}/cancel").status_code == 200
+    for job in (low, high, high2):
+        assert d.wait(job)["state"] == "completed"
+    starts = {j: d.job(j)["attempts"][0]["started"] for j in (low, high, high2)}
+    assert sorted(starts, key=starts.get) == [high, high2, low]
+    done = d.job(high)
+    assert done["outcome"] == "completed" and done["step"] == 2 and done["loss"] == 0.5
+    report = d.http.get(f"/jobs/{high}/report")
+    assert wait_for(lambda: d.http.get(f"/jobs/{high}/report").status_code == 200)
+    report = d.http.get(f"/jobs/{high}/report").json()
+    assert report["outcome"] == "completed" and report["steps"]["last"] == 2
+    shown = json.loads(cli(tmp_path, "show", str(high)).stdout)
+    assert shown["job"]["name"] == "high" and shown["report"]["outcome"] == "completed"
+    log = cli(tmp_path, "logs", str(high))
+    assert '"event": "outcome"' in log.stdout or '"event":"outcome"' in log.stdout
+
+
+def test_two_gpu_slots_at_once_and_a_two_gpu_job_waits(daemon, tmp_path: Path) -> None:
+    d = daemon("--gpus", "0,1")  # no NVML here: the list is trusted as given
+    d.args = tuple(a for a in d.args)
+    d.start("--gpus", "0,1")
+    env_flag = ("--env", "CUDA_VISIBLE_DEVICES")
+    a = d.submit_ok(bar_job(60, 0.05, *env_flag, name="a"))
+    b = d.submit_ok(bar_job(60, 0.05, *env_flag, name="b"))
+    both = d.submit_ok(bar_job(2, 0.02, *env_flag, name="both", gpus=2))
+    d.wait_step(a, 1)
+    d.wait_step(b, 1)
+    assert d.job(both)["state"] == "queued"
+    devices = {d.job(a)["devices"], d.job(b)["devices"]}
+    assert devices == {"0", "1"}
+    for job in (a, b):
+        assert d.http.post(f"/jobs/{job}/cancel").status_code == 200
+    done = d.wait(both)
+    assert done["state"] == "completed"
+    trainer_log = Path(done["run_dir"]) / "trainer.log"
+    assert "CUDA_VISIBLE_DEVICES=0,1" in trainer_log.read_text()
+    assert d.submit(bar_job(2, gpus=3)).json()["error"].startswith("invalid gpus")
+
+
+def test_cancel_queued_and_running(daemon, tmp_path: Path) -> None:
+    d = daemon().start()
+    running = d.submit_ok(bar_job(200, 0.05))
+    queued = d.submit_ok(bar_job(2))
+    d.wait_step(running, 2)
+    out = cli(tmp_path, "cancel", str(queued))
+    assert out.returncode == 0 and "cancelled" in out.stdout
+    assert d.job(queued)["state"] == "cancelled" and d.job(queued)["attempts"] == []
+    trainer = next(e["pid"] for e in events_of(d.job(running)["run_dir"])
+                   if e["kind"] == "started")
+    assert d.http.post(f"/jobs/{running}/cancel").json()["state"] == "running"
+    done = d.wait(running, timeout=20)
+    assert (done["state"], done["outcome"]) == ("cancelled", "cancelled")
+    assert wait_for(lambda: gone(trainer), timeout=10)
+    assert d.http.post(f"/jobs/{running}/cancel").status_code == 409
+    assert d.http.post("/jobs/999/cancel").json() == {"error": "no job 999"}
+
+
+def test_bad_and_duplicate_jobs_are_refused(daemon, tmp_path: Path) -> None:
+    d = daemon().start()
+    bad = tmp_path / "bad.toml"
+    bad.write_text('trainer = "builtin"\n', encoding="utf-8")
+    out = cli(tmp_path, "submit", str(bad))
+    assert out.returncode == 2
+    assert out.stderr.strip() == "lorasup: error: --steps is required for --trainer builtin"
+    response = d.submit({"trainer": "nope", "steps": 1})
+    assert response.status_code == 400 and "unknown trainer" in response.json()["error"]
+    blocker = d.submit_ok(bar_job(200, 0.05))
+    builtin = {"trainer": "builtin", "steps": 3, "options": {"output_dir": "lora_a"}}
+    first = d.submit_ok(builtin)
+    again = d.submit(builtin)
+    assert again.status_code == 409
+    assert f"job {first}" in again.json()["error"] and "lora_a" in again.json()["error"]
+    explicit = bar_job(2, run_dir=str(tmp_path / "myrun"))
+    d.submit_ok(explicit)
+    assert "run directory" in d.submit(explicit).json()["error"]
+    jobs = d.http.get("/jobs").json()["jobs"]
+    assert len(jobs) == 3  # nothing of the refused ones was queued
+    assert not list((d.state / "runs").glob("validate-*"))
+    d.http.post(f"/jobs/{blocker}/cancel")
+    d.http.post(f"/jobs/{first}/cancel")
+
+
+def test_no_daemon_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    out = cli(tmp_path, "ps")
+    assert out.returncode == 2
+    assert out.stderr.startswith("lorasup: error: no lorasup daemon is listening on ")
+    assert out.stderr.count("\n") == 1
+
+
+def test_daemon_sigkill_then_restart_readopts_the_run(daemon, tmp_path: Path) -> None:
+    d = daemon().start()
+    job = d.submit_ok(bar_job(60, 0.05))
+    running = d.wait_step(job, 3)
+    supervisor = running["pid"]
+    d.signal(signal.SIGKILL)
+    d.wait_exit()
+    assert not gone(supervisor)  # the run goes on without the daemon
+    d.start()
+    assert d.job(job)["pid"] == supervisor
+    assert any(r.get("event") == "run_adopted" for r in d.log_records())
+    done = d.wait(job, timeout=30)
+    assert (done["state"], done["outcome"], done["attempt"]) == ("completed", "completed", 1)
+    steps = [e["step"] for e in events_of(done["run_dir"]) if e["kind"] == "step"]
+    assert steps == list(range(1, 61))
+
+
+def test_killed_run_supervisor_is_requeued_and_completes(daemon, tmp_path: Path) -> None:
+    d = daemon().start()
+    marker = tmp_path / "starts"
+    job = d.submit_ok(bar_job(40, 0.05, "--marker", str(marker), retries=1))
+    running = d.wait_step(job, 2)
+    trainer = int(marker.read_text().split()[0])
+    os.kill(running["pid"], signal.SIGKILL)
+    assert wait_for(lambda: gone(trainer), timeout=15)  # no trainer survives its supervisor
+    done = d.wait(job, timeout=40)
+    assert (done["state"], done["attempt"], done["retries_used"]) == ("completed", 2, 1)
+    attempts = d.job(job)["attempts"]
+    assert attempts[0]["outcome"] is None and "without an outcome" in attempts[0]["end_reason"]
+    assert len(marker.read_text().split()) == 2
+    # Without retries left, the same loss is final: lost.
+    lost = d.submit_ok(bar_job(200, 0.05))
+    os.kill(d.wait_step(lost, 1)["pid"], signal.SIGKILL)
+    assert d.wait(lost)["state"] == "lost"
