@@ -179,3 +179,26 @@ def test_killed_run_supervisor_is_requeued_and_completes(daemon, tmp_path: Path)
     lost = d.submit_ok(bar_job(200, 0.05))
     os.kill(d.wait_step(lost, 1)["pid"], signal.SIGKILL)
     assert d.wait(lost)["state"] == "lost"
+
+
+def test_tcp_listener_needs_the_bearer_token(daemon, tmp_path: Path) -> None:
+    import socket
+
+    import httpx
+
+    token = tmp_path / "token"
+    token.write_text("t0ken-" + "x" * 20 + "\n", encoding="utf-8")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    d = daemon("--listen", f"127.0.0.1:{port}", "--token-file", str(token)).start()
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as tcp:
+        refused = tcp.get("/jobs")
+        assert refused.status_code == 401 and "bearer token" in refused.json()["error"]
+        wrong = tcp.get("/jobs", headers={"Authorization": "Bearer nope"})
+        assert wrong.status_code == 401
+        ok = tcp.get("/jobs", headers={"Authorization": f"Bearer t0ken-{'x' * 20}"})
+        assert ok.status_code == 200 and ok.json() == {"jobs": []}
+    assert d.http is not None and d.http.get("/healthz").json()["ok"] is True
+    missing = cli(tmp_path, "serve", "--listen", "127.0.0.1:1")
+    assert missing.returncode == 2 and "--token-file" in missing.stderr

@@ -115,6 +115,25 @@ def test_resume_for_the_builtin_trainer_continues_the_remaining_steps() -> None:
     assert jobspec.resumed_values(values, "command", target_step=100, saved_step=40) is None
 
 
+def test_resume_for_hf_and_kohya_picks_the_newest_saved_folder(tmp_path: Path) -> None:
+    for name, age in (("checkpoint-100", 2), ("checkpoint-200", 1), ("run-50-state", 2),
+                      ("run-150-state", 1)):
+        (tmp_path / name).mkdir()
+        os.utime(tmp_path / name, (1000 - age, 1000 - age))
+    hf = jobspec.resumed_values({"trainer_argv": ["train.py"]}, "hf", target_step=300,
+                                saved_step=0, output_dirs=(str(tmp_path),))
+    assert hf == {"trainer_argv": ["train.py", "--resume_from_checkpoint",
+                                   str(tmp_path / "checkpoint-200")]}
+    kohya = {"trainer_argv": ["train_network.py", "--save_state"]}
+    resumed = jobspec.resumed_values(kohya, "kohya", target_step=300, saved_step=0,
+                                     output_dirs=(str(tmp_path),))
+    assert resumed is not None
+    assert resumed["trainer_argv"][-1] == f"--resume={tmp_path / 'run-150-state'}"
+    # without --save_state kohya saved no state to resume from
+    assert jobspec.resumed_values({"trainer_argv": ["t.py"]}, "kohya", target_step=300,
+                                  saved_step=0, output_dirs=(str(tmp_path),)) is None
+
+
 def test_notify_table_is_checked() -> None:
     assert jobspec.check_notify({"webhook": "http://127.0.0.1:9/x", "secret": "s"})
     for bad, message in (({"webhook": "ftp://x"}, "not an http"),

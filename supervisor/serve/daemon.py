@@ -186,7 +186,7 @@ class Daemon:
             self._tg = tg
             tg.start_soon(self._watch_signals)
             tg.start_soon(self.hooks.run)
-            self._recover()
+            await self._recover()
             for i, sock in enumerate(sockets):
                 server = make_server(self, token=self.config.token if i else None)
                 self._servers.append(server)
@@ -225,7 +225,7 @@ class Daemon:
 
     # -- recovery --------------------------------------------------------------------------
 
-    def _recover(self) -> None:
+    async def _recover(self) -> None:
         """Re-adopt every run whose supervisor still lives; settle the others."""
         assert self.store is not None
         for job in self.store.jobs(("running",)):
@@ -235,7 +235,7 @@ class Daemon:
                 continue
             run_dir = Path(attempt.run_dir)
             follower = EventsFollower(run_dir / "events.jsonl")
-            follower.drain()
+            await anyio.to_thread.run_sync(follower.drain)
             identity: Identity | None = None
             if attempt.pid is not None:
                 candidate = Identity(attempt.pid, attempt.start_time, attempt.boot_id or "")
@@ -330,11 +330,12 @@ class Daemon:
         run_id, run_dir = self._run_dir(job, n)
         why = job.reason if n > 1 and job.reason else "submitted"
         values = None
-        if job.target_step is not None:
-            values = jobspec.resumed_values(job.spec.values, job.spec.trainer,
-                                            target_step=job.target_step,
-                                            saved_step=job.saved_step)
-        resume_from = job.saved_step if values is not None else None
+        if n > 1 and job.target_step is not None:
+            values = await anyio.to_thread.run_sync(lambda: jobspec.resumed_values(
+                job.spec.values, job.spec.trainer, target_step=job.target_step or 0,
+                saved_step=job.saved_step, output_dirs=job.spec.output_dirs))
+        resume_from = (job.saved_step if job.spec.trainer == "builtin" else "checkpoint") \
+            if values is not None else None
         text = jobspec.to_toml(values or job.spec.values)
         devices = tuple(d for s in slots for d in s.devices) if self.gpu_mode else None
         slot_names = ",".join(s.name for s in slots)

@@ -214,17 +214,50 @@ def to_toml(values: dict[str, Any]) -> str:
 
 
 def resumed_values(spec_values: dict[str, Any], trainer: str, *, target_step: int,
-                   saved_step: int) -> dict[str, Any] | None:
-    """The job file for an attempt that continues from ``saved_step`` toward ``target_step``;
-    None when this trainer cannot continue (then the attempt starts over)."""
-    if trainer != "builtin" or saved_step <= 0 or saved_step >= target_step:
-        return None
+                   saved_step: int, output_dirs: tuple[str, ...] = ()
+                   ) -> dict[str, Any] | None:
+    """The job file for an attempt that continues an earlier one; None when this trainer
+    cannot continue (then the attempt starts over). Reads the output folders (blocking).
+
+    builtin: ``mode = "continue"`` with the steps left after ``saved_step`` (its state is
+    saved on every graceful stop), so step numbers continue up to ``target_step``. hf: the
+    newest ``checkpoint-*`` folder (``--resume_from_checkpoint``; the Trainer counts on from
+    it). kohya: with ``--save_state``, the newest ``*-state`` folder (``--resume``).
+    """
     values = dict(spec_values)
-    options = dict(values.get("options") or {})
-    options["mode"] = "continue"
-    values["options"] = options
-    values["steps"] = target_step - saved_step
     argv = values.get("trainer_argv")
-    if isinstance(argv, list):
-        values["trainer_argv"] = [a for a in argv if a != "--new"]
-    return values
+    argv = list(argv) if isinstance(argv, list) else []
+    if trainer == "builtin":
+        if saved_step <= 0 or saved_step >= target_step:
+            return None
+        options = dict(values.get("options") or {})
+        options["mode"] = "continue"
+        values["options"] = options
+        values["steps"] = target_step - saved_step
+        if argv:
+            values["trainer_argv"] = [a for a in argv if a != "--new"]
+        return values
+    if trainer == "hf" and not any(a.startswith("--resume_from_checkpoint") for a in argv):
+        newest = _newest(output_dirs, lambda p: p.name.startswith("checkpoint-"))
+        if newest is not None:
+            values["trainer_argv"] = [*argv, "--resume_from_checkpoint", str(newest)]
+            return values
+    if trainer == "kohya" and "--save_state" in argv and not any(
+            a.startswith("--resume") for a in argv):
+        newest = _newest(output_dirs, lambda p: p.name.endswith("-state"))
+        if newest is not None:
+            values["trainer_argv"] = [*argv, f"--resume={newest}"]
+            return values
+    return None
+
+
+def _newest(folders: tuple[str, ...], wanted: Any) -> Path | None:
+    found: list[tuple[float, Path]] = []
+    for folder in folders:
+        try:
+            for path in Path(folder).iterdir():
+                if path.is_dir() and wanted(path):
+                    found.append((path.stat().st_mtime, path))
+        except OSError:
+            continue
+    return max(found)[1] if found else None
