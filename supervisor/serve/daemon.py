@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import math
 import os
 import signal
 import socket
@@ -48,6 +49,13 @@ LEFTOVER_WAIT = 10.0
 #: the scheduler looks again at least this often (backoff timers, GPUs freed by others)
 SCHEDULE_SECONDS = 5.0
 UNIX_PATH_MAX = 107
+
+
+def _json_number(value: float | None) -> float | str | None:
+    """JSON has no NaN/inf; a diverged loss is spelled out as events.jsonl spells it."""
+    if value is None or math.isfinite(value):
+        return value
+    return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
 
 
 class ApiError(Exception):
@@ -367,6 +375,14 @@ class Daemon:
         log.info("run_started", job=job.id, name=job.name, attempt=n, pid=identity.pid,
                  run_dir=str(run_dir), slot=slot_names, why=why)
         self._tg.start_soon(self._watch, run)
+        # A cancel or a stop of the daemon that came while the process was being started.
+        latest = self.store.job(job.id)
+        run.stop_request = latest.stop_request if latest else None
+        if self.stopping and run.stop_request is None:
+            run.stop_request = "daemon_stop"
+            self.store.update_job(job.id, stop_request="daemon_stop")
+        if run.stop_request is not None:
+            self._signal(run, signal.SIGTERM)
 
     # -- following a run -------------------------------------------------------------------
 
@@ -466,8 +482,9 @@ class Daemon:
                                   job.retries_used + 1, self.config.retry_backoff))
             else:
                 fields.update(state="failed", outcome=outcome, reason=reason)
+        done_here = (p.step - p.offset) if p.step is not None else 0
         self.store.end_attempt(run.job_id, run.n, outcome, exit_code if isinstance(
-            exit_code, int) else None, fields.get("reason") or "", fields)
+            exit_code, int) else None, fields.get("reason") or "", fields, steps=done_here)
         self.running.pop(run.job_id, None)
         run.done.set()
         log.info("run_ended", job=run.job_id, attempt=run.n, outcome=outcome,
@@ -631,8 +648,9 @@ class Daemon:
             rate = p.rate
         return {
             "id": job.id, "name": job.name, "state": job.state, "priority": job.priority,
-            "trainer": job.spec.trainer, "step": step, "steps": total, "loss": loss,
-            "steps_per_second": rate, "outcome": job.outcome, "reason": job.reason,
+            "trainer": job.spec.trainer, "step": step, "steps": total,
+            "loss": _json_number(loss), "steps_per_second": _json_number(rate),
+            "outcome": job.outcome, "reason": job.reason,
             "waiting": job.waiting, "attempt": job.attempts, "retries": job.spec.retries,
             "retries_used": job.retries_used, "gpus": job.spec.gpus,
             "slot": attempt.slot if attempt and job.state == "running" else None,

@@ -62,6 +62,7 @@ CREATE TABLE IF NOT EXISTS attempts (
     outcome TEXT,
     exit_code INTEGER,
     end_reason TEXT,
+    steps INTEGER,
     PRIMARY KEY (job_id, n)
 );
 """
@@ -106,6 +107,7 @@ class AttemptRow:
     outcome: str | None
     exit_code: int | None
     end_reason: str | None
+    steps: int | None
 
 
 def _spec_json(spec: JobSpec) -> str:
@@ -186,7 +188,8 @@ class Store:
             "SELECT ended - started FROM attempts WHERE ended IS NOT NULL")]
 
     def steps_total(self) -> int:
-        row = self.db.execute("SELECT COALESCE(SUM(steps_done), 0) FROM jobs").fetchone()
+        """Steps done by finished attempts (each counts its own, so this only grows)."""
+        row = self.db.execute("SELECT COALESCE(SUM(steps), 0) FROM attempts").fetchone()
         return int(row[0])
 
     def update_job(self, job_id: int, **fields: Any) -> None:
@@ -222,15 +225,17 @@ class Store:
                     "WHERE job_id = ? AND n = ?", (pid, start_time, boot_id, job_id, n))
 
     def end_attempt(self, job_id: int, n: int, outcome: str | None, exit_code: int | None,
-                    end_reason: str, job_fields: dict[str, Any]) -> None:
+                    end_reason: str, job_fields: dict[str, Any], steps: int | None = None
+                    ) -> None:
         """The attempt's end and the job's next state, in one transaction."""
         now = time.time()
         job_fields = {**job_fields, "updated": now}
         names = ", ".join(f"{k} = ?" for k in job_fields)
         with self.db:
             self.db.execute(
-                "UPDATE attempts SET ended = ?, outcome = ?, exit_code = ?, end_reason = ? "
-                "WHERE job_id = ? AND n = ?", (now, outcome, exit_code, end_reason, job_id, n))
+                "UPDATE attempts SET ended = ?, outcome = ?, exit_code = ?, end_reason = ?, "
+                "steps = ? WHERE job_id = ? AND n = ?",
+                (now, outcome, exit_code, end_reason, steps, job_id, n))
             self.db.execute(f"UPDATE jobs SET {names} WHERE id = ?",
                             (*job_fields.values(), job_id))
 
