@@ -13,7 +13,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
+from lorasup.supervisor.cli import app
 from lorasup.supervisor.serve.jobspec import to_toml
 from tests.serve_support import Daemon, bar_job, events_of
 from tests.support import child_env, gone, lorasup_argv, wait_for
@@ -33,9 +35,16 @@ def daemon(tmp_path: Path):
 
 
 def cli(tmp: Path, *args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    """The real console script (a new Python process)."""
     return subprocess.run(lorasup_argv(*args, "--state-dir", str(tmp / "state")),
                           capture_output=True, text=True, cwd=tmp, env=child_env(),
                           timeout=timeout)
+
+
+def invoke(tmp: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """The same command in this process (typer's runner): no interpreter start-up."""
+    result = CliRunner().invoke(app, [*args, "--state-dir", str(tmp / "state")])
+    return subprocess.CompletedProcess(args, result.exit_code, result.stdout, result.stderr)
 
 
 def test_queue_order_priority_and_the_cli(daemon, tmp_path: Path) -> None:
@@ -49,9 +58,9 @@ def test_queue_order_priority_and_the_cli(daemon, tmp_path: Path) -> None:
     assert submitted.returncode == 0, submitted.stderr
     high = int(submitted.stdout.strip())
     high2 = d.submit_ok(bar_job(2, name="high2", priority=5))
-    listing = cli(tmp_path, "ps")
+    listing = invoke(tmp_path, "ps")
     assert listing.returncode == 0 and "blocker" in listing.stdout and "queued" in listing.stdout
-    as_json = json.loads(cli(tmp_path, "ps", "--json").stdout)
+    as_json = json.loads(invoke(tmp_path, "ps", "--json").stdout)
     running = [j for j in as_json if j["state"] == "running"]
     assert [j["id"] for j in running] == [first] and running[0]["pid"] > 0
     assert running[0]["slot"] == "cpu0" and running[0]["steps"] == 400
@@ -67,10 +76,12 @@ def test_queue_order_priority_and_the_cli(daemon, tmp_path: Path) -> None:
     assert wait_for(lambda: d.http.get(f"/jobs/{high}/report").status_code == 200)
     report = d.http.get(f"/jobs/{high}/report").json()
     assert report["outcome"] == "completed" and report["steps"]["last"] == 2
-    shown = json.loads(cli(tmp_path, "show", str(high)).stdout)
+    shown = json.loads(invoke(tmp_path, "show", str(high)).stdout)
     assert shown["job"]["name"] == "high" and shown["report"]["outcome"] == "completed"
-    log = cli(tmp_path, "logs", str(high))
-    assert '"event": "outcome"' in log.stdout or '"event":"outcome"' in log.stdout
+    log = subprocess.run(lorasup_argv("logs", str(high), "--events", "--state-dir",
+                                      str(tmp_path / "state")), capture_output=True)
+    kinds = [json.loads(line)["kind"] for line in log.stdout.splitlines()]
+    assert kinds[0] == "started" and kinds[-1] == "outcome" and kinds.count("step") == 2
 
 
 def test_two_gpu_slots_at_once_and_a_two_gpu_job_waits(daemon, tmp_path: Path) -> None:
@@ -100,7 +111,7 @@ def test_cancel_queued_and_running(daemon, tmp_path: Path) -> None:
     running = d.submit_ok(bar_job(200, 0.05))
     queued = d.submit_ok(bar_job(2))
     d.wait_step(running, 2)
-    out = cli(tmp_path, "cancel", str(queued))
+    out = invoke(tmp_path, "cancel", str(queued))
     assert out.returncode == 0 and "cancelled" in out.stdout
     assert d.job(queued)["state"] == "cancelled" and d.job(queued)["attempts"] == []
     trainer = next(e["pid"] for e in events_of(d.job(running)["run_dir"])
@@ -202,3 +213,22 @@ def test_tcp_listener_needs_the_bearer_token(daemon, tmp_path: Path) -> None:
     assert d.http is not None and d.http.get("/healthz").json()["ok"] is True
     missing = cli(tmp_path, "serve", "--listen", "127.0.0.1:1")
     assert missing.returncode == 2 and "--token-file" in missing.stderr
+
+
+def test_stalled_run_is_retried_then_fails_with_its_outcome(daemon, tmp_path: Path) -> None:
+    d = daemon().start()
+    marker = tmp_path / "starts"
+    job = d.submit_ok(bar_job(20, 0.02, "--hang-after", "2", "--marker", str(marker),
+                              retries=1, no_output_timeout=1, grace=0.5))
+    done = d.wait(job, timeout=40)
+    assert (done["state"], done["outcome"], done["attempt"]) == ("failed", "stalled", 2)
+    attempts = d.job(job)["attempts"]
+    assert [a["outcome"] for a in attempts] == ["stalled", "stalled"]
+    assert attempts[1]["why"] == "retry after stalled"
+    assert len(marker.read_text().split()) == 2
+    # a deterministic failure is never retried
+    # (the trainer ends after 2 of the 5 steps with exit code 3: a deterministic crash)
+    failing = d.submit_ok(bar_job(5, 0.02, "--steps", "2", "--fail-code", "3", retries=3))
+    failed = d.wait(failing)
+    assert (failed["state"], failed["outcome"], failed["attempt"]) == (
+        "failed", "trainer_failed", 1)
