@@ -217,3 +217,15 @@ def test_webhook_bodies_and_signature() -> None:
     assert signature("k", body) == "sha256=" + hmac.new(b"k", body, hashlib.sha256).hexdigest()
     assert "job 3 (n): completed" in json.loads(body_for("slack", payload))["text"]
     assert "0.25" in json.loads(body_for("discord", payload))["content"]
+
+
+def test_gpu_slots_from_the_flag() -> None:
+    from lorasup.supervisor.serve.gpus import GpuSpecError, slots
+
+    assert slots("none", 3) == ([Slot("cpu0"), Slot("cpu1"), Slot("cpu2")], False)
+    assert slots(" 1,3 ", 1)[0][1] == Slot("gpu3", ("3",))
+    for bad in ("0,0", "gpu0", ","):
+        with pytest.raises(GpuSpecError):
+            slots(bad, 1)
+    with pytest.raises(GpuSpecError, match="--slots"):
+        slots("none", 0)

@@ -5,6 +5,7 @@ process that is not ours holds one; without NVML the given list is trusted as it
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Any
 
 import structlog
@@ -18,8 +19,10 @@ class GpuSpecError(ValueError):
     pass
 
 
+@functools.cache
 def _nvml() -> Any | None:
-    """The initialised pynvml module, or None where it is missing or finds no driver."""
+    """The initialised pynvml module, or None where it is missing or finds no driver
+    (asked once per process: the answer does not change while the daemon runs)."""
     try:
         import pynvml  # type: ignore[import-not-found]
     except ImportError:
@@ -57,6 +60,14 @@ def slots(gpus: str, count: int) -> tuple[list[Slot], bool]:
         raise GpuSpecError(f"--gpus must be auto, none or a list like 0,1 — not {gpus!r}")
     if len(set(indices)) != len(indices):
         raise GpuSpecError(f"--gpus lists a GPU twice: {gpus!r}")
+    nvml = _nvml()
+    count: int | None = None
+    if nvml is not None:
+        with contextlib.suppress(Exception):
+            count = int(nvml.nvmlDeviceGetCount())
+    missing = [i for i in indices if count is not None and int(i) >= count]
+    if missing:
+        raise GpuSpecError(f"--gpus names GPU {missing[0]}, but NVML sees {count}")
     return [Slot(f"gpu{i}", (i,)) for i in indices], True
 
 
