@@ -229,3 +229,26 @@ def test_gpu_slots_from_the_flag() -> None:
             slots(bad, 1)
     with pytest.raises(GpuSpecError, match="--slots"):
         slots("none", 0)
+
+
+def _end(outcome, stop=None, used=0, allowed=1, transient=False, returncode=None):
+    return scheduler.after_attempt(outcome, "why", stop_request=stop, returncode=returncode,
+                                   transient_failure=transient, retries_used=used,
+                                   retries=allowed, backoff_base=2.0, now=100.0)
+
+
+def test_after_an_attempt() -> None:
+    assert _end("completed").state == "completed"
+    assert _end("interrupted", stop="cancel").fields()["outcome"] == "cancelled"
+    assert _end(None, stop="cancel").state == "cancelled"
+    requeued = _end("interrupted", stop="daemon_stop", used=1, allowed=1)
+    assert (requeued.state, requeued.retries_used, requeued.not_before) == ("queued", 1, 0.0)
+    retried = _end("stalled", used=0, allowed=2)
+    assert (retried.state, retried.retries_used, retried.not_before) == ("queued", 1, 102.0)
+    assert (_end("stalled", used=2, allowed=2).state, _end("diverged").outcome) == (
+        "failed", "diverged")
+    gone = _end(None, returncode=-9, allowed=0)
+    assert (gone.state, gone.outcome) == ("lost", "interrupted") and "-9" in (gone.reason or "")
+    assert _end(None, allowed=1).state == "queued"
+    assert _end("trainer_failed", transient=True).state == "queued"
+    assert _end("trainer_failed").state == "failed"

@@ -452,36 +452,13 @@ class Daemon:
             "last_loss": p.loss if p.loss is not None else job.last_loss, "stop_request": None,
         }
         exit_code = p.outcome.get("exit_code") if p.outcome else returncode
-        reason = (p.outcome or {}).get("reason")
-        if stop == "cancel":
-            fields.update(state="cancelled", outcome="cancelled", reason="cancelled by request")
-        elif outcome == "completed":
-            fields.update(state="completed", outcome="completed", reason=reason)
-        elif stop == "daemon_stop" and outcome in (None, "interrupted"):
-            fields.update(state="queued", outcome=None, not_before=0,
-                          reason="re-queued: the daemon was stopped")
-        elif outcome is None:
-            why = (f"the run's supervisor ended without an outcome (exit {returncode})"
-                   if returncode is not None else "the run's supervisor is gone (no outcome)")
-            if scheduler.should_retry("interrupted", transient_failure=False,
-                                      retries_used=job.retries_used, retries=job.spec.retries):
-                fields.update(state="queued", outcome=None, reason=f"retry: {why}",
-                              retries_used=job.retries_used + 1,
-                              not_before=time.time() + scheduler.backoff(
-                                  job.retries_used + 1, self.config.retry_backoff))
-            else:
-                fields.update(state="lost", outcome="interrupted", reason=why)
-        else:
-            transient = scheduler.transient(outcome, p.trainer_returncode, p.sigkill_sent,
-                                            list(p.problems))
-            if scheduler.should_retry(outcome, transient_failure=transient,
-                                      retries_used=job.retries_used, retries=job.spec.retries):
-                fields.update(state="queued", outcome=None, reason=f"retry after {outcome}",
-                              retries_used=job.retries_used + 1,
-                              not_before=time.time() + scheduler.backoff(
-                                  job.retries_used + 1, self.config.retry_backoff))
-            else:
-                fields.update(state="failed", outcome=outcome, reason=reason)
+        transient = scheduler.transient(outcome, p.trainer_returncode, p.sigkill_sent,
+                                        list(p.problems))
+        end = scheduler.after_attempt(
+            outcome, (p.outcome or {}).get("reason"), stop_request=stop, returncode=returncode,
+            transient_failure=transient, retries_used=job.retries_used,
+            retries=job.spec.retries, backoff_base=self.config.retry_backoff, now=time.time())
+        fields.update(end.fields())
         done_here = (p.step - p.offset) if p.step is not None else 0
         self.store.end_attempt(run.job_id, run.n, outcome, exit_code if isinstance(
             exit_code, int) else None, fields.get("reason") or "", fields, steps=done_here)

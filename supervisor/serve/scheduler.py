@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 #: outcomes a new attempt can cure (a hang, a time limit, a restart of the daemon)
 RETRYABLE = frozenset({"stalled", "timeout", "interrupted"})
@@ -89,3 +90,45 @@ def should_retry(outcome: str | None, *, transient_failure: bool, retries_used: 
 def backoff(attempt: int, base: float, cap: float = 600.0) -> float:
     """Seconds to wait before retry number ``attempt`` (1, 2, ...): doubling, capped."""
     return min(base * 2 ** max(attempt - 1, 0), cap)
+
+
+@dataclass(frozen=True)
+class AttemptEnd:
+    """What becomes of a job when one of its attempts ends."""
+
+    state: str
+    outcome: str | None
+    reason: str | None
+    retries_used: int
+    not_before: float = 0.0
+
+    def fields(self) -> dict[str, Any]:
+        return {"state": self.state, "outcome": self.outcome, "reason": self.reason,
+                "retries_used": self.retries_used, "not_before": self.not_before}
+
+
+def after_attempt(outcome: str | None, reason: str | None, *, stop_request: str | None,
+                  returncode: int | None, transient_failure: bool, retries_used: int,
+                  retries: int, backoff_base: float, now: float) -> AttemptEnd:
+    """The job's next state: ``outcome`` is the run's (None: its supervisor ended without
+    writing one), ``stop_request`` what the daemon asked for (cancel, daemon_stop)."""
+    if stop_request == "cancel":
+        return AttemptEnd("cancelled", "cancelled", "cancelled by request", retries_used)
+    if outcome == "completed":
+        return AttemptEnd("completed", "completed", reason, retries_used)
+    if stop_request == "daemon_stop" and outcome in (None, "interrupted"):
+        # The daemon's own stop is not the job's failure: no retry is used up.
+        return AttemptEnd("queued", None, "re-queued: the daemon was stopped", retries_used)
+    if outcome is None:
+        why = (f"the run's supervisor ended without an outcome (exit {returncode})"
+               if returncode is not None else "the run's supervisor is gone (no outcome)")
+        if should_retry("interrupted", transient_failure=False, retries_used=retries_used,
+                        retries=retries):
+            return AttemptEnd("queued", None, f"retry: {why}", retries_used + 1,
+                              now + backoff(retries_used + 1, backoff_base))
+        return AttemptEnd("lost", "interrupted", why, retries_used)
+    if should_retry(outcome, transient_failure=transient_failure, retries_used=retries_used,
+                    retries=retries):
+        return AttemptEnd("queued", None, f"retry after {outcome}", retries_used + 1,
+                          now + backoff(retries_used + 1, backoff_base))
+    return AttemptEnd("failed", outcome, reason, retries_used)
