@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import http.client
 import json
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 from lorasup.supervisor.serve import paths
 
@@ -18,17 +21,32 @@ class ClientError(Exception):
         self.code = code
 
 
+class _UnixConnection(http.client.HTTPConnection):
+    """HTTP over the daemon's UNIX socket (the standard library's client: a short-lived
+    command should not pay for importing a bigger one)."""
+
+    def __init__(self, path: Path, timeout: float | None) -> None:
+        super().__init__("lorasup", timeout=timeout)
+        self._path = str(path)
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(self.timeout)
+            sock.connect(self._path)
+        except OSError:
+            sock.close()
+            raise
+        self.sock = sock
+
+
 class Client:
     def __init__(self, state: Path, timeout: float = 30.0) -> None:
-        import httpx
-
         self.socket = paths.socket_path(state)
-        self._httpx = httpx
-        self.http = httpx.Client(transport=httpx.HTTPTransport(uds=str(self.socket)),
-                                 base_url="http://lorasup", timeout=timeout)
+        self.timeout = timeout
 
     def close(self) -> None:
-        self.http.close()
+        pass
 
     def __enter__(self) -> Client:
         return self
@@ -40,30 +58,50 @@ class Client:
         return ClientError(f"no lorasup daemon is listening on {self.socket} "
                            "(start one with `lorasup serve`, or pass --state-dir)")
 
-    def request(self, method: str, url: str, **kwargs: Any) -> Any:
+    def _open(self, method: str, url: str, body: Any = None, timeout: float | None = 30.0
+              ) -> tuple[_UnixConnection, http.client.HTTPResponse]:
+        conn = _UnixConnection(self.socket, timeout)
+        data = None if body is None else json.dumps(body).encode()
+        headers = {"Content-Type": "application/json"} if data is not None else {}
         try:
-            response = self.http.request(method, url, **kwargs)
-        except (self._httpx.ConnectError, FileNotFoundError, ConnectionRefusedError):
+            conn.request(method, url, body=data, headers=headers)
+            return conn, conn.getresponse()
+        except (FileNotFoundError, ConnectionRefusedError):
+            conn.close()
             raise self._not_running() from None
-        except self._httpx.HTTPError as exc:
+        except (OSError, http.client.HTTPException) as exc:
+            conn.close()
             raise ClientError(f"talking to the daemon failed: {exc}", 1) from None
-        if response.status_code >= 400:
-            try:
-                message = response.json().get("error") or response.text
-            except ValueError:
-                message = response.text
-            raise ClientError(str(message).strip(), 2 if response.status_code < 500 else 1)
-        return response.json()
+
+    @staticmethod
+    def _error(status: int, data: bytes) -> ClientError:
+        try:
+            message = json.loads(data).get("error") or data.decode(errors="replace")
+        except (ValueError, AttributeError):
+            message = data.decode(errors="replace")
+        return ClientError(str(message).strip(), 2 if status < 500 else 1)
+
+    def request(self, method: str, url: str, body: Any = None) -> Any:
+        conn, response = self._open(method, url, body, self.timeout)
+        try:
+            data = response.read()
+        except (OSError, http.client.HTTPException) as exc:
+            raise ClientError(f"talking to the daemon failed: {exc}", 1) from None
+        finally:
+            conn.close()
+        if response.status >= 400:
+            raise self._error(response.status, data)
+        return json.loads(data)
 
     def stream(self, url: str, params: dict[str, str]) -> Iterator[bytes]:
+        conn, response = self._open("GET", f"{url}?{urlencode(params)}", timeout=None)
         try:
-            with self.http.stream("GET", url, params=params, timeout=None) as response:
-                if response.status_code >= 400:
-                    response.read()
-                    raise ClientError(str(response.json().get("error")))
-                yield from response.iter_raw()
-        except (self._httpx.ConnectError, FileNotFoundError, ConnectionRefusedError):
-            raise self._not_running() from None
+            if response.status >= 400:
+                raise self._error(response.status, response.read())
+            while chunk := response.read1(65536):
+                yield chunk
+        finally:
+            conn.close()
 
     # -- operations ------------------------------------------------------------------------
 
@@ -81,7 +119,7 @@ class Client:
             payload["name"] = name
         if priority is not None:
             payload["priority"] = priority
-        return self.request("POST", "/jobs", json=payload)
+        return self.request("POST", "/jobs", payload)
 
     def jobs(self) -> list[dict[str, Any]]:
         return self.request("GET", "/jobs")["jobs"]
