@@ -252,3 +252,23 @@ def test_after_an_attempt() -> None:
     assert _end(None, allowed=1).state == "queued"
     assert _end("trainer_failed", transient=True).state == "queued"
     assert _end("trainer_failed").state == "failed"
+
+
+def test_a_run_supervisor_is_found_by_its_run_directory(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from lorasup.supervisor.serve.runs import find_supervisor
+
+    run_dir = tmp_path / "runs" / "job1-a1"
+    child = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()", "start",
+                              "--run-dir", str(run_dir)], stdin=subprocess.PIPE)
+    try:
+        found = find_supervisor(run_dir)
+        assert found is not None and found.pid == child.pid and found.alive()
+        assert find_supervisor(tmp_path / "runs" / "other") is None
+    finally:
+        assert child.stdin is not None
+        child.stdin.close()
+        child.wait(timeout=10)
+    assert find_supervisor(run_dir) is None

@@ -33,8 +33,8 @@ from lorasup.supervisor.serve.runs import (
     EventsFollower,
     Progress,
     child_environment,
+    find_supervisor,
     spawn_supervisor,
-    supervisor_from_events,
     wait_exit,
 )
 from lorasup.supervisor.serve.scheduler import Slot, Waiting
@@ -249,7 +249,8 @@ class Daemon:
                 candidate = Identity(attempt.pid, attempt.start_time, attempt.boot_id or "")
                 identity = candidate if candidate.alive() else None
             else:
-                identity = supervisor_from_events(run_dir, follower.progress.supervisor_pid)
+                identity = await anyio.to_thread.run_sync(
+                    find_supervisor, run_dir, follower.progress.supervisor_pid)
                 if identity is not None:
                     self.store.set_process(job.id, attempt.n, identity.pid, identity.start_time,
                                            identity.boot_id)

@@ -205,15 +205,22 @@ async def wait_exit(identity: Identity, own_child: bool) -> int | None:
     return None
 
 
-def supervisor_from_events(run_dir: Path, pid: int | None) -> Identity | None:
-    """A run's supervisor named by its events (``supervisor_pid``), confirmed by its command
-    line naming this run directory; for a daemon that died between spawn and commit."""
-    if pid is None:
-        return None
-    try:
-        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return None
-    if os.fsencode(str(run_dir)) not in argv:
-        return None
-    return Identity.of(pid)
+def find_supervisor(run_dir: Path, pid_hint: int | None = None) -> Identity | None:
+    """The ``lorasup start`` process of this run directory, for a daemon that died between
+    spawning it and recording its pid: the pid the run's events name (``supervisor_pid``,
+    where the engine records it), else a scan of /proc for a command line naming the run
+    directory (blocking: call from a worker thread)."""
+    wanted = os.fsencode(str(run_dir))
+    candidates = [pid_hint] if pid_hint is not None else []
+    with contextlib.suppress(OSError):
+        candidates += [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()]
+    for pid in candidates:
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"start" in argv and wanted in argv and b"--run-dir" in argv:
+            identity = Identity.of(pid)
+            if identity.alive():
+                return identity
+    return None
