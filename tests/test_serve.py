@@ -47,6 +47,17 @@ def invoke(tmp: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.CompletedProcess(args, result.exit_code, result.stdout, result.stderr)
 
 
+def sse(text: str) -> list[dict]:
+    """Server-sent events: blocks of ``field: value`` lines."""
+    out = []
+    for block in text.strip().split("\n\n"):
+        fields = dict(line.split(": ", 1) for line in block.splitlines()
+                      if not line.startswith(":"))
+        out.append({"event": fields.get("event"), "id": fields.get("id"),
+                    "data": json.loads(fields.get("data", "{}"))})
+    return out
+
+
 def test_queue_order_priority_and_the_cli(daemon, tmp_path: Path) -> None:
     d = daemon().start()
     first = d.submit_ok(bar_job(400, 0.05, name="blocker"))
@@ -76,6 +87,14 @@ def test_queue_order_priority_and_the_cli(daemon, tmp_path: Path) -> None:
     assert wait_for(lambda: d.http.get(f"/jobs/{high}/report").status_code == 200)
     report = d.http.get(f"/jobs/{high}/report").json()
     assert report["outcome"] == "completed" and report["steps"]["last"] == 2
+    events = sse(d.http.get(f"/jobs/{high}/events", params={"follow": "0"}).text)
+    assert [e["event"] for e in events][-1] == "end"
+    steps = [e for e in events if e["event"] == "step"]
+    assert [(e["data"]["attempt"], e["data"]["step"], e["data"]["avg_loss"]) for e in steps
+            ] == [(1, 1, 1.0), (1, 2, 0.5)]
+    later = sse(d.http.get(f"/jobs/{high}/events", params={"follow": "0"},
+                           headers={"Last-Event-ID": steps[0]["id"]}).text)
+    assert later[0]["data"]["step"] == 2  # resumed after the event with that id
     shown = json.loads(invoke(tmp_path, "show", str(high)).stdout)
     assert shown["job"]["name"] == "high" and shown["report"]["outcome"] == "completed"
     log = subprocess.run(lorasup_argv("logs", str(high), "--events", "--state-dir",

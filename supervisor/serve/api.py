@@ -146,13 +146,16 @@ def make_app(daemon: Daemon, token: str | None = None) -> Any:
                     yield b": keep-alive\n\n"
                     continue
                 attempt, offset, data = item
+                position = offset - len(data)  # the id is the offset after each line
                 out: list[bytes] = []
-                for line in data.splitlines():
-                    if not line.startswith(b"{"):
+                for line in data.splitlines(keepends=True):
+                    position += len(line)
+                    line = line.rstrip(b"\r\n")
+                    if not line.startswith(b"{") or len(line) < 3:
                         continue
                     kind = _kind(line)
                     out.append(b"id: %d:%d\nevent: %s\ndata: {\"attempt\":%d,%s\n\n"
-                               % (attempt, offset, kind, attempt, line[1:]))
+                               % (attempt, position, kind, attempt, line[1:]))
                 yield b"".join(out)
             yield b"event: end\ndata: {}\n\n"
 
