@@ -173,10 +173,11 @@ class Daemon:
         lock = self._lock()
         try:
             self.store = Store(self.state / paths.DB_NAME)
-            sockets = [self._bind_unix()]
-            if self.config.listen:
-                sockets.append(self._bind_tcp(self.config.listen))
+            sockets: list[socket.socket] = []
             try:
+                sockets.append(self._bind_unix())
+                if self.config.listen:
+                    sockets.append(self._bind_tcp(self.config.listen))
                 return await self._serve(sockets)
             finally:
                 for sock in sockets:

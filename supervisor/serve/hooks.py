@@ -74,10 +74,11 @@ class Webhooks:
             try:
                 self._send.send_nowait((target, body, event))
                 self._queued += 1
-            except anyio.WouldBlock:
+            except (anyio.WouldBlock, anyio.ClosedResourceError) as exc:
                 self.failed += 1
-                log.warning("webhook_dropped", reason="delivery queue full", job=payload.get(
-                    "job"))
+                reason = ("delivery queue full" if isinstance(exc, anyio.WouldBlock)
+                          else "the daemon is exiting")
+                log.warning("webhook_dropped", reason=reason, job=payload.get("job"))
 
     def close(self) -> None:
         self._send.close()
