@@ -232,6 +232,10 @@ def test_tcp_listener_needs_the_bearer_token(daemon, tmp_path: Path) -> None:
     assert d.http is not None and d.http.get("/healthz").json()["ok"] is True
     missing = cli(tmp_path, "serve", "--listen", "127.0.0.1:1")
     assert missing.returncode == 2 and "--token-file" in missing.stderr
+    second = cli(tmp_path, "serve", "--gpus", "none")  # one daemon per state directory
+    assert second.returncode == 2
+    assert second.stderr.strip().startswith("lorasup: error: another lorasup serve is running")
+    assert d.http.get("/healthz").json()["ok"] is True
 
 
 def test_stalled_run_is_retried_then_fails_with_its_outcome(daemon, tmp_path: Path) -> None:
