@@ -261,9 +261,13 @@ def test_a_run_supervisor_is_found_by_its_run_directory(tmp_path: Path) -> None:
     from lorasup.supervisor.serve.runs import find_supervisor
 
     run_dir = tmp_path / "runs" / "job1-a1"
-    child = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()", "start",
-                              "--run-dir", str(run_dir)], stdin=subprocess.PIPE)
+    child = subprocess.Popen([sys.executable, "-c", "import sys; print('ready', flush=True); "
+                              "sys.stdin.read()", "start", "--run-dir", str(run_dir)],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert child.stdout is not None
     try:
+        # (right after exec the kernel may still show an empty command line)
+        assert child.stdout.readline() == b"ready\n"
         found = find_supervisor(run_dir)
         assert found is not None and found.pid == child.pid and found.alive()
         assert find_supervisor(tmp_path / "runs" / "other") is None
@@ -271,4 +275,5 @@ def test_a_run_supervisor_is_found_by_its_run_directory(tmp_path: Path) -> None:
         assert child.stdin is not None
         child.stdin.close()
         child.wait(timeout=10)
+        child.stdout.close()
     assert find_supervisor(run_dir) is None
