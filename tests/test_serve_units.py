@@ -277,3 +277,21 @@ def test_a_run_supervisor_is_found_by_its_run_directory(tmp_path: Path) -> None:
         child.wait(timeout=10)
         child.stdout.close()
     assert find_supervisor(run_dir) is None
+
+
+@given(st.one_of(st.none(), st.text(max_size=30)))
+def test_last_event_id_parser_never_raises(text) -> None:
+    from lorasup.supervisor.serve.api import _position
+
+    index, offset = _position(text)
+    assert index >= 0 and offset >= 0
+    assert _position("3:120") == (2, 120) and _position("junk") == (0, 0)
+
+
+@given(st.binary(max_size=60))
+def test_event_kind_for_sse_is_a_safe_token(line) -> None:
+    from lorasup.supervisor.serve.api import _kind
+
+    kind = _kind(line)
+    assert kind and b"\n" not in kind and b":" not in kind
+    assert _kind(b'{"t":1,"kind":"step","step":2}') == b"step"
