@@ -255,3 +255,28 @@ def test_stalled_run_is_retried_then_fails_with_its_outcome(daemon, tmp_path: Pa
     failed = d.wait(failing)
     assert (failed["state"], failed["outcome"], failed["attempt"]) == (
         "failed", "trainer_failed", 1)
+
+
+def test_gpus_auto_through_nvml_and_a_foreign_process_makes_jobs_wait(daemon, tmp_path: Path
+                                                                      ) -> None:
+    from tests.support import HELPERS
+
+    nvml = tmp_path / "nvml.json"
+    nvml.write_text(json.dumps({"count": 2, "holders": {"0": [4242]}}), encoding="utf-8")
+    path = os.pathsep.join([str(HELPERS / "fake_nvml"), child_env()["PYTHONPATH"]])
+    d = daemon("--gpus", "auto", env={"FAKE_NVML": str(nvml), "PYTHONPATH": path})
+    d.args = ()
+    d.start("--gpus", "auto")
+    first = d.submit_ok(bar_job(200, 0.05, "--env", "CUDA_VISIBLE_DEVICES"))
+    running = d.wait_step(first, 1)
+    assert running["devices"] == "1"  # GPU 0 is held by a process that is not ours
+    second = d.submit_ok(bar_job(2))
+    assert wait_for(lambda: (d.job(second)["waiting"] or "").startswith(
+        "GPU 0 is used by pid 4242"), timeout=10)
+    assert "waits: GPU 0 is used by pid 4242" in invoke(tmp_path, "ps").stdout
+    nvml.write_text(json.dumps({"count": 2, "holders": {}}), encoding="utf-8")
+    done = d.wait(second, timeout=30)  # GPU 0 freed: the next scheduling pass starts it
+    assert done["state"] == "completed" and done["waiting"] is None
+    assert d.job(second)["attempts"][0]["devices"] == "0"
+    d.http.post(f"/jobs/{first}/cancel")
+    assert d.wait(first)["state"] == "cancelled"

@@ -47,7 +47,7 @@ STOP_MARGIN = 15.0
 #: how long a trainer left behind by a killed supervisor may take to go after SIGKILL
 LEFTOVER_WAIT = 10.0
 #: the scheduler looks again at least this often (backoff timers, GPUs freed by others)
-SCHEDULE_SECONDS = 5.0
+SCHEDULE_SECONDS = 2.0
 UNIX_PATH_MAX = 107
 
 
