@@ -104,9 +104,7 @@ def test_queue_order_priority_and_the_cli(daemon, tmp_path: Path) -> None:
 
 
 def test_two_gpu_slots_at_once_and_a_two_gpu_job_waits(daemon, tmp_path: Path) -> None:
-    d = daemon("--gpus", "0,1")  # no NVML here: the list is trusted as given
-    d.args = tuple(a for a in d.args)
-    d.start("--gpus", "0,1")
+    d = daemon().start("--gpus", "0,1")  # without NVML the list is trusted as given
     env_flag = ("--env", "CUDA_VISIBLE_DEVICES")
     a = d.submit_ok(bar_job(60, 0.05, *env_flag, name="a"))
     b = d.submit_ok(bar_job(60, 0.05, *env_flag, name="b"))
@@ -264,9 +262,7 @@ def test_gpus_auto_through_nvml_and_a_foreign_process_makes_jobs_wait(daemon, tm
     nvml = tmp_path / "nvml.json"
     nvml.write_text(json.dumps({"count": 2, "holders": {"0": [4242]}}), encoding="utf-8")
     path = os.pathsep.join([str(HELPERS / "fake_nvml"), child_env()["PYTHONPATH"]])
-    d = daemon("--gpus", "auto", env={"FAKE_NVML": str(nvml), "PYTHONPATH": path})
-    d.args = ()
-    d.start("--gpus", "auto")
+    d = daemon(env={"FAKE_NVML": str(nvml), "PYTHONPATH": path}).start("--gpus", "auto")
     first = d.submit_ok(bar_job(200, 0.05, "--env", "CUDA_VISIBLE_DEVICES"))
     running = d.wait_step(first, 1)
     assert running["devices"] == "1"  # GPU 0 is held by a process that is not ours
