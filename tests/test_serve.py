@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from lorasup.supervisor.cli import app
 from lorasup.supervisor.serve.jobspec import to_toml
-from tests.serve_support import Daemon, bar_job, events_of
+from tests.serve_support import BAR_TRAINER, Daemon, bar_job, events_of
 from tests.support import child_env, gone, lorasup_argv, wait_for
 
 
@@ -276,3 +276,21 @@ def test_gpus_auto_through_nvml_and_a_foreign_process_makes_jobs_wait(daemon, tm
     assert d.job(second)["attempts"][0]["devices"] == "0"
     d.http.post(f"/jobs/{first}/cancel")
     assert d.wait(first)["state"] == "cancelled"
+
+
+def test_a_job_that_became_invalid_before_it_started_fails_as_usage(daemon, tmp_path: Path
+                                                                    ) -> None:
+    import sys
+
+    d = daemon().start()
+    blocker = d.submit_ok(bar_job(200, 0.05))
+    program = tmp_path / "trainer"
+    program.write_text(f"#!{sys.executable}\n" + BAR_TRAINER.read_text(), encoding="utf-8")
+    program.chmod(0o755)
+    victim = d.submit_ok({**bar_job(2), "command": [str(program), "--steps", "2"]})
+    d.wait_step(blocker, 1)
+    program.unlink()  # gone before the job's turn: `lorasup start` refuses it then
+    d.http.post(f"/jobs/{blocker}/cancel")
+    done = d.wait(victim)
+    assert (done["state"], done["outcome"], done["attempt"]) == ("failed", "usage", 1)
+    assert done["reason"] == f"trainer program not found: {program}"

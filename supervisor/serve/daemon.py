@@ -35,6 +35,7 @@ from lorasup.supervisor.serve.runs import (
     child_environment,
     find_supervisor,
     spawn_supervisor,
+    usage_error,
     wait_exit,
 )
 from lorasup.supervisor.serve.scheduler import Slot, Waiting
@@ -49,6 +50,7 @@ LEFTOVER_WAIT = 10.0
 #: the scheduler looks again at least this often (backoff timers, GPUs freed by others)
 SCHEDULE_SECONDS = 2.0
 UNIX_PATH_MAX = 107
+USAGE_EXIT = 2
 
 
 def _json_number(value: float | None) -> float | str | None:
@@ -446,6 +448,13 @@ class Daemon:
         if not isinstance(outcome, str):
             outcome = None
             await self._kill_leftovers(run)
+        if outcome is None and returncode == USAGE_EXIT and p.trainer_pid is None:
+            # `lorasup start` refused the job before starting anything (something changed
+            # since it was submitted, e.g. the trainer program is gone): its one-line error.
+            error = await anyio.to_thread.run_sync(usage_error, run.run_dir)
+            p.outcome = {"outcome": "usage", "exit_code": USAGE_EXIT,
+                         "reason": error or "lorasup start refused the job"}
+            outcome = "usage"
         stop = run.stop_request or job.stop_request
         target = job.target_step if job.target_step is not None else p.final
         fields: dict[str, Any] = {

@@ -224,3 +224,16 @@ def find_supervisor(run_dir: Path, pid_hint: int | None = None) -> Identity | No
             if identity.alive():
                 return identity
     return None
+
+
+def usage_error(run_dir: Path) -> str | None:
+    """The ``lorasup: error: ...`` line a refused ``lorasup start`` left in its log."""
+    try:
+        with (run_dir / LOG_NAME).open("rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            fh.seek(max(fh.tell() - 8192, 0))
+            tail = fh.read().decode("utf-8", "replace")
+    except OSError:
+        return None
+    errors = [line for line in tail.splitlines() if line.startswith("lorasup: error: ")]
+    return errors[-1].removeprefix("lorasup: error: ")[:500] if errors else None
