@@ -79,7 +79,7 @@ def serve(
     token_file: Annotated[Path | None, typer.Option(
         help="file holding the bearer token for --listen")] = None,
     config: Annotated[Path | None, typer.Option(
-        help="daemon TOML: [notify] webhook/secret/format, retry_backoff")] = None,
+        help="daemon TOML: a notify table (webhook, secret, format), retry_backoff")] = None,
     retry_backoff: Annotated[float | None, typer.Option(
         help="seconds before the first retry, doubling after [10]")] = None,
     log_format: Annotated[str, typer.Option(help="auto, json or console")] = "auto",
