@@ -295,3 +295,28 @@ def test_event_kind_for_sse_is_a_safe_token(line) -> None:
     kind = _kind(line)
     assert kind and b"\n" not in kind and b":" not in kind
     assert _kind(b'{"t":1,"kind":"step","step":2}') == b"step"
+
+
+def _spec(output: tuple[str, ...] = (), run_dir: str | None = None) -> jobspec.JobSpec:
+    return jobspec.JobSpec(values={}, name="n", priority=0, gpus=0, cwd="/", retries=0,
+                           notify={}, trainer="builtin", steps=1, grace=1.0, run_dir=run_dir,
+                           logs_dir=None, output_dirs=output)
+
+
+def test_conflicting_output_or_run_directories() -> None:
+    others = [("job 1", _spec(("/srv/out/a",), "/srv/runs/x"))]
+    assert jobspec.conflict(_spec(("/srv/out/a/",)), others) == (
+        "job 1 already writes the output directory /srv/out/a")
+    assert "run directory /srv/runs/x" in (jobspec.conflict(
+        _spec(("/srv/out/b",), "/srv/runs/./x"), others) or "")
+    assert jobspec.conflict(_spec(("/srv/out/b",), "/srv/runs/y"), others) is None
+
+
+def test_job_from_the_request_body() -> None:
+    assert jobspec.values_from_payload({"job": {"steps": 3}}) == {"steps": 3}
+    assert jobspec.values_from_payload({"toml": 'trainer = "x"\n[job]\nsteps = 4\n'}) == {
+        "trainer": "x", "steps": 4}
+    for bad, message in (({"toml": "steps = "}, "cannot read the job"), ({}, "the body"),
+                         ({"toml": "job = 3"}, r"\[job\] must be a table")):
+        with pytest.raises(jobspec.JobError, match=message):
+            jobspec.values_from_payload(bad)

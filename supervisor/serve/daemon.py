@@ -10,7 +10,6 @@ SIGTERM/SIGINT into a graceful stop of every run (re-queued, resumed by the next
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import math
 import os
 import signal
@@ -25,7 +24,7 @@ import structlog
 
 from lorasup.supervisor.notify import Notifier
 from lorasup.supervisor.serve import gpus as gpu_slots
-from lorasup.supervisor.serve import jobspec, paths, scheduler
+from lorasup.supervisor.serve import jobspec, listening, paths, scheduler
 from lorasup.supervisor.serve.hooks import Webhooks
 from lorasup.supervisor.serve.procid import Identity, kill_group, start_time
 from lorasup.supervisor.serve.runs import (
@@ -49,7 +48,6 @@ STOP_MARGIN = 15.0
 LEFTOVER_WAIT = 10.0
 #: the scheduler looks again at least this often (backoff timers, GPUs freed by others)
 SCHEDULE_SECONDS = 2.0
-UNIX_PATH_MAX = 107
 USAGE_EXIT = 2
 
 
@@ -124,62 +122,26 @@ class Daemon:
 
     # -- life ------------------------------------------------------------------------------
 
-    def _lock(self) -> int:
-        """One daemon per state directory (an flock, released by the kernel on any exit)."""
-        fd = os.open(self.state / paths.LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise ApiError(2, f"another lorasup serve is running on {self.state}") from None
-        return fd
-
-    def _bind_unix(self) -> socket.socket:
-        path = paths.socket_path(self.state)
-        if len(os.fsencode(str(path))) > UNIX_PATH_MAX:
-            raise ApiError(2, f"socket path too long for a UNIX socket: {path}")
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()  # ours: the lock proves no other daemon serves it
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old = os.umask(0o117)
-        try:
-            sock.bind(str(path))
-        finally:
-            os.umask(old)
-        os.chmod(path, 0o660)
-        sock.listen(128)
-        sock.setblocking(False)
-        return sock
-
-    def _bind_tcp(self, listen: str) -> socket.socket:
-        host, _, port = listen.rpartition(":")
-        if not host or not port.isdigit():
-            raise ApiError(2, f"--listen must be HOST:PORT, not {listen!r}")
-        host = host.strip("[]")
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, int(port)))
-        except OSError as exc:
-            sock.close()
-            raise ApiError(2, f"cannot listen on {listen}: {exc.strerror or exc}") from None
-        sock.listen(128)
-        sock.setblocking(False)
-        return sock
-
     async def run(self) -> int:
         """Serve until SIGTERM/SIGINT (or an empty queue with --until-empty); the exit code."""
         self.state.mkdir(parents=True, exist_ok=True)
         (self.state / paths.RUNS).mkdir(exist_ok=True)
-        lock = self._lock()
+        try:
+            lock = listening.lock(self.state)
+        except listening.ListenError as exc:
+            raise ApiError(2, str(exc)) from None
         try:
             self.store = Store(self.state / paths.DB_NAME)
             sockets: list[socket.socket] = []
             try:
-                sockets.append(self._bind_unix())
+                sockets.append(listening.bind_unix(paths.socket_path(self.state)))
                 if self.config.listen:
-                    sockets.append(self._bind_tcp(self.config.listen))
+                    sockets.append(listening.bind_tcp(self.config.listen))
+            except listening.ListenError as exc:
+                for sock in sockets:
+                    sock.close()
+                raise ApiError(2, str(exc)) from None
+            try:
                 return await self._serve(sockets)
             finally:
                 for sock in sockets:
@@ -570,20 +532,10 @@ class Daemon:
         assert self.store is not None
         if not self.accepting:
             raise ApiError(503, "the daemon is stopping; no new jobs")
-        values = payload.get("job")
-        if values is None and isinstance(payload.get("toml"), str):
-            import tomllib
-
-            try:
-                values = tomllib.loads(payload["toml"])
-            except tomllib.TOMLDecodeError as exc:
-                raise ApiError(400, f"cannot read the job: {exc}") from None
-            values = {**values, **values.pop("job", {})} if isinstance(
-                values.get("job", {}), dict) else values
-            if "command" in values and "trainer_argv" not in values:
-                values["trainer_argv"] = values.pop("command")
-        if not isinstance(values, dict):
-            raise ApiError(400, "the body must be {\"job\": {...}} or {\"toml\": \"...\"}")
+        try:
+            values = jobspec.values_from_payload(payload)
+        except jobspec.JobError as exc:
+            raise ApiError(400, str(exc)) from None
         cwd = payload.get("cwd") or str(Path.home())
         try:
             spec = await anyio.to_thread.run_sync(lambda: jobspec.parse(
@@ -609,17 +561,11 @@ class Daemon:
     def _refuse_duplicates(self, spec: jobspec.JobSpec) -> None:
         """Two queued/running jobs never write one output or run directory."""
         assert self.store is not None
-        mine_out = {os.path.normpath(p) for p in spec.output_dirs}
-        mine_run = os.path.normpath(spec.run_dir) if spec.run_dir else None
-        for other in self.store.jobs(ACTIVE):
-            shared = mine_out & {os.path.normpath(p) for p in other.spec.output_dirs}
-            if shared:
-                raise ApiError(409, f"job {other.id} ({other.name}, {other.state}) already "
-                                    f"writes the output directory {sorted(shared)[0]}")
-            if mine_run and other.spec.run_dir and os.path.normpath(
-                    other.spec.run_dir) == mine_run:
-                raise ApiError(409, f"job {other.id} ({other.name}, {other.state}) already "
-                                    f"uses the run directory {mine_run}")
+        active = self.store.jobs(ACTIVE)
+        clash = jobspec.conflict(spec, [(f"job {j.id} ({j.name}, {j.state})", j.spec)
+                                        for j in active])
+        if clash is not None:
+            raise ApiError(409, clash)
 
     def describe(self, job: JobRow) -> dict[str, Any]:
         """One job as ``ps`` and the API show it."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import uuid
 from dataclasses import dataclass, field
@@ -163,6 +164,40 @@ def _output_flags(trainer: str, argv: tuple[str, ...], options: dict[str, str]) 
 
         found = [options.get("output_dir") or (found[-1] if found else DEFAULT_OUTPUT_DIR)]
     return found
+
+
+def values_from_payload(payload: dict[str, Any]) -> dict[str, Any]:
+    """The job's keys from ``POST /jobs``: ``{"job": {...}}`` (what ``lorasup submit`` sends,
+    already read by ``load_toml``) or ``{"toml": "..."}`` (a job file's text, for curl)."""
+    import tomllib
+
+    values = payload.get("job")
+    if values is None and isinstance(payload.get("toml"), str):
+        try:
+            values = tomllib.loads(payload["toml"])
+        except tomllib.TOMLDecodeError as exc:
+            raise JobError(f"cannot read the job: {exc}") from None
+        table = values.pop("job", {})
+        if not isinstance(table, dict):
+            raise JobError("[job] must be a table")
+        values = {**values, **table}  # as load_toml merges a [job] table
+    if not isinstance(values, dict):
+        raise JobError('the body must be {"job": {...}} or {"toml": "..."}')
+    return values
+
+
+def conflict(spec: JobSpec, others: list[tuple[str, JobSpec]]) -> str | None:
+    """Why ``spec`` may not be queued next to ``others`` (label, spec): a shared output
+    directory or run directory (one LoRA written over another); None when it may."""
+    mine_out = {os.path.normpath(p) for p in spec.output_dirs}
+    mine_run = os.path.normpath(spec.run_dir) if spec.run_dir else None
+    for label, other in others:
+        shared = mine_out & {os.path.normpath(p) for p in other.output_dirs}
+        if shared:
+            return f"{label} already writes the output directory {sorted(shared)[0]}"
+        if mine_run and other.run_dir and os.path.normpath(other.run_dir) == mine_run:
+            return f"{label} already uses the run directory {mine_run}"
+    return None
 
 
 # -- the job file handed to ``lorasup start`` -------------------------------------------------
