@@ -614,7 +614,16 @@ class Daemon:
         return [Path(a.run_dir) for a in self.store.attempts(job_id)]
 
     def is_final(self, job_id: int) -> bool:
-        return self._job(job_id).state in FINAL
+        """Final, and its last run's supervisor has exited (the job is settled as soon as the
+        outcome is on record; the supervisor then still writes its report and last log line)."""
+        assert self.store is not None
+        job = self._job(job_id)
+        if job.state not in FINAL:
+            return False
+        attempt = self.store.attempt(job_id, job.attempts) if job.attempts else None
+        if attempt is None or attempt.pid is None:
+            return True
+        return not Identity(attempt.pid, attempt.start_time, attempt.boot_id or "").alive()
 
     def cancel(self, job_id: int) -> dict[str, Any]:
         assert self.store is not None
