@@ -8,6 +8,7 @@ before the job reaches ``lorasup start``.
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import os
@@ -145,13 +146,27 @@ def parse(values: dict[str, Any], *, cwd: str, scratch: Path, name: str | None =
         gpus=gpus, cwd=str(job_cwd), retries=retries, notify=notify, trainer=job.trainer,
         steps=plan.steps, grace=plan.grace, run_dir=run_dir, logs_dir=logs_dir,
         output_dirs=tuple(dict.fromkeys(_absolute(p, job_cwd) for p in (
-            *plan.output_dirs, *_output_flags(job.trainer, job.trainer_argv, job.options)))),
+            *plan.output_dirs, *_output_flags(job.trainer, job.trainer_argv,
+                                              start_values.get("options"))))),
     )
 
 
-def _output_flags(trainer: str, argv: tuple[str, ...], options: dict[str, str]) -> list[str]:
+def _builtin_default_output() -> str:
+    """The builtin trainer's default output folder (its module moved once: read defensively)."""
+    for module in ("lorasup.trainers.builtin.options", "lorasup.trainers.builtin.cli"):
+        try:
+            value = getattr(importlib.import_module(module), "DEFAULT_OUTPUT_DIR", None)
+        except ImportError:
+            continue
+        if isinstance(value, str):
+            return value
+    return "lora_output"
+
+
+def _output_flags(trainer: str, argv: tuple[str, ...], options: Any) -> list[str]:
     """Where a trainer writes its model, from its options and flags (``--output_dir X``,
     ``--output-dir=X``); the builtin trainer's default when it is given none."""
+    options = options if isinstance(options, dict) else {}
     found: list[str] = []
     for i, arg in enumerate(argv):
         for flag in ("--output_dir", "--output-dir"):
@@ -160,9 +175,9 @@ def _output_flags(trainer: str, argv: tuple[str, ...], options: dict[str, str]) 
             elif arg.startswith(flag + "="):
                 found.append(arg.split("=", 1)[1])
     if trainer == "builtin":
-        from lorasup.trainers.builtin.cli import DEFAULT_OUTPUT_DIR
-
-        found = [options.get("output_dir") or (found[-1] if found else DEFAULT_OUTPUT_DIR)]
+        given = options.get("output_dir")
+        found = [given if isinstance(given, str) and given else (
+            found[-1] if found else _builtin_default_output())]
     return found
 
 
