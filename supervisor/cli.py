@@ -289,6 +289,9 @@ def list_runs(
         typer.echo(f"no runs in {logs_dir}/", err=True)
 
 
+__import__("lorasup.supervisor.serve.commands", fromlist=["register"]).register(app)
+
+
 def _format(value: str) -> Literal["auto", "json", "console"]:
     if value not in ("auto", "json", "console"):
         raise _fail(f"--log-format must be auto, json or console, not {value!r}")

@@ -1,0 +1,216 @@
+"""The daemon's commands on the ``lorasup`` CLI: serve, submit, ps, cancel, logs, show.
+
+Registered from cli.py with one call, ``register(app)``; everything heavy (uvicorn,
+starlette, httpx, prometheus_client) is imported inside the commands, so ``lorasup --help``
+stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+USAGE_EXIT = 2
+
+StateDir = Annotated[Path | None, typer.Option(
+    help="state directory [$LORASUP_STATE_DIR, $STATE_DIRECTORY, ~/.local/state/lorasup]")]
+
+
+def _fail(message: str, code: int = USAGE_EXIT) -> typer.Exit:
+    typer.echo(f"lorasup: error: {message}", err=True)
+    return typer.Exit(code)
+
+
+def _client(state_dir: Path | None) -> Any:
+    from lorasup.supervisor.serve import paths
+    from lorasup.supervisor.serve.client import Client
+
+    return Client(paths.state_dir(state_dir))
+
+
+def _call(state_dir: Path | None, operation: Any) -> Any:
+    from lorasup.supervisor.serve.client import ClientError
+
+    try:
+        with _client(state_dir) as client:
+            return operation(client)
+    except ClientError as exc:
+        raise _fail(str(exc), exc.code) from None
+
+
+def _daemon_config(config: Path | None) -> dict[str, Any]:
+    """``--config``: daemon-wide settings (``[notify]``, ``retry_backoff``)."""
+    import tomllib
+
+    from lorasup.supervisor.serve.jobspec import JobError, check_notify
+
+    if config is None:
+        return {}
+    try:
+        data = tomllib.loads(config.read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise _fail(f"cannot read config file {config}: {exc}") from None
+    unknown = sorted(set(data) - {"notify", "retry_backoff"})
+    if unknown:
+        raise _fail(f"{config}: unknown key {unknown[0]!r} (known: notify, retry_backoff)")
+    try:
+        notify = check_notify(data.get("notify"))
+    except JobError as exc:
+        raise _fail(f"{config}: {exc}") from None
+    backoff = data.get("retry_backoff", 10.0)
+    if isinstance(backoff, bool) or not isinstance(backoff, int | float) or backoff < 0:
+        raise _fail(f"{config}: retry_backoff must be a number of seconds ≥ 0")
+    return {"notify": notify, "retry_backoff": float(backoff)}
+
+
+def serve(
+    state_dir: StateDir = None,
+    slots: Annotated[int, typer.Option(help="runs at once on a machine without GPUs")] = 1,
+    gpus: Annotated[str, typer.Option(help="auto, none or a list like 0,1: one slot per GPU")
+                    ] = "auto",
+    until_empty: Annotated[bool, typer.Option(
+        "--until-empty", help="exit 0 once the queue has drained")] = False,
+    listen: Annotated[str | None, typer.Option(
+        help="also serve the API on HOST:PORT (needs --token-file)")] = None,
+    token_file: Annotated[Path | None, typer.Option(
+        help="file holding the bearer token for --listen")] = None,
+    config: Annotated[Path | None, typer.Option(
+        help="daemon TOML: a notify table (webhook, secret, format), retry_backoff")] = None,
+    retry_backoff: Annotated[float | None, typer.Option(
+        help="seconds before the first retry, doubling after [10]")] = None,
+    log_format: Annotated[str, typer.Option(help="auto, json or console")] = "auto",
+) -> None:
+    import anyio
+
+    from lorasup.supervisor import logs
+    from lorasup.supervisor.serve import paths
+    from lorasup.supervisor.serve.daemon import ApiError, Daemon, DaemonConfig
+    from lorasup.supervisor.serve.gpus import GpuSpecError
+
+    if log_format not in ("auto", "json", "console"):
+        raise _fail(f"--log-format must be auto, json or console, not {log_format!r}")
+    token = None
+    if listen is not None:
+        if token_file is None:
+            raise _fail("--listen needs --token-file (the API on TCP requires a bearer token)")
+        try:
+            token = token_file.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise _fail(f"cannot read --token-file {token_file}: {exc.strerror}") from None
+        if len(token) < 16:
+            raise _fail(f"the token in {token_file} is too short (16 characters at least)")
+    settings = _daemon_config(config)
+    if retry_backoff is not None:
+        if retry_backoff < 0:
+            raise _fail("--retry-backoff must be 0 or more")
+        settings["retry_backoff"] = retry_backoff
+    logs.configure(log_format)  # type: ignore[arg-type]
+    try:
+        daemon = Daemon(DaemonConfig(state_dir=paths.state_dir(state_dir), slots=slots,
+                                     gpus=gpus, until_empty=until_empty, listen=listen,
+                                     token=token, **settings))
+        code = anyio.run(daemon.run)
+    except (ApiError, GpuSpecError) as exc:
+        raise _fail(getattr(exc, "message", str(exc))) from None
+    except OSError as exc:
+        raise _fail(f"cannot use the state directory: {exc}") from None
+    raise typer.Exit(code)
+
+
+def submit(
+    job_file: Annotated[Path, typer.Argument(help="a TOML job file (as for start --config)")],
+    name: Annotated[str | None, typer.Option(help="a name shown by ps")] = None,
+    priority: Annotated[int | None, typer.Option(help="higher runs first [0]")] = None,
+    state_dir: StateDir = None,
+) -> None:
+    job = _call(state_dir, lambda c: c.submit(job_file, cwd=Path.cwd(), name=name,
+                                              priority=priority))
+    typer.echo(job["id"])
+
+
+def _step(job: dict[str, Any]) -> str:
+    step, total = job.get("step"), job.get("steps")
+    if step is None and total is None:
+        return "-"
+    return f"{'-' if step is None else step}/{'-' if total is None else total}"
+
+
+def ps(
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON document")] = False,
+    state_dir: StateDir = None,
+) -> None:
+    jobs = _call(state_dir, lambda c: c.jobs())
+    if as_json:
+        typer.echo(json.dumps(jobs, indent=1))
+        return
+    rows = [("ID", "NAME", "STATE", "STEP", "LOSS", "OUTCOME", "ATTEMPT", "SLOT", "PID")]
+    for job in jobs:
+        loss = job.get("loss")
+        state = job["state"] + (" (waiting)" if job.get("waiting") else "")
+        rows.append((str(job["id"]), str(job["name"])[:24], state, _step(job),
+                     f"{loss:.4g}" if isinstance(loss, float) else "-",
+                     job.get("outcome") or "-", str(job.get("attempt") or "-"),
+                     job.get("slot") or "-", str(job.get("pid") or "-")))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        typer.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True))
+                   .rstrip())
+    for job in jobs:
+        if job.get("waiting"):
+            typer.echo(f"job {job['id']} waits: {job['waiting']}")
+
+
+def cancel(
+    job_id: Annotated[int, typer.Argument(help="the job id")],
+    state_dir: StateDir = None,
+) -> None:
+    job = _call(state_dir, lambda c: c.cancel(job_id))
+    action = "cancelled" if job["state"] == "cancelled" else "stopping (SIGTERM to its run)"
+    typer.echo(f"job {job_id}: {action}")
+
+
+def logs_command(
+    job_id: Annotated[int, typer.Argument(help="the job id")],
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="keep following")] = False,
+    events: Annotated[bool, typer.Option("--events", help="events.jsonl, not the log")
+                      ] = False,
+    state_dir: StateDir = None,
+) -> None:
+    params = {"follow": "1" if follow else "0", "events": "1" if events else "0"}
+
+    def stream(client: Any) -> None:
+        out = sys.stdout.buffer
+        for chunk in client.stream(f"/jobs/{job_id}/log", params):
+            out.write(chunk)
+            out.flush()
+
+    try:
+        _call(state_dir, stream)
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+
+
+def show(
+    job_id: Annotated[int, typer.Argument(help="the job id")],
+    state_dir: StateDir = None,
+) -> None:
+    def both(client: Any) -> dict[str, Any]:
+        return {"job": client.job(job_id), "report": client.report(job_id)}
+
+    typer.echo(json.dumps(_call(state_dir, both), indent=1))
+
+
+def register(app: typer.Typer) -> None:
+    """Add the daemon's commands to the ``lorasup`` app."""
+    app.command(help="Run the queue daemon: jobs from `lorasup submit`, one run per slot.")(
+        serve)
+    app.command(help="Queue a job file for the daemon; prints the job id.")(submit)
+    app.command(help="List the daemon's jobs.")(ps)
+    app.command(help="Cancel a job: queued ones are removed, running ones stopped.")(cancel)
+    app.command(name="logs", help="Print a job's run log (JSON lines); -f follows it.")(
+        logs_command)
+    app.command(help="Show a job and its report.")(show)

@@ -1,0 +1,313 @@
+"""A submitted job: the ``lorasup start`` job file plus the daemon's own keys, validated.
+
+Validation is the one ``lorasup start`` does (``build_job`` and ``plan_run``), run against
+a scratch run directory that is removed again, so a bad job is refused with the very same
+one-line error and nothing is queued. The daemon-only keys are checked here and stripped
+before the job reaches ``lorasup start``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import os
+import shutil
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from lorasup.supervisor.config import ConfigError, build_job
+
+#: keys only the daemon reads; never passed on to ``lorasup start``
+DAEMON_KEYS = ("name", "priority", "gpus", "cwd", "retries", "notify")
+#: keys the daemon decides for each attempt (it names the run directory itself)
+PLACEMENT_KEYS = ("run_dir", "run_id", "logs_dir")
+NOTIFY_KEYS = {"webhook", "secret", "format"}
+NOTIFY_FORMATS = ("json", "slack", "discord")
+MAX_RETRIES = 100
+MAX_NAME = 200
+
+
+class JobError(ValueError):
+    """The submitted job is invalid; one line for the user."""
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """What the store keeps about a job; ``values`` is the ``lorasup start`` job file."""
+
+    values: dict[str, Any]
+    name: str
+    priority: int
+    gpus: int
+    cwd: str
+    retries: int
+    notify: dict[str, str]
+    trainer: str
+    steps: int
+    grace: float
+    #: the job's own run directory (run_dir/run_id) or logs directory, absolute; None: state dir
+    run_dir: str | None
+    logs_dir: str | None
+    output_dirs: tuple[str, ...] = field(default_factory=tuple)
+
+
+def _int(values: dict[str, Any], key: str, default: int, low: int, high: int) -> int:
+    value = values.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise JobError(f"invalid {key}: must be a whole number, not {value!r}")
+    if not low <= value <= high:
+        raise JobError(f"invalid {key}: must be between {low} and {high}, not {value}")
+    return value
+
+
+def check_notify(raw: Any, where: str = "notify") -> dict[str, str]:
+    """A ``[notify]`` table: webhook URL (http/https), optional secret and message format."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise JobError(f"invalid {where}: must be a table")
+    unknown = sorted(set(raw) - NOTIFY_KEYS)
+    if unknown:
+        raise JobError(f"invalid {where}: unknown key {unknown[0]!r} "
+                       f"(known: {', '.join(sorted(NOTIFY_KEYS))})")
+    out: dict[str, str] = {}
+    for key, value in raw.items():
+        if not isinstance(value, str):
+            raise JobError(f"invalid {where}.{key}: must be a string")
+        out[key] = value
+    url = urlparse(out.get("webhook", ""))
+    if "webhook" in out and (url.scheme not in ("http", "https") or not url.netloc):
+        raise JobError(f"invalid {where}.webhook: not an http(s) URL: {out['webhook']!r}")
+    if out.get("format", "json") not in NOTIFY_FORMATS:
+        raise JobError(f"invalid {where}.format: use one of {', '.join(NOTIFY_FORMATS)}")
+    return out
+
+
+def _absolute(path: Any, cwd: Path) -> str:
+    candidate = Path(str(path))
+    return str(candidate if candidate.is_absolute() else cwd / candidate)
+
+
+def parse(values: dict[str, Any], *, cwd: str, scratch: Path, name: str | None = None,
+          priority: int | None = None) -> JobSpec:
+    """Validate a submitted job completely (raises JobError) without queueing anything."""
+    from lorasup.supervisor.prepare import plan_run
+    from lorasup.trainers.base import UsageError
+
+    if not isinstance(values, dict):
+        raise JobError("the job must be a table of keys")
+    values = dict(values)
+    if "command" in values and "trainer_argv" not in values:
+        values["trainer_argv"] = values.pop("command")  # as load_toml spells it
+    if name is not None:
+        values["name"] = name
+    if priority is not None:
+        values["priority"] = priority
+    job_cwd = Path(str(values.get("cwd") or cwd))
+    if not job_cwd.is_absolute():
+        job_cwd = Path(cwd) / job_cwd
+    if not job_cwd.is_dir():
+        raise JobError(f"invalid cwd: not a folder: {job_cwd}")
+    job_name = values.get("name", "")
+    if not isinstance(job_name, str) or len(job_name) > MAX_NAME:
+        raise JobError(f"invalid name: must be a string of at most {MAX_NAME} characters")
+    spec_priority = _int(values, "priority", 0, -1_000_000, 1_000_000)
+    gpus = _int(values, "gpus", 0, 0, 64)
+    retries = _int(values, "retries", 0, 0, MAX_RETRIES)
+    notify = check_notify(values.get("notify"))
+    start_values = {k: v for k, v in values.items() if k not in DAEMON_KEYS}
+    start_values["cwd"] = str(job_cwd)
+    to_toml(start_values)  # refuses values a job file cannot hold
+    try:
+        job = build_job(start_values, {"log_format": "json"})
+        probe = scratch / f"validate-{uuid.uuid4().hex}"
+        try:
+            plan, _adapter = plan_run(job.model_copy(update={"run_dir": probe, "run_id": None}))
+        finally:
+            shutil.rmtree(probe, ignore_errors=True)
+    except (ConfigError, UsageError) as exc:
+        raise JobError(str(exc)) from None
+    run_dir: str | None = None
+    if job.run_dir is not None:
+        run_dir = _absolute(job.run_dir, job_cwd)
+    elif job.run_id is not None:
+        run_dir = _absolute(job.logs_dir / job.run_id, job_cwd)
+    if run_dir is not None and (Path(run_dir) / "events.jsonl").exists():
+        raise JobError(f"{run_dir} already holds a run (events.jsonl); choose another run_dir")
+    logs_dir = _absolute(job.logs_dir, job_cwd) if "logs_dir" in start_values else None
+    for key in PLACEMENT_KEYS:
+        start_values.pop(key, None)
+    return JobSpec(
+        values=start_values, name=job_name or f"{job.trainer}", priority=spec_priority,
+        gpus=gpus, cwd=str(job_cwd), retries=retries, notify=notify, trainer=job.trainer,
+        steps=plan.steps, grace=plan.grace, run_dir=run_dir, logs_dir=logs_dir,
+        output_dirs=tuple(dict.fromkeys(_absolute(p, job_cwd) for p in (
+            *plan.output_dirs, *_output_flags(job.trainer, job.trainer_argv,
+                                              start_values.get("options"))))),
+    )
+
+
+def _builtin_default_output() -> str:
+    """The builtin trainer's default output folder (its module moved once: read defensively)."""
+    for module in ("lorasup.trainers.builtin.options", "lorasup.trainers.builtin.cli"):
+        try:
+            value = getattr(importlib.import_module(module), "DEFAULT_OUTPUT_DIR", None)
+        except ImportError:
+            continue
+        if isinstance(value, str):
+            return value
+    return "lora_output"
+
+
+def _output_flags(trainer: str, argv: tuple[str, ...], options: Any) -> list[str]:
+    """Where a trainer writes its model, from its options and flags (``--output_dir X``,
+    ``--output-dir=X``); the builtin trainer's default when it is given none."""
+    options = options if isinstance(options, dict) else {}
+    found: list[str] = []
+    for i, arg in enumerate(argv):
+        for flag in ("--output_dir", "--output-dir"):
+            if arg == flag and i + 1 < len(argv):
+                found.append(argv[i + 1])
+            elif arg.startswith(flag + "="):
+                found.append(arg.split("=", 1)[1])
+    if trainer == "builtin":
+        given = options.get("output_dir")
+        found = [given if isinstance(given, str) and given else (
+            found[-1] if found else _builtin_default_output())]
+    return found
+
+
+def values_from_payload(payload: dict[str, Any]) -> dict[str, Any]:
+    """The job's keys from ``POST /jobs``: ``{"job": {...}}`` (what ``lorasup submit`` sends,
+    already read by ``load_toml``) or ``{"toml": "..."}`` (a job file's text, for curl)."""
+    import tomllib
+
+    values = payload.get("job")
+    if values is None and isinstance(payload.get("toml"), str):
+        try:
+            values = tomllib.loads(payload["toml"])
+        except tomllib.TOMLDecodeError as exc:
+            raise JobError(f"cannot read the job: {exc}") from None
+        table = values.pop("job", {})
+        if not isinstance(table, dict):
+            raise JobError("[job] must be a table")
+        values = {**values, **table}  # as load_toml merges a [job] table
+    if not isinstance(values, dict):
+        raise JobError('the body must be {"job": {...}} or {"toml": "..."}')
+    return values
+
+
+def conflict(spec: JobSpec, others: list[tuple[str, JobSpec]]) -> str | None:
+    """Why ``spec`` may not be queued next to ``others`` (label, spec): a shared output
+    directory or run directory (one LoRA written over another); None when it may."""
+    mine_out = {os.path.normpath(p) for p in spec.output_dirs}
+    mine_run = os.path.normpath(spec.run_dir) if spec.run_dir else None
+    for label, other in others:
+        shared = mine_out & {os.path.normpath(p) for p in other.output_dirs}
+        if shared:
+            return f"{label} already writes the output directory {sorted(shared)[0]}"
+        if mine_run and other.run_dir and os.path.normpath(other.run_dir) == mine_run:
+            return f"{label} already uses the run directory {mine_run}"
+    return None
+
+
+# -- the job file handed to ``lorasup start`` -------------------------------------------------
+
+def _toml_value(value: Any, where: str) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        return repr(value)
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise JobError(f"invalid {where}: not valid text (a lone surrogate)") from None
+        # A JSON string is a TOML basic string (same escapes); TOML also escapes DEL.
+        return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(v, where) for v in value) + "]"
+    raise JobError(f"invalid {where}: a job file cannot hold {type(value).__name__} values")
+
+
+def _toml_key(key: str) -> str:
+    bare = key.replace("_", "").replace("-", "").isalnum() and key.isascii()
+    return key if bare and key else json.dumps(key)
+
+
+def to_toml(values: dict[str, Any]) -> str:
+    """A job file: top-level scalars and arrays, then one level of tables (``[options]``)."""
+    lines: list[str] = []
+    tables: list[tuple[str, dict[str, Any]]] = []
+    for key, value in values.items():
+        if isinstance(value, dict):
+            tables.append((key, value))
+        else:
+            lines.append(f"{_toml_key(key)} = {_toml_value(value, key)}")
+    for key, table in tables:
+        lines.append(f"\n[{_toml_key(key)}]")
+        for sub, value in table.items():
+            if isinstance(value, dict):
+                raise JobError(f"invalid {key}.{sub}: nested tables are not supported")
+            lines.append(f"{_toml_key(sub)} = {_toml_value(value, f'{key}.{sub}')}")
+    return "\n".join(lines) + "\n"
+
+
+def resumed_values(spec_values: dict[str, Any], trainer: str, *, target_step: int,
+                   saved_step: int, output_dirs: tuple[str, ...] = ()
+                   ) -> dict[str, Any] | None:
+    """The job file for an attempt that continues an earlier one; None when this trainer
+    cannot continue (then the attempt starts over). Reads the output folders (blocking).
+
+    builtin: ``mode = "continue"`` with the steps left after ``saved_step`` (its state is
+    saved on every graceful stop), so step numbers continue up to ``target_step``. hf: the
+    newest ``checkpoint-*`` folder (``--resume_from_checkpoint``; the Trainer counts on from
+    it). kohya: with ``--save_state``, the newest ``*-state`` folder (``--resume``).
+    """
+    values = dict(spec_values)
+    argv = values.get("trainer_argv")
+    argv = list(argv) if isinstance(argv, list) else []
+    if trainer == "builtin":
+        if saved_step <= 0 or saved_step >= target_step:
+            return None
+        options = dict(values.get("options") or {})
+        options["mode"] = "continue"
+        values["options"] = options
+        values["steps"] = target_step - saved_step
+        if argv:
+            values["trainer_argv"] = [a for a in argv if a != "--new"]
+        return values
+    if trainer == "hf" and not any(a.startswith("--resume_from_checkpoint") for a in argv):
+        newest = _newest(output_dirs, lambda p: p.name.startswith("checkpoint-"))
+        if newest is not None:
+            values["trainer_argv"] = [*argv, "--resume_from_checkpoint", str(newest)]
+            return values
+    if trainer == "kohya" and "--save_state" in argv and not any(
+            a.startswith("--resume") for a in argv):
+        newest = _newest(output_dirs, lambda p: p.name.endswith("-state"))
+        if newest is not None:
+            values["trainer_argv"] = [*argv, f"--resume={newest}"]
+            return values
+    return None
+
+
+def _newest(folders: tuple[str, ...], wanted: Any) -> Path | None:
+    found: list[tuple[float, Path]] = []
+    for folder in folders:
+        try:
+            for path in Path(folder).iterdir():
+                if path.is_dir() and wanted(path):
+                    found.append((path.stat().st_mtime, path))
+        except OSError:
+            continue
+    return max(found)[1] if found else None
