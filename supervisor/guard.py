@@ -52,9 +52,9 @@ def _become_subreaper() -> None:
         libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
 
 
-def _descendants(root: int) -> list[int]:
-    """Every live descendant of ``root``, from /proc (stdlib only: no psutil here)."""
-    children: dict[int, list[int]] = {}
+def _processes() -> list[tuple[int, bytes, int, int]]:
+    """(pid, state, parent, process group) of every process, from /proc (no psutil here)."""
+    table: list[tuple[int, bytes, int, int]] = []
     for name in os.listdir("/proc"):
         if not name.isdigit():
             continue
@@ -63,11 +63,19 @@ def _descendants(root: int) -> list[int]:
                 stat = fh.read()
         except OSError:
             continue
-        # "pid (comm) state ppid ...": comm may hold spaces and parentheses.
+        # "pid (comm) state ppid pgrp ...": comm may hold spaces and parentheses.
         fields = stat[stat.rfind(b")") + 2:].split()
-        if len(fields) < 2 or fields[0] == b"Z":
-            continue
-        children.setdefault(int(fields[1]), []).append(int(name))
+        if len(fields) > 2:
+            table.append((int(name), fields[0], int(fields[1]), int(fields[2])))
+    return table
+
+
+def _descendants(root: int) -> list[int]:
+    """Every live descendant of ``root``."""
+    children: dict[int, list[int]] = {}
+    for pid, state, parent, _group in _processes():
+        if state != b"Z":
+            children.setdefault(parent, []).append(pid)
     found: list[int] = []
     stack = [root]
     while stack:
@@ -75,6 +83,10 @@ def _descendants(root: int) -> list[int]:
             found.append(child)
             stack.append(child)
     return found
+
+
+def _group_has_live_member(pgid: int) -> bool:
+    return any(group == pgid and state != b"Z" for _pid, state, _parent, group in _processes())
 
 
 class Guard:
@@ -194,21 +206,6 @@ class Guard:
                 # lorasup ended the run and saw the tree gone; make sure of it.
                 self.kill_tree(graceful=False)
                 return 0
-
-
-def _group_has_live_member(pgid: int) -> bool:
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat", "rb") as fh:
-                stat = fh.read()
-        except OSError:
-            continue
-        fields = stat[stat.rfind(b")") + 2:].split()
-        if len(fields) > 3 and fields[0] != b"Z" and int(fields[3]) == pgid:
-            return True
-    return False
 
 
 def main(args: list[str]) -> int:

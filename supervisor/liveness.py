@@ -22,19 +22,54 @@ def boot_id() -> str | None:
         return None
 
 
-def process_start_time(pid: int | None = None) -> int | None:
-    """Start time of ``pid`` (default: this process) in clock ticks since boot, or None."""
+def stat_fields(pid: int) -> list[bytes] | None:
+    """Fields of /proc/PID/stat after the command name (which may hold spaces and ")"):
+    ``[0]`` is the state, ``[1]`` the parent, ``[2]`` the process group, ``[19]`` the
+    start time in clock ticks since boot. None when the process is gone."""
     try:
-        with open(f"/proc/{pid or os.getpid()}/stat", "rb") as fh:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
             stat = fh.read()
     except OSError:
         return None
-    fields = stat[stat.rfind(b")") + 2:].split()
-    # fields[0] is field 3 (state); the start time is field 22.
+    end = stat.rfind(b")")
+    return stat[end + 2:].split() if end >= 0 else None
+
+
+def process_start_time(pid: int | None = None) -> int | None:
+    """Start time of ``pid`` (default: this process) in clock ticks since boot, or None
+    when it is gone or a zombie."""
+    fields = stat_fields(pid or os.getpid())
     try:
-        return int(fields[19]) if fields[0] != b"Z" else None
+        return int(fields[19]) if fields is not None and fields[0] != b"Z" else None
     except (IndexError, ValueError):
         return None
+
+
+def running(pid: int) -> bool:
+    """The pid exists and is not a zombie."""
+    fields = stat_fields(pid)
+    return bool(fields) and fields[0] not in (b"Z", b"X")  # type: ignore[index]
+
+
+def group_exists(pgid: int) -> bool:
+    """Whether a live (non-zombie) process is still in the group.
+
+    ``killpg(pgid, 0)`` also succeeds for zombies that an init without reaping keeps
+    around, so a positive answer is confirmed by looking at the members.
+    """
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    wanted = str(pgid).encode()
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            fields = stat_fields(int(name))
+            if fields and len(fields) > 2 and fields[2] == wanted and fields[0] not in b"ZX":
+                return True
+    return False
 
 
 def supervisor_alive(started: dict[str, Any]) -> bool | None:

@@ -29,6 +29,8 @@ import psutil
 import structlog
 from anyio.abc import Process, UNIXSocketStream
 
+from lorasup.supervisor.liveness import group_exists
+
 log = structlog.get_logger(__name__)
 
 _PR_SET_CHILD_SUBREAPER = 36
@@ -134,7 +136,7 @@ class ProcessTree:
                     _reap(pid)
             except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
                 continue
-        if not alive and _group_exists(self.pgid):
+        if not alive and group_exists(self.pgid):
             alive.append(-self.pgid)
         return alive
 
@@ -204,27 +206,6 @@ async def _receive_line(tree: ProcessTree) -> str | None:
         tree._buffer += data
     line, _, tree._buffer = tree._buffer.partition(b"\n")
     return line.decode("utf-8", "replace")
-
-
-def _group_exists(pgid: int) -> bool:
-    """Whether a live (non-zombie) process is still in the group.
-
-    ``killpg(pgid, 0)`` also succeeds for zombies that an init without reaping keeps
-    around, so a positive answer is confirmed by looking at the members.
-    """
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    for proc in psutil.process_iter(["status"]):
-        try:
-            if os.getpgid(proc.pid) == pgid and proc.info["status"] != psutil.STATUS_ZOMBIE:
-                return True
-        except (ProcessLookupError, psutil.Error):
-            continue
-    return False
 
 
 class SpawnError(OSError):
