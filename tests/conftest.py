@@ -10,3 +10,20 @@ import pytest
 @pytest.fixture
 def run_dir(tmp_path: Path) -> Path:
     return tmp_path / "run"
+
+
+@pytest.fixture
+def daemons(tmp_path: Path):
+    """Start real ``lorasup serve`` daemons on this test's state directory; all are
+    stopped and cleaned up afterwards."""
+    from tests.serve_support import Daemon
+
+    made: list[Daemon] = []
+
+    def make(*args: str, env: dict[str, str] | None = None) -> Daemon:
+        made.append(Daemon(tmp_path, *args, env=env))
+        return made[-1]
+
+    yield make
+    for d in made:
+        d.cleanup()

@@ -17,21 +17,14 @@ from typer.testing import CliRunner
 
 from lorasup.supervisor.cli import app
 from lorasup.supervisor.serve.jobspec import to_toml
-from tests.serve_support import BAR_TRAINER, Daemon, bar_job, events_of
+from tests.serve_support import BAR_TRAINER, bar_job, events_of
 from tests.support import child_env, gone, lorasup_argv, wait_for
 
 
 @pytest.fixture
-def daemon(tmp_path: Path):
-    made: list[Daemon] = []
-
-    def make(*args: str, env: dict[str, str] | None = None) -> Daemon:
-        made.append(Daemon(tmp_path, *args, env=env))
-        return made[-1]
-
-    yield make
-    for d in made:
-        d.cleanup()
+def daemon(daemons):
+    """A real daemon on this test's state directory (see tests/conftest.py)."""
+    return daemons
 
 
 def cli(tmp: Path, *args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:

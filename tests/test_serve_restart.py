@@ -21,19 +21,6 @@ from tests.serve_support import Daemon, bar_job, events_of
 from tests.support import wait_for
 
 
-@pytest.fixture
-def daemons(tmp_path: Path):
-    made: list[Daemon] = []
-
-    def make(*args: str, env: dict[str, str] | None = None) -> Daemon:
-        made.append(Daemon(tmp_path, *args, env=env))
-        return made[-1]
-
-    yield make
-    for d in made:
-        d.cleanup()
-
-
 def collect(sock: socket.socket, into: list[str]) -> threading.Thread:
     """Read datagrams as they come (a UNIX datagram queue holds only ~10)."""
 
