@@ -14,6 +14,8 @@ import signal
 import sys
 import time
 from dataclasses import dataclass
+from itertools import compress, pairwise
+from operator import ne
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +37,7 @@ from lorasup.supervisor.events import (
     Started,
     Step,
 )
+from lorasup.supervisor.fastbars import FastBars, Frames, StepBlock, floats
 from lorasup.supervisor.gate import StepGate
 from lorasup.supervisor.logs import redact_argv, redact_text
 from lorasup.supervisor.notify import Notifier
@@ -175,6 +178,9 @@ class Supervisor:
         self._redraw_prefix: str | None = getattr(adapter, "redraw_prefix", None)
         #: substrings the adapter needs to see in a line; () = every line matters
         self._needles: tuple[str, ...] = tuple(getattr(adapter, "needles", ()))
+        #: the adapter's bytes pattern for whole bar-frame lines: reads scanned in one pass
+        fast_bar = getattr(adapter, "fast_bar", None)
+        self._fast = FastBars(fast_bar) if fast_bar is not None else None
         self._last_tty = 0.0
         self._tty = plan.progress_tty
         self._checkpoints: list[str] = []
@@ -283,7 +289,11 @@ class Supervisor:
                     self.silence.touch()
                     self._trainer_log.write(chunk)
                     self._trainer_log.flush()
-                    batch = self._handle(splitter.feed(chunk, self._needles))
+                    if self._fast is not None:
+                        batch = self._handle(splitter.feed_fast(chunk, self._needles,
+                                                                self._fast))
+                    else:
+                        batch = self._handle(splitter.feed(chunk, self._needles))
                     if batch:
                         await send.send(batch)
                 batch = self._handle(splitter.close())
@@ -298,12 +308,28 @@ class Supervisor:
                 if self._readers_open == 0:
                     self._readers_done.set()
 
-    def _handle(self, lines: list[str]) -> list[tuple[float, Event]]:
-        """Parse lines into events; the step gate and divergence act right here."""
+    def _handle(self, items: list[Any]) -> list[tuple[float, Event]]:
+        """Parse lines (and fast-path frame runs) into events; the step gate and divergence
+        act right here."""
         batch: list[tuple[float, Event]] = []
-        if not lines:
+        if not items:
             return batch
         t = self.now()
+        lines: list[str] = []
+        for item in items:
+            if type(item) is str:
+                lines.append(item)
+                continue
+            if lines:
+                self._handle_lines(lines, t, batch)
+                lines = []
+            self._handle_frames(item, t, batch)
+        if lines:
+            self._handle_lines(lines, t, batch)
+        return batch
+
+    def _handle_lines(self, lines: list[str], t: float,
+                      batch: list[tuple[float, Event]]) -> None:
         parse = self.adapter.parse
         if self._redraw_prefix is not None and len(lines) > 1:
             lines = _drop_redrawn(lines, self._redraw_prefix)
@@ -313,27 +339,7 @@ class Supervisor:
             for event in parse(line):
                 kind = type(event)
                 if kind is Step:
-                    admitted = self.gate.admit(event)
-                    if admitted is None:
-                        continue
-                    if (batch and type(admitted) is Step and type(batch[-1][1]) is Step
-                            and _supersedes(admitted, batch[-1][1])):
-                        # Two frames of one step in one read: the later one has it all.
-                        batch[-1] = (t, admitted)
-                    else:
-                        batch.append((t, admitted))
-                    if type(admitted) is Step:
-                        if not self._total_checked and admitted.total is not None:
-                            self._check_total(admitted)
-                        loss, avg = admitted.loss, admitted.avg_loss
-                        # (x - x) is 0.0 for a finite x and NaN for NaN/inf: one cheap test.
-                        if ((loss is not None and loss - loss != 0.0)
-                                or (avg is not None and avg - avg != 0.0)) and (
-                                self.divergence.observe(admitted.step, loss, avg)):
-                            self.request_stop("diverged")
-                        if t >= self._next_progress or self._tty or (
-                                admitted.step == self.gate.final_step):
-                            self._progress(admitted, t)
+                    self._admit(event, t, batch)
                     continue
                 if kind is Finished:
                     self.finished_marker = True
@@ -347,7 +353,66 @@ class Supervisor:
                     self._checkpoints.append(event.path)
                     log.info("checkpoint", path=event.path)
                 batch.append((t, event))
-        return batch
+
+    def _admit(self, event: Step, t: float, batch: list[tuple[float, Event]]) -> None:
+        """One step event through the gate, the divergence watch and the progress log."""
+        admitted = self.gate.admit(event)
+        if admitted is None:
+            return
+        if (batch and type(admitted) is Step and type(batch[-1][1]) is Step
+                and _supersedes(admitted, batch[-1][1])):  # type: ignore[arg-type]
+            # Two frames of one step in one read: the later one has it all.
+            batch[-1] = (t, admitted)
+        else:
+            batch.append((t, admitted))
+        if type(admitted) is Step:
+            if not self._total_checked and admitted.total is not None:
+                self._check_total(admitted)
+            loss, avg = admitted.loss, admitted.avg_loss
+            # (x - x) is 0.0 for a finite x and NaN for NaN/inf: one cheap test.
+            if ((loss is not None and loss - loss != 0.0)
+                    or (avg is not None and avg - avg != 0.0)) and (
+                    self.divergence.observe(admitted.step, loss, avg)):
+                self.request_stop("diverged")
+            if t >= self._next_progress or self._tty or (
+                    admitted.step == self.gate.final_step):
+                self._progress(admitted, t)
+
+    def _handle_frames(self, frames: Frames, t: float,
+                       batch: list[tuple[float, Event]]) -> None:
+        """A run of bar frames from the fast path: admitted in bulk when they are simply
+        the next steps (the common case), else frame by frame like parsed lines."""
+        columns = frames.columns
+        steps = list(map(int, columns["step"]))
+        n = len(steps)
+        if n > 1 and steps != list(range(steps[0], steps[0] + n)):
+            # a step drawn twice in a row (kohya): only the last frame of it counts
+            keep = [*compress(range(n - 1), map(ne, steps, steps[1:])), n - 1]
+            if len(keep) < n:
+                columns = {name: [col[i] for i in keep] for name, col in columns.items()}
+                steps = [steps[i] for i in keep]
+                n = len(steps)
+        values = {name: floats(columns.get(name)) for name in ("loss", "avg_loss", "lr")}
+        gate = self.gate
+        increasing = n == 1 or steps == list(range(steps[0], steps[0] + n)) or all(
+            a < b for a, b in pairwise(steps))
+        if not (increasing and steps[0] > gate.last and steps[0] > gate.offset
+                and steps[-1] <= gate.final_step):
+            totals = columns["total"]
+            for i in range(n):
+                self._admit(Step(step=steps[i], total=int(totals[i]),
+                                 **{k: v[i] if v else None for k, v in values.items()}),
+                            t, batch)
+            return
+        last = Step(step=steps[-1], total=int(columns["total"][-1]),
+                    **{k: v[-1] if v else None for k, v in values.items()})
+        if gate.admit(last) is None:  # cannot happen for a new step; be safe
+            return
+        batch.append((t, StepBlock(round(t, 6), steps, columns, values)))  # type: ignore
+        if not self._total_checked:
+            self._check_total(last)
+        if t >= self._next_progress or self._tty or last.step == gate.final_step:
+            self._progress(last, t)
 
     def _log_problem(self, problem: Problem) -> None:
         """The first few problems go to the log; all of them go to events.jsonl."""
