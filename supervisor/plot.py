@@ -176,7 +176,7 @@ PLOT_TIMEOUT_SECONDS = 300.0
 class PlotChild:
     """The process that draws loss_curves.png, started with the run.
 
-    It imports matplotlib at once (niced, while the trainer trains), then waits for the
+    It imports matplotlib at once (while the trainer trains), then waits for the
     report on its stdin; at the end of the run only the drawing is left to wait for. When
     lorasup goes away without sending anything, the child sees EOF and exits. Its pid is
     registered with :func:`~lorasup.supervisor.process.exclude_from_tree`, so the trainer's
@@ -244,8 +244,6 @@ def render_in_child(report: dict[str, Any], png_path: str | os.PathLike[str]) ->
 
 def _main() -> int:
     if sys.argv[1:] == ["--wait"]:
-        with contextlib.suppress(OSError, AttributeError):
-            os.nice(10)  # the trainer comes first
         from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: F401
         from matplotlib.figure import Figure  # noqa: F401
 

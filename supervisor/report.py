@@ -401,9 +401,10 @@ class _Summary:
             buckets.add_column(name, segments, values)
         for tag, values in tags.items():
             buckets.add_column("tag:" + tag, segments, values)
-        for step, value in self.pace.feed(steps, t):
+        pace = self.pace.feed(steps, t)
+        for step, value in pace:
             buckets.add_point("s_per_step", step, value)
-        return {"step": steps, "t": t, "epoch": epoch, "loss": loss, "avg_loss": avg,
+        return {"pace": pace, "step": steps, "t": t, "epoch": epoch, "loss": loss, "avg_loss": avg,
                 "lr": lr, "ema:loss": ema_loss, "ema:avg_loss": ema_avg, "tags": tags}
 
     def _fold_epochs(self, steps: list[int], epoch: list[int | None],
@@ -1054,7 +1055,8 @@ class ReportBuilder:
                     "ema:loss": [], "ema:avg_loss": [], "tags": {}}
         steps = rows["step"]
         n = len(steps)
-        pace = dict(pace_points)
+        pace = dict(rows.get("pace", ()))
+        pace.update(pace_points)
         epochs = rows["epoch"]
         if one_epoch and None in epochs:
             # a one-epoch run whose `epoch 1/1` line arrived late (buffered stdout)
@@ -1316,40 +1318,38 @@ def read_into(builder: ReportBuilder, path: str | os.PathLike[str], *,
 
 def _read_lines(builder: ReportBuilder, data: bytes, number: int,
                 on_skip: Callable[[int, str], None] | None) -> int:
-    ts: list[bytes] = []
-    steps: list[bytes] = []
-    loss: list[bytes] = []
-    avg: list[bytes] = []
-    lr: list[bytes] = []
-    epoch: list[bytes] = []
-
-    def flush() -> None:
-        if steps:
-            try:
-                builder.add_steps(list(map(float, ts)), list(map(int, steps)), _floats(loss),
-                                  _floats(avg), _floats(lr),
-                                  None if epoch.count(b"") == len(epoch)
-                                  else [int(e) if e else None for e in epoch])
-            except Exception:
-                builder.bad_records += len(steps)
-            for column in (ts, steps, loss, avg, lr, epoch):
-                column.clear()
-
-    for t, step, lo, av, l_r, ep, other in _STEP_LINE.findall(data):
-        number += 1
+    found = _STEP_LINE.findall(data)
+    if not found:
+        return number
+    cols = list(zip(*found, strict=True))
+    steps = cols[1]
+    start = 0
+    for i, step in enumerate(steps):
         if step:
-            ts.append(t)
-            steps.append(step)
-            loss.append(lo)
-            avg.append(av)
-            lr.append(l_r)
-            epoch.append(ep)
             continue
+        if i > start:
+            _add_block(builder, cols, start, i)
+        start = i + 1
+        other = cols[6][i]
         if other.strip():
-            flush()
-            _read_one(builder, other, number, on_skip, cut_off=False)
-    flush()
-    return number
+            _read_one(builder, other, number + i + 1, on_skip, cut_off=False)
+    if start < len(steps):
+        _add_block(builder, cols, start, len(steps))
+    return number + len(steps)
+
+
+def _add_block(builder: ReportBuilder, cols: list[tuple[bytes, ...]], start: int,
+               end: int) -> None:
+    whole = start == 0 and end == len(cols[0])
+    t, step, loss, avg, lr, epoch = (list(c) if whole else list(c[start:end])
+                                     for c in cols[:6])
+    try:
+        builder.add_steps(list(map(float, t)), list(map(int, step)), _floats(loss),
+                          _floats(avg), _floats(lr),
+                          None if epoch.count(b"") == len(epoch)
+                          else [int(e) if e else None for e in epoch])
+    except Exception:  # a report must survive any input
+        builder.bad_records += end - start
 
 
 def _read_one(builder: ReportBuilder, raw: bytes, number: int,
