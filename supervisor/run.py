@@ -42,6 +42,7 @@ from lorasup.supervisor.gate import StepGate
 from lorasup.supervisor.logs import redact_argv, redact_text
 from lorasup.supervisor.notify import Notifier
 from lorasup.supervisor.process import ProcessTree, become_subreaper, spawn, wait_gone
+from lorasup.supervisor.safefs import exists
 from lorasup.supervisor.sink import Batch, ReportSink
 from lorasup.supervisor.streams import LineSplitter
 from lorasup.supervisor.tensorboard import EventFileFollower
@@ -165,6 +166,7 @@ class Supervisor:
         self.divergence = DivergenceWatch(plan.nan_patience)
         self.silence = SilenceWatchdog(plan.no_output_timeout)
         self._trainer_log = (plan.run_dir / "trainer.log").open("ab")
+        self._trainer_log_failed = False
         self.sink = ReportSink(plan.run_dir, self._model_files)
         self._readers_open = 2
         self._readers_done = anyio.Event()
@@ -287,8 +289,7 @@ class Supervisor:
                             anyio.BrokenResourceError):
                         break
                     self.silence.touch()
-                    self._trainer_log.write(chunk)
-                    self._trainer_log.flush()
+                    self._log_chunk(chunk)
                     if self._fast is not None:
                         batch = self._handle(splitter.feed_fast(chunk, self._needles,
                                                                 self._fast))
@@ -308,6 +309,20 @@ class Supervisor:
                 if self._readers_open == 0:
                     self._readers_done.set()
 
+    def _log_chunk(self, chunk: bytes) -> None:
+        """Append to trainer.log; a full disk is counted (sink.unwritten), never fatal."""
+        if self._trainer_log_failed:
+            return
+        try:
+            self._trainer_log.write(chunk)
+            self._trainer_log.flush()
+        except (OSError, ValueError) as exc:
+            # A buffered writer that failed keeps its data and fails again: stop writing.
+            self._trainer_log_failed = True
+            self.sink.faults.record("trainer.log", exc)  # type: ignore[arg-type]
+            self.sink.builder.add_note(f"trainer.log could not be written ({exc}); "
+                                       "the run goes on")
+
     def _handle(self, items: list[Any]) -> list[tuple[float, Event]]:
         """Parse lines (and fast-path frame runs) into events; the step gate and divergence
         act right here."""
@@ -315,6 +330,9 @@ class Supervisor:
         if not items:
             return batch
         t = self.now()
+        if self._redraw_prefix is not None and len(items) > 1 and any(
+                type(item) is Frames for item in items):
+            items = self._drop_redrawn_frames(items)
         lines: list[str] = []
         for item in items:
             if type(item) is str:
@@ -327,6 +345,32 @@ class Supervisor:
         if lines:
             self._handle_lines(lines, t, batch)
         return batch
+
+    def _frame_step(self, line: str) -> bytes | None:
+        """The step counter of a bar-frame line (as bytes, like a Frames column), or None."""
+        head = _frame_head(line, self._redraw_prefix or "")
+        if head is None:
+            return None
+        return head.rsplit(" ", 1)[-1].split("/", 1)[0].encode()
+
+    def _drop_redrawn_frames(self, items: list[Any]) -> list[Any]:
+        """What ``_drop_redrawn`` does for lines, across a fast-path run's edges: a frame
+        that the very next frame redraws at the same step is left out."""
+        out: list[Any] = []
+        for i, item in enumerate(items):
+            following = items[i + 1] if i + 1 < len(items) else None
+            if type(item) is str and type(following) is Frames:
+                step = self._frame_step(item)
+                if step is not None and step == following.columns["step"][0]:
+                    continue
+            elif type(item) is Frames and type(following) is str:
+                step = self._frame_step(following)
+                if step is not None and step == item.columns["step"][-1]:
+                    if len(item) == 1:
+                        continue
+                    item = Frames({name: col[:-1] for name, col in item.columns.items()})
+            out.append(item)
+        return out
 
     def _handle_lines(self, lines: list[str], t: float,
                       batch: list[tuple[float, Event]]) -> None:
@@ -491,11 +535,11 @@ class Supervisor:
         for announced in self._checkpoints:
             path = Path(announced)
             path = path if path.is_absolute() else self.plan.cwd / path
-            if path.exists():
+            if exists(path):  # ENAMETOOLONG/EACCES: "not there", never a crash
                 found[str(path)] = None
         for folder in self.plan.output_dirs:
             folder = folder if folder.is_absolute() else self.plan.cwd / folder
-            if not folder.is_dir():
+            if not exists(folder) or not folder.is_dir():
                 continue
             for path in sorted(folder.rglob("*")):
                 try:
@@ -527,7 +571,10 @@ class Supervisor:
                         outcome=outcome, exit_code=code, reason=reason,
                         trainer_returncode=returncode))])
         finally:
-            self._trainer_log.close()
+            try:
+                self._trainer_log.close()
+            except OSError as exc:  # its last flush on a full disk
+                self.sink.faults.record("trainer.log", exc)
             self.notifier.close()
             if self.tree is not None and self.tree.survivors():
                 # Only reached through a bug or a crash of our own: never leave the tree behind.
@@ -536,7 +583,7 @@ class Supervisor:
                 sys.stderr.write("\n")
         log.info("outcome", outcome=outcome, exit_code=code, reason=reason,
                  trainer_returncode=returncode, steps=self.gate.last,
-                 report=str(plan.run_dir / "report.json"))
+                 report=str(plan.run_dir / "report.json"), unwritten=self.sink.unwritten)
         structlog.contextvars.unbind_contextvars("run_id")
         return RunResult(outcome, code, plan.run_dir, self.sink.report)
 
