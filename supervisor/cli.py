@@ -11,11 +11,10 @@ import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import anyio
 import typer
 
-from lorasup.supervisor import logs
-from lorasup.supervisor.config import ConfigError, build_job, load_toml
+# Imported by the commands that need them (anyio, structlog, pydantic, ...): `lorasup
+# --help` must start fast.
 
 USAGE_EXIT = 2
 
@@ -25,6 +24,8 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # Plain help: rich's help panels cost ~150 ms of imports on every `lorasup --help`.
+    rich_markup_mode=None,
 )
 
 
@@ -69,6 +70,10 @@ def start(
         "--tensorboard",
         help="diffusers: make the script write TensorBoard files into the run dir")] = False,
 ) -> None:
+    import anyio
+
+    from lorasup.supervisor import logs
+    from lorasup.supervisor.config import ConfigError, build_job, load_toml
     from lorasup.supervisor.prepare import plan_run
     from lorasup.supervisor.run import Supervisor
     from lorasup.trainers.base import UsageError
@@ -107,6 +112,7 @@ def report(
     run_dir: Annotated[Path, typer.Argument(help="a run directory")],
     log_format: Annotated[str, typer.Option(help="auto, json or console")] = "auto",
 ) -> None:
+    from lorasup.supervisor import logs
     from lorasup.supervisor.report import rebuild
 
     logs.configure(_format(log_format))
@@ -120,15 +126,12 @@ def report(
 
 @app.command(help="Show the outcome and progress of a run (live: read from events.jsonl).")
 def status(run_dir: Annotated[Path, typer.Argument(help="a run directory")]) -> None:
-    from lorasup.supervisor.report import ReportBuilder, read_events
+    from lorasup.supervisor.report import load
 
     events = run_dir / "events.jsonl"
     if not events.is_file():
         raise _fail(f"no events.jsonl in {run_dir}")
-    builder = ReportBuilder()
-    for record in read_events(events):
-        builder.add(record)
-    data = builder.snapshot()
+    data = load(run_dir).snapshot()  # streaming, bounded memory
     typer.echo(json.dumps({"run_id": data.get("run_id"), "status": data.get("status"),
                            "outcome": data.get("outcome"), "exit_code": data.get("exit_code"),
                            "steps": data.get("steps"), "loss": data.get("loss")}))
