@@ -1423,7 +1423,11 @@ def rebuild(run_dir: str | os.PathLike[str], *,
     streaming (memory does not grow with the run)."""
     import tempfile
 
+    from lorasup.supervisor.plot import PlotChild
+
     run_dir = Path(run_dir)
+    plot = PlotChild()
+    plot.start()  # matplotlib's import overlaps the reading
     faults = WriteFaults()
     csv_fd, csv_tmp = -1, ""
     try:
@@ -1459,4 +1463,8 @@ def rebuild(run_dir: str | os.PathLike[str], *,
     if csv_tmp and not builder._files.get(LOSSES_CSV):
         with contextlib.suppress(OSError):
             os.unlink(csv_tmp)
-    return write_all(run_dir, builder, faults=faults, csv_streamed=True)
+    try:
+        return write_all(run_dir, builder, render=plot.render, faults=faults,
+                         csv_streamed=True)
+    finally:
+        plot.close()
