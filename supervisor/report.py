@@ -649,9 +649,13 @@ class ReportBuilder:
         n = len(steps)
         if not n:
             return
-        times = [t] * n if isinstance(t, int | float) else list(t)
-        last_t = max(times)
-        if self.last_t is None or last_t > self.last_t:
+        times: list[Any] = [t] * n if isinstance(t, int | float) else list(t)
+        total = sum(times)
+        if total - total != 0.0:  # a non-finite time (a junk line) is no time
+            times = [x if x - x == 0.0 else None for x in times]
+        timed = [x for x in times if x is not None] if total - total != 0.0 else times
+        last_t = max(timed, default=None)
+        if last_t is not None and (self.last_t is None or last_t > self.last_t):
             self.last_t = last_t
         ws = self._ws
         simple = ((not ws or steps[0] > ws[-1])

@@ -228,3 +228,15 @@ def test_any_records_never_raise(records: list[dict]) -> None:
     for record in records:
         builder.add(record)
     json.dumps(builder.snapshot(), allow_nan=False)
+
+
+def test_absurd_times_in_step_lines_are_no_times(tmp_path: Path) -> None:
+    (tmp_path / "events.jsonl").write_bytes(
+        b'{"t":1e400,"kind":"step","step":1,"loss":1e400}\n'
+        b'{"t":-1e400,"kind":"step","step":2,"loss":0.5}\n'
+        b'{"t":3,"kind":"step","step":99999999999999999999999,"loss":0.5}\n')
+    report = load(tmp_path).snapshot()
+    json.dumps(report, allow_nan=False)
+    assert report["series"]["t"] == [None, None]
+    assert report["timing"]["duration_s"] == 3.0
+    assert report["loss"]["nonfinite"] == 1 and report["steps"]["recorded"] == 2
