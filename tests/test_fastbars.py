@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 from hypothesis import given, settings
@@ -57,7 +58,7 @@ def events(kind: str, data: bytes, cuts: list[int], fast: bool) -> list[object]:
     scanner = FastBars(adapter.fast_bar)
     found: list[object] = []
     bounds = sorted({c % (len(data) + 1) for c in cuts} | {0, len(data)})
-    chunks = [data[a:b] for a, b in zip(bounds, bounds[1:], strict=False) if b > a]
+    chunks = [data[a:b] for a, b in itertools.pairwise(bounds) if b > a]
     for chunk in chunks:
         items = (splitter.feed_fast(chunk, adapter.needles, scanner) if fast
                  else splitter.feed(chunk, adapter.needles))

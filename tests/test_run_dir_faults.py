@@ -12,11 +12,11 @@ from pathlib import Path
 
 import anyio
 import pytest
+from support import ROOT, run_lorasup
 
 from lorasup.supervisor.events import Checkpoint, Outcome, Started, Step
 from lorasup.supervisor.report import rebuild
 from lorasup.supervisor.sink import ReportSink
-from support import ROOT, run_lorasup
 
 FIREHOSE = ROOT / "bench" / "firehose.py"
 
