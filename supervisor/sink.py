@@ -76,7 +76,8 @@ class ReportSink:
             message = f"{name} could not be written ({exc}); the run goes on"
             self.builder.add_note(message)
             if name != EVENTS_JSONL and self._events_fd >= 0:
-                self._append_events(Note(message=message).to_json(0.0).encode() + b"\n")
+                t = self.builder.last_t or 0.0  # the run's clock as far as the sink knows it
+                self._append_events(Note(message=message).to_json(t).encode() + b"\n")
 
     def _append_events(self, data: bytes) -> None:
         try:
