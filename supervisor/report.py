@@ -55,7 +55,7 @@ import re
 import statistics
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from itertools import compress
-from operator import ne
+from operator import ne, not_
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -1336,9 +1336,7 @@ def _read_lines(builder: ReportBuilder, data: bytes, number: int,
     cols = list(zip(*found, strict=True))
     steps = cols[1]
     start = 0
-    for i, step in enumerate(steps):
-        if step:
-            continue
+    for i in compress(range(len(steps)), map(not_, steps)):  # the lines that are no steps
         if i > start:
             _add_block(builder, cols, start, i)
         start = i + 1
