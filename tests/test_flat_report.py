@@ -240,3 +240,27 @@ def test_absurd_times_in_step_lines_are_no_times(tmp_path: Path) -> None:
     assert report["series"]["t"] == [None, None]
     assert report["timing"]["duration_s"] == 3.0
     assert report["loss"]["nonfinite"] == 1 and report["steps"]["recorded"] == 2
+
+
+def test_status_and_report_commands_survive_huge_losses_and_junk(tmp_path: Path) -> None:
+    import subprocess
+
+    from support import child_env, lorasup_argv
+
+    (tmp_path / "events.jsonl").write_bytes(
+        b'{"t":0,"kind":"started","run_id":"r","trainer":"command","argv":["x"],"pid":1,'
+        b'"steps_requested":3,"wall_time":0}\n'
+        b'{"t":1,"kind":"step","step":1,"loss":1e308}\n'
+        b'{"t":2,"kind":"step","step":2,"loss":1e308}\n'
+        b'\x00\xff junk\n{"t":3,"kind":"step","step":3,"loss":1' + b"0" * 5000 + b'}\n'
+        b'{"t":4,"kind":"outcome","outcome":"completed","exit_code":0,"reason":"ok"}\n'
+        b'{"t":5,"kind":"no')
+    for command in ("status", "report"):
+        proc = subprocess.run(lorasup_argv(command, str(tmp_path)), capture_output=True,
+                              text=True, timeout=60, env=child_env())
+        assert proc.returncode == 0, proc.stderr
+        assert "Traceback" not in proc.stderr
+        data = json.loads(proc.stdout.splitlines()[-1])
+        assert data["outcome"] == "completed" and data["steps"]["recorded"] == 2
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["loss"]["mean"] == 1e308 and report["loss"]["std"] == 0.0
