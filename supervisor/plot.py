@@ -16,6 +16,8 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -180,7 +182,7 @@ PLOT_TIMEOUT_SECONDS = 300.0
 class PlotChild:
     """The process that draws loss_curves.png, started with the run.
 
-    It imports matplotlib at once (while the trainer trains), then waits for the
+    It imports matplotlib at once, at idle priority (while the trainer trains), then waits for the
     report on its stdin; at the end of the run only the drawing is left to wait for. When
     lorasup goes away without sending anything, the child sees EOF and exits. Its pid is
     registered with :func:`~lorasup.supervisor.process.exclude_from_tree`, so the trainer's
@@ -246,14 +248,42 @@ def render_in_child(report: dict[str, Any], png_path: str | os.PathLike[str]) ->
     return Path(png_path)
 
 
-def _main() -> int:
-    if sys.argv[1:] == ["--wait"]:
+def _warm_up_idle() -> tuple[threading.Thread, Callable[[], None]]:
+    """Import matplotlib in a thread at SCHED_IDLE: it only uses a CPU nobody else wants
+    (the trainer and lorasup come first). The returned callable lifts the thread back to
+    the normal policy once the drawing is needed (allowed unprivileged since Linux 2.6.39)."""
+    lock = threading.Lock()
+    state: dict[str, Any] = {"tid": None, "urgent": False}
+
+    def warm() -> None:
+        with lock:
+            if not state["urgent"]:
+                with contextlib.suppress(Exception):
+                    os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+                    state["tid"] = threading.get_native_id()
         from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: F401
         from matplotlib.figure import Figure  # noqa: F401
 
+    def urgent() -> None:
+        with lock:
+            state["urgent"] = True
+            if state["tid"] is not None:
+                with contextlib.suppress(Exception):
+                    os.sched_setscheduler(state["tid"], os.SCHED_OTHER, os.sched_param(0))
+
+    thread = threading.Thread(target=warm, name="matplotlib-import", daemon=True)
+    thread.start()
+    return thread, urgent
+
+
+def _main() -> int:
+    if sys.argv[1:] == ["--wait"]:
+        thread, urgent = _warm_up_idle()
         data = sys.stdin.buffer.read()
+        urgent()
         if not data:
             return 0  # the run ended without asking for a plot
+        thread.join()
         request = json.loads(data)
         render_loss_curves(request["report"], request["png"])
         return 0
