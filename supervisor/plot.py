@@ -16,8 +16,6 @@ import subprocess
 import sys
 import tempfile
 import textwrap
-import threading
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -204,12 +202,22 @@ class PlotChild:
         from lorasup.supervisor.process import exclude_from_tree
 
         exclude_from_tree(self.proc.pid)
+        # Its import runs only on a CPU nobody else wants: the trainer and lorasup first.
+        # Set (and later lifted) from here, not by the child: a child that starved itself
+        # at idle priority could not be relied on to lift itself in time.
+        _policy(self.proc.pid, "SCHED_IDLE")
+
+    def hurry(self) -> None:
+        """The drawing will be wanted soon (the trainer is done): normal priority again."""
+        if self.proc is not None and self.proc.poll() is None:
+            _policy(self.proc.pid, "SCHED_OTHER")
 
     def render(self, report: dict[str, Any], png_path: str | os.PathLike[str]) -> Path:
         """Send the report, wait for the PNG; a fresh child if the early one is gone."""
         proc, self.proc = self.proc, None
         if proc is None or proc.poll() is not None:
             return render_in_child(report, png_path)
+        _policy(proc.pid, "SCHED_OTHER")  # the drawing is wanted now
         payload = json.dumps({"png": os.fspath(png_path), "report": report}).encode()
         try:
             _, stderr = proc.communicate(payload, timeout=PLOT_TIMEOUT_SECONDS)
@@ -231,6 +239,15 @@ class PlotChild:
                 proc.communicate(b"", timeout=30)
 
 
+def _policy(pid: int, name: str) -> None:
+    """Set a process's scheduling policy where the platform has it; never fails."""
+    policy = getattr(os, name, None)
+    if policy is None or not hasattr(os, "sched_setscheduler"):
+        return
+    with contextlib.suppress(OSError):
+        os.sched_setscheduler(pid, policy, os.sched_param(0))
+
+
 def _check(returncode: int | None, stderr: bytes) -> None:
     if returncode != 0:
         tail = stderr.decode(errors="replace").strip().splitlines()[-1:] or ["no output"]
@@ -248,42 +265,14 @@ def render_in_child(report: dict[str, Any], png_path: str | os.PathLike[str]) ->
     return Path(png_path)
 
 
-def _warm_up_idle() -> tuple[threading.Thread, Callable[[], None]]:
-    """Import matplotlib in a thread at SCHED_IDLE: it only uses a CPU nobody else wants
-    (the trainer and lorasup come first). The returned callable lifts the thread back to
-    the normal policy once the drawing is needed (allowed unprivileged since Linux 2.6.39)."""
-    lock = threading.Lock()
-    state: dict[str, Any] = {"tid": None, "urgent": False}
-
-    def warm() -> None:
-        with lock:
-            if not state["urgent"]:
-                with contextlib.suppress(Exception):
-                    os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-                    state["tid"] = threading.get_native_id()
+def _main() -> int:
+    if sys.argv[1:] == ["--wait"]:
         from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: F401
         from matplotlib.figure import Figure  # noqa: F401
 
-    def urgent() -> None:
-        with lock:
-            state["urgent"] = True
-            if state["tid"] is not None:
-                with contextlib.suppress(Exception):
-                    os.sched_setscheduler(state["tid"], os.SCHED_OTHER, os.sched_param(0))
-
-    thread = threading.Thread(target=warm, name="matplotlib-import", daemon=True)
-    thread.start()
-    return thread, urgent
-
-
-def _main() -> int:
-    if sys.argv[1:] == ["--wait"]:
-        thread, urgent = _warm_up_idle()
         data = sys.stdin.buffer.read()
-        urgent()
         if not data:
             return 0  # the run ended without asking for a plot
-        thread.join()
         request = json.loads(data)
         render_loss_curves(request["report"], request["png"])
         return 0

@@ -150,6 +150,7 @@ class ReportSink:
         self.report = await anyio.to_thread.run_sync(self._write_final)
 
     def _write_final(self) -> dict[str, Any]:
+        self._plot.hurry()  # its import (if still going) overlaps the work below
         builder = self.builder
         try:
             # Looking for model files walks the output folders: not on the event loop.
