@@ -5,9 +5,16 @@ Installed, this repository's root is the ``lorasup`` package: ``supervisor/`` be
 nothing clashes with PyPI's supervisord, which owns the top-level name ``supervisor``.
 """
 
-from importlib.metadata import PackageNotFoundError, version
 
-try:
-    __version__ = version("lorasup")
-except PackageNotFoundError:  # pragma: no cover - running from an uninstalled copy
-    __version__ = "0+unknown"
+
+def __getattr__(name: str) -> str:
+    """``lorasup.__version__``, looked up on first use (importlib.metadata is slow to import
+    and the command line must start fast)."""
+    if name != "__version__":
+        raise AttributeError(name)
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("lorasup")
+    except PackageNotFoundError:  # pragma: no cover - running from an uninstalled copy
+        return "0+unknown"

@@ -81,17 +81,17 @@ def main() -> int:
     for step in range(1, n + args.extra + 1):
         time.sleep(args.step_seconds)
         elapsed = time.monotonic() - start
-        # Block the stop signals from the write until the timestamp is taken: a signal that
-        # arrives in between is delivered right after (microseconds late), never lost.
-        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-        err.write(frame(step, n, elapsed, avr))
-        err.flush()
+        text = frame(step, n, elapsed, avr)
+        # The timestamp is taken *before* the write: lorasup can only react to a frame it
+        # has read, so its signal always lands after this instant (taken after the write,
+        # a signal that arrived during the write read as ~0 ms).
         if step == n:
             record["step_n_ns"] = time.monotonic_ns()
         elif step == n + 1:
             record["step_n1_ns"] = time.monotonic_ns()
         last = step
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+        err.write(text)
+        err.flush()
         loss = 1.2 - 0.1 * math.log(step)
         avr = loss if avr is None else (avr * (step - 1) + loss) / step
         err.write(frame(step, n, elapsed, avr))

@@ -15,22 +15,18 @@ import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import anyio
 import typer
 from typer.core import TyperCommand
 
-from lorasup import __version__
-from lorasup.supervisor import logs, signals
-from lorasup.supervisor.config import (
+from lorasup.supervisor import signals
+from lorasup.supervisor.defaults import (
     DEFAULT_FINISH_TIMEOUT,
     DEFAULT_GRACE,
     DEFAULT_LOGS_DIR,
+    DEFAULT_NAN_PATIENCE,
     DEFAULT_NO_OUTPUT_TIMEOUT,
     DEFAULT_SECONDS_PER_STEP_LIMIT,
-    ConfigError,
-    Job,
-    build_job,
-    load_toml,
+    DEFAULT_TRAINER,
 )
 from lorasup.trainers import OPTIONS, REGISTRY
 
@@ -73,6 +69,7 @@ app = typer.Typer(
     name="lorasup",
     help="Supervise a LoRA training run: exact step stops, watchdogs, clean kills, reports.",
     no_args_is_help=True,
+    # Plain help: defaults stay visible, and rich's panels would cost ~150 ms of imports.
     rich_markup_mode=None,
     context_settings={"help_option_names": ["-h", "--help"]},
     pretty_exceptions_enable=False,
@@ -86,6 +83,8 @@ def _fail(message: str) -> typer.Exit:
 
 def _show_version(value: bool) -> None:
     if value:
+        from lorasup import __version__
+
         typer.echo(f"lorasup {__version__}")
         raise typer.Exit(0)
 
@@ -111,7 +110,7 @@ def start(
     trainer: Annotated[str | None, typer.Option(
         metavar="NAME", autocompletion=_complete_trainer,
         help=f"the trainer program: {', '.join(sorted(REGISTRY))} "
-             f"{_default(Job.model_fields['trainer'].default)}")] = None,
+             f"{_default(DEFAULT_TRAINER)}")] = None,
     steps: Annotated[int | None, typer.Option(
         metavar="N", help="optimizer steps to run, exactly (kohya, diffusers, hf: else their "
                           "own step flag)")] = None,
@@ -140,7 +139,7 @@ def start(
                           f"{_default(DEFAULT_FINISH_TIMEOUT)}")] = None,
     nan_patience: Annotated[int | None, typer.Option(
         metavar="K", help=f"non-finite losses tolerated before 'diverged' "
-                          f"{_default(Job.model_fields['nan_patience'].default)}")] = None,
+                          f"{_default(DEFAULT_NAN_PATIENCE)}")] = None,
     log_format: Annotated[str | None, typer.Option(
         metavar="FORMAT", help="json (one object per line on stdout), console, or auto: "
                                "console on a TTY, else json [default: auto]")] = None,
@@ -166,6 +165,10 @@ def start(
 ) -> None:
     # From here on a stop signal is remembered, never fatal (see supervisor/signals.py).
     signals.hold()
+    import anyio
+
+    from lorasup.supervisor import logs
+    from lorasup.supervisor.config import ConfigError, build_job, load_toml
     from lorasup.supervisor.prepare import plan_run
     from lorasup.supervisor.run import Supervisor
     from lorasup.supervisor.show import RunSummary, end_line
@@ -234,6 +237,7 @@ def report(
         show_default=False)] = "auto",
     as_json: Annotated[bool, typer.Option("--json", help=_JSON_HELP)] = False,
 ) -> None:
+    from lorasup.supervisor import logs
     from lorasup.supervisor.report import rebuild
     from lorasup.supervisor.show import RunSummary, round_floats, status_text
 

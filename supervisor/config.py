@@ -17,13 +17,14 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_core import ErrorDetails
 
+from lorasup.supervisor.defaults import (
+    DEFAULT_FINISH_TIMEOUT,
+    DEFAULT_GRACE,
+    DEFAULT_LOGS_DIR,
+    DEFAULT_NO_OUTPUT_TIMEOUT,
+    DEFAULT_SECONDS_PER_STEP_LIMIT,
+)
 from lorasup.trainers import OPTIONS, REGISTRY
-
-DEFAULT_NO_OUTPUT_TIMEOUT = 300.0
-DEFAULT_GRACE = 30.0
-DEFAULT_SECONDS_PER_STEP_LIMIT = 30.0
-DEFAULT_FINISH_TIMEOUT = 900.0
-DEFAULT_LOGS_DIR = Path("training_logs")
 
 #: the job file's name for ``trainer_argv``
 COMMAND_KEY = "command"

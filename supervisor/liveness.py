@@ -95,32 +95,10 @@ def lost_reason(started: dict[str, Any], last_step: int | None) -> str:
     return f"its supervisor (lorasup pid {pid}) ended without an outcome, {at}"
 
 
-class LivenessTracker:
-    """Watches records go by (``observe``) and says, at the end, whether the run was lost:
-    no outcome, and the supervisor named by ``started`` is gone."""
-
-    def __init__(self) -> None:
-        self.started: dict[str, Any] | None = None
-        self.has_outcome = False
-        self.last_step: int | None = None
-
-    def observe(self, record: dict[str, Any]) -> None:
-        kind = record.get("kind")
-        if kind == "started":
-            self.started = record
-            self.has_outcome = False
-        elif kind == "outcome":
-            self.has_outcome = True
-        elif kind == "step":
-            step = record.get("step")
-            if isinstance(step, int) and not isinstance(step, bool):
-                self.last_step = max(step, self.last_step or 0)
-
-    def lost_record(self) -> dict[str, Any] | None:
-        """An ``outcome`` record saying ``lost`` (never written to events.jsonl), or None."""
-        if self.has_outcome or self.started is None:
-            return None
-        if supervisor_alive(self.started) is not False:
-            return None
-        return {"kind": "outcome", "outcome": "lost",
-                "reason": lost_reason(self.started, self.last_step)}
+def lost_record(started: dict[str, Any] | None, has_outcome: bool,
+                last_step: int | None) -> dict[str, Any] | None:
+    """An ``outcome`` record saying ``lost`` (never written to events.jsonl) for a run
+    without an outcome whose supervisor is gone; None otherwise."""
+    if has_outcome or not started or supervisor_alive(started) is not False:
+        return None
+    return {"kind": "outcome", "outcome": "lost", "reason": lost_reason(started, last_step)}

@@ -16,6 +16,8 @@ import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from itertools import compress, pairwise
+from operator import ne
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +40,7 @@ from lorasup.supervisor.events import (
     Started,
     Step,
 )
+from lorasup.supervisor.fastbars import FastBars, Frames, StepBlock, floats
 from lorasup.supervisor.gate import StepGate
 from lorasup.supervisor.liveness import boot_id, process_start_time
 from lorasup.supervisor.logs import redact_argv, redact_text
@@ -48,6 +51,7 @@ from lorasup.supervisor.process import (
     spawn,
     wait_gone,
 )
+from lorasup.supervisor.safefs import exists
 from lorasup.supervisor.signals import STOP_SIGNALS
 from lorasup.supervisor.sink import Batch, ReportSink
 from lorasup.supervisor.stacks import evidence, take_stacks
@@ -207,7 +211,6 @@ class Supervisor:
         self._stacks_lock = anyio.Lock()
         self._trainer_log: int | None = None
         #: lorasup's own faults, counted: file writes that failed, parser exceptions
-        self.write_errors: dict[str, int] = {}
         self.parser_errors = 0
         self.internal_error: str | None = None
         self.sink_error: str | None = None
@@ -226,6 +229,9 @@ class Supervisor:
         self._redraw_prefix: str | None = getattr(adapter, "redraw_prefix", None)
         #: substrings the adapter needs to see in a line; () = every line matters
         self._needles: tuple[str, ...] = tuple(getattr(adapter, "needles", ()))
+        #: the adapter's bytes pattern for whole bar-frame lines: reads scanned in one pass
+        fast_bar = getattr(adapter, "fast_bar", None)
+        self._fast = FastBars(fast_bar) if fast_bar is not None else None
         self._last_tty = 0.0
         self._tty = plan.progress_tty
         self._checkpoints: list[str] = []
@@ -379,7 +385,11 @@ class Supervisor:
                             anyio.BrokenResourceError):
                         break
                     self.silence.touch()
-                    batch = self._handle_safely(splitter.feed(chunk, self._needles))
+                    if self._fast is not None:
+                        lines = splitter.feed_fast(chunk, self._needles, self._fast)
+                    else:
+                        lines = splitter.feed(chunk, self._needles)
+                    batch = self._handle_safely(lines)
                     self._log_raw(chunk, batch)
                     if batch:
                         await self._emit(send, batch)
@@ -407,14 +417,13 @@ class Supervisor:
                 batch.append((self.now(), note))
 
     def file_fault(self, name: str, exc: OSError) -> Note | None:
-        """Count a failed write of lorasup's own; the first one per file becomes a note."""
-        count = self.write_errors.get(name, 0) + 1
-        self.write_errors[name] = count
-        if count > 1:
+        """Count a failed write of lorasup's own (in the sink's tally, logged once); the
+        first one per file also becomes a note in events.jsonl."""
+        first = name not in self.sink.faults.counts
+        self.sink.faults.record(name, exc)
+        if not first:
             return None
         reason = exc.strerror or str(exc)
-        log.error("file_write_failed", file=name, error=reason,
-                  action="the run goes on; later failures of this file are only counted")
         return Note(message=f"could not write {name}: {reason}; the run goes on")
 
     def _parse(self, line: str) -> list[Event]:
@@ -429,7 +438,7 @@ class Supervisor:
                             line=text)
             return [Note(message=f"parser_error: {type(exc).__name__} on line {text!r}")]
 
-    def _handle_safely(self, lines: list[str]) -> list[tuple[float, Event]]:
+    def _handle_safely(self, lines: list[Any]) -> list[tuple[float, Event]]:
         """``_handle``, whose failure on odd input loses those lines, never the run."""
         try:
             return self._handle(lines)
@@ -442,13 +451,60 @@ class Supervisor:
                 message=f"parser_error: {type(exc).__name__} while reading {len(lines)} "
                         "line(s); they were skipped"))]
 
-    def _handle(self, lines: list[str]) -> list[tuple[float, Event]]:
-        """Parse lines into events; the step gate and divergence act right here."""
+    def _handle(self, items: list[Any]) -> list[tuple[float, Event]]:
+        """Parse lines (and fast-path frame runs) into events; the step gate and divergence
+        act right here."""
         batch: list[tuple[float, Event]] = []
-        if not lines:
+        if not items:
             return batch
         t = self.now()
         last_before = self.gate.last
+        if self._redraw_prefix is not None and len(items) > 1 and any(
+                type(item) is Frames for item in items):
+            items = self._drop_redrawn_frames(items)
+        lines: list[str] = []
+        for item in items:
+            if type(item) is str:
+                lines.append(item)
+                continue
+            if lines:
+                self._handle_lines(lines, t, batch)
+                lines = []
+            self._handle_frames(item, t, batch)
+        if lines:
+            self._handle_lines(lines, t, batch)
+        if self.gate.last > last_before and self.gate.last > self.gate.offset:
+            self._stepped()  # a new step: the start-up allowance is over, progress made
+        return batch
+
+    def _frame_step(self, line: str) -> bytes | None:
+        """The step counter of a bar-frame line (as bytes, like a Frames column), or None."""
+        head = _frame_head(line, self._redraw_prefix or "")
+        if head is None:
+            return None
+        return head.rsplit(" ", 1)[-1].split("/", 1)[0].encode()
+
+    def _drop_redrawn_frames(self, items: list[Any]) -> list[Any]:
+        """What ``_drop_redrawn`` does for lines, across a fast-path run's edges: a frame
+        that the very next frame redraws at the same step is left out."""
+        out: list[Any] = []
+        for i, item in enumerate(items):
+            following = items[i + 1] if i + 1 < len(items) else None
+            if type(item) is str and type(following) is Frames:
+                step = self._frame_step(item)
+                if step is not None and step == following.columns["step"][0]:
+                    continue
+            elif type(item) is Frames and type(following) is str:
+                step = self._frame_step(following)
+                if step is not None and step == item.columns["step"][-1]:
+                    if len(item) == 1:
+                        continue
+                    item = Frames({name: col[:-1] for name, col in item.columns.items()})
+            out.append(item)
+        return out
+
+    def _handle_lines(self, lines: list[str], t: float,
+                      batch: list[tuple[float, Event]]) -> None:
         parse = self._parse
         if self._redraw_prefix is not None and len(lines) > 1:
             lines = _drop_redrawn(lines, self._redraw_prefix)
@@ -458,27 +514,7 @@ class Supervisor:
             for event in parse(line):
                 kind = type(event)
                 if kind is Step:
-                    admitted = self.gate.admit(event)
-                    if admitted is None:
-                        continue
-                    if (batch and type(admitted) is Step and type(batch[-1][1]) is Step
-                            and _supersedes(admitted, batch[-1][1])):
-                        # Two frames of one step in one read: the later one has it all.
-                        batch[-1] = (t, admitted)
-                    else:
-                        batch.append((t, admitted))
-                    if type(admitted) is Step:
-                        if not self._total_checked and admitted.total is not None:
-                            self._check_total(admitted)
-                        loss, avg = admitted.loss, admitted.avg_loss
-                        # (x - x) is 0.0 for a finite x and NaN for NaN/inf: one cheap test.
-                        if ((loss is not None and loss - loss != 0.0)
-                                or (avg is not None and avg - avg != 0.0)) and (
-                                self.divergence.observe(admitted.step, loss, avg)):
-                            self.request_stop("diverged")
-                        if t >= self._next_progress or self._tty or (
-                                admitted.step == self.gate.final_step):
-                            self._progress(admitted, t)
+                    self._admit(event, t, batch)
                     continue
                 if kind is Finished:
                     self.finished_marker = True
@@ -492,9 +528,66 @@ class Supervisor:
                     self._checkpoints.append(event.path)
                     log.info("checkpoint", path=event.path)
                 batch.append((t, event))
-        if self.gate.last > last_before and self.gate.last > self.gate.offset:
-            self._stepped()
-        return batch
+
+    def _admit(self, event: Step, t: float, batch: list[tuple[float, Event]]) -> None:
+        """One step event through the gate, the divergence watch and the progress log."""
+        admitted = self.gate.admit(event)
+        if admitted is None:
+            return
+        if (batch and type(admitted) is Step and type(batch[-1][1]) is Step
+                and _supersedes(admitted, batch[-1][1])):  # type: ignore[arg-type]
+            # Two frames of one step in one read: the later one has it all.
+            batch[-1] = (t, admitted)
+        else:
+            batch.append((t, admitted))
+        if type(admitted) is Step:
+            if not self._total_checked and admitted.total is not None:
+                self._check_total(admitted)
+            loss, avg = admitted.loss, admitted.avg_loss
+            # (x - x) is 0.0 for a finite x and NaN for NaN/inf: one cheap test.
+            if ((loss is not None and loss - loss != 0.0)
+                    or (avg is not None and avg - avg != 0.0)) and (
+                    self.divergence.observe(admitted.step, loss, avg)):
+                self.request_stop("diverged")
+            if t >= self._next_progress or self._tty or (
+                    admitted.step == self.gate.final_step):
+                self._progress(admitted, t)
+
+    def _handle_frames(self, frames: Frames, t: float,
+                       batch: list[tuple[float, Event]]) -> None:
+        """A run of bar frames from the fast path: admitted in bulk when they are simply
+        the next steps (the common case), else frame by frame like parsed lines."""
+        columns = frames.columns
+        steps = list(map(int, columns["step"]))
+        n = len(steps)
+        if n > 1 and steps != list(range(steps[0], steps[0] + n)):
+            # a step drawn twice in a row (kohya): only the last frame of it counts
+            keep = [*compress(range(n - 1), map(ne, steps, steps[1:])), n - 1]
+            if len(keep) < n:
+                columns = {name: [col[i] for i in keep] for name, col in columns.items()}
+                steps = [steps[i] for i in keep]
+                n = len(steps)
+        values = {name: floats(columns.get(name)) for name in ("loss", "avg_loss", "lr")}
+        gate = self.gate
+        increasing = n == 1 or steps == list(range(steps[0], steps[0] + n)) or all(
+            a < b for a, b in pairwise(steps))
+        if not (increasing and steps[0] > gate.last and steps[0] > gate.offset
+                and steps[-1] <= gate.final_step):
+            totals = columns["total"]
+            for i in range(n):
+                self._admit(Step(step=steps[i], total=int(totals[i]),
+                                 **{k: v[i] if v else None for k, v in values.items()}),
+                            t, batch)
+            return
+        last = Step(step=steps[-1], total=int(columns["total"][-1]),
+                    **{k: v[-1] if v else None for k, v in values.items()})
+        if gate.admit(last) is None:  # cannot happen for a new step; be safe
+            return
+        batch.append((t, StepBlock(round(t, 6), steps, columns, values)))  # type: ignore
+        if not self._total_checked:
+            self._check_total(last)
+        if t >= self._next_progress or self._tty or last.step == gate.final_step:
+            self._progress(last, t)
 
     def _log_problem(self, problem: Problem) -> None:
         """The first few problems go to the log; all of them go to events.jsonl."""
@@ -578,15 +671,12 @@ class Supervisor:
         for announced in self._checkpoints:
             path = Path(announced)
             path = path if path.is_absolute() else self.plan.cwd / path
-            try:
-                if path.exists():
-                    found[str(path)] = None
-            except OSError:
-                continue  # a name the file system cannot even look up (ENAMETOOLONG)
+            if exists(path):  # ENAMETOOLONG/EACCES: "not there", never a crash
+                found[str(path)] = None
         for folder in self.plan.output_dirs:
             folder = folder if folder.is_absolute() else self.plan.cwd / folder
             try:
-                paths = sorted(folder.rglob("*")) if folder.is_dir() else []
+                paths = sorted(folder.rglob("*")) if exists(folder) and folder.is_dir() else []
             except OSError:
                 continue
             for path in paths:
@@ -659,11 +749,10 @@ class Supervisor:
                 self._trainer_log = None
             self.notifier.close()
             self._tty_write("\n")
-        unwritten = sorted({*self.write_errors, *getattr(self.sink, "unwritten", ())})
         log.info("outcome", outcome=outcome, exit_code=code, reason=reason,
                  trainer_returncode=returncode, step=self.gate.last,
                  report=str(plan.run_dir / "report.json"),
-                 **({"unwritten": unwritten} if unwritten else {}))
+                 **({"unwritten": self.sink.unwritten} if self.sink.unwritten else {}))
         structlog.contextvars.unbind_contextvars("run_id")
         return RunResult(outcome, code, plan.run_dir, self.sink.report)
 

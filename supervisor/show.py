@@ -17,8 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from lorasup.supervisor.liveness import LivenessTracker
-from lorasup.supervisor.report import ReportBuilder, read_events
+from lorasup.supervisor.report import load
 
 EVENTS = "events.jsonl"
 REPORT = "report.json"
@@ -74,14 +73,7 @@ def load_run(run_dir: Path) -> dict[str, Any]:
     written = _read_report(run_dir)
     if written is not None and written.get("outcome") is not None:
         return written
-    builder = ReportBuilder()
-    liveness = LivenessTracker()
-    for record in read_events(run_dir / EVENTS):
-        builder.add(record)
-        liveness.observe(record)
-    lost = liveness.lost_record()
-    if lost is not None:
-        builder.add(lost)  # its supervisor is gone: never "running" forever
+    builder = load(run_dir)  # streaming, bounded memory; a lost run is marked lost
     snapshot = builder.snapshot()
     # Model files are found on disk by the run itself; an older events.jsonl may not
     # name them, so keep what the last written report listed.

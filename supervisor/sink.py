@@ -1,13 +1,19 @@
 """The report sink task: events in, ``events.jsonl`` appended and flushed, report refreshed.
 
-It runs in the run's event loop and does only small appends there; the PNG is drawn
-once at the end in a worker thread. Its input is a bounded memory object stream of
-batches (one batch per chunk of trainer output), so per-event cost stays low.
+It runs in the run's event loop and does only small appends there: the report state is
+O(1) in the run's length (see :mod:`lorasup.supervisor.report`), ``losses.csv`` is streamed
+as steps are folded, and the PNG is drawn by a child process started with the run (so
+matplotlib's import is done by the time the run ends). Its input is a bounded memory
+object stream of batches (one batch per chunk of trainer output).
+
+No write here can end a run: a full disk, an I/O error or a planted symlink is counted,
+logged once per file, put on record as a note, and named in :attr:`ReportSink.unwritten`.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -16,9 +22,17 @@ import anyio
 import structlog
 from anyio.abc import ObjectReceiveStream
 
-from lorasup.supervisor.events import Event, Step, step_json
-from lorasup.supervisor.plot import render_in_child
-from lorasup.supervisor.report import ReportBuilder, write_all, write_report_json
+from lorasup.supervisor.events import Event, Note, Step, step_json
+from lorasup.supervisor.fastbars import StepBlock
+from lorasup.supervisor.plot import PlotChild
+from lorasup.supervisor.report import (
+    EVENTS_JSONL,
+    LOSSES_CSV,
+    ReportBuilder,
+    write_all,
+    write_report_json,
+)
+from lorasup.supervisor.safefs import WriteFaults, open_append, open_new, write_all_fd
 
 log = structlog.get_logger(__name__)
 
@@ -31,38 +45,83 @@ class ReportSink:
     def __init__(self, run_dir: Path, model_files: Callable[[], list[str]],
                  refresh_seconds: float = REFRESH_SECONDS) -> None:
         self.run_dir = run_dir
-        self.builder = ReportBuilder()
+        self.faults = WriteFaults()
+        self.builder = ReportBuilder(csv_out=self._write_csv)
         self._model_files = model_files
         self._refresh = refresh_seconds
-        self._events = (run_dir / "events.jsonl").open("a", encoding="utf-8")
+        self._csv_fd: int | None = None  # None: not opened yet; -1: given up
+        self._events_fd = -1
+        try:
+            self._events_fd = open_append(run_dir / EVENTS_JSONL)
+        except OSError as exc:
+            self._fault(EVENTS_JSONL, exc)
+        # Started now, before the trainer: its matplotlib import overlaps the run.
+        self._plot = PlotChild()
+        self._plot.start()
         self.report: dict[str, Any] | None = None
-        self.write_errors = 0
+
+    @property
+    def write_errors(self) -> int:
+        return sum(self.faults.counts.values())
+
+    @property
+    def unwritten(self) -> list[str]:
+        """The run-dir files that could not be (fully) written, for the final log line."""
+        return self.faults.unwritten
+
+    def _fault(self, name: str, exc: OSError) -> None:
+        first = name not in self.faults.counts
+        self.faults.record(name, exc)
+        if first:
+            message = f"{name} could not be written ({exc}); the run goes on"
+            self.builder.add_note(message)
+            if name != EVENTS_JSONL and self._events_fd >= 0:
+                t = self.builder.last_t or 0.0  # the run's clock as far as the sink knows it
+                self._append_events(Note(message=message).to_json(t).encode() + b"\n")
+
+    def _append_events(self, data: bytes) -> None:
+        try:
+            write_all_fd(self._events_fd, data)
+        except OSError as exc:
+            self._fault(EVENTS_JSONL, exc)
+
+    def _write_csv(self, data: bytes) -> None:
+        if self._csv_fd is None:
+            try:
+                self._csv_fd = open_new(self.run_dir / LOSSES_CSV, 0o644)
+            except OSError as exc:
+                self._csv_fd = -1
+                self._fault(LOSSES_CSV, exc)
+        if self._csv_fd < 0:
+            return
+        try:
+            write_all_fd(self._csv_fd, data)
+        except OSError as exc:
+            self._fault(LOSSES_CSV, exc)
 
     def write(self, batch: Batch) -> None:
-        lines = []
-        add = self.builder.add
-        add_step = self.builder.add_step
+        lines: list[bytes] = []
+        builder = self.builder
         for t, event in batch:
             t = round(t, 6)
-            if type(event) is Step:
-                # The hot path: one line per training step, formatted without json.dumps.
-                lines.append(step_json(t, event))
-                add_step(t, event.step, event.loss, event.avg_loss, event.lr, event.epoch)
+            kind = type(event)
+            if kind is StepBlock:
+                # The hot path: a read's worth of steps, its lines already formatted.
+                lines.append(event.lines)  # type: ignore[attr-defined]
+                event.feed(builder)  # type: ignore[attr-defined]
+                continue
+            if kind is Step:
+                lines.append(step_json(t, event).encode() + b"\n")  # type: ignore[arg-type]
+                builder.add_step(t, event.step, event.loss, event.avg_loss,  # type: ignore
+                                 event.lr, event.epoch)  # type: ignore[attr-defined]
                 continue
             record = {"t": t}
             record.update(event.to_dict())
-            lines.append(json.dumps(record, ensure_ascii=False, separators=(",", ":")))
-            add(record)
-        lines.append("")
-        try:
-            self._events.write("\n".join(lines))
-            self._events.flush()
-        except OSError as exc:
-            # A full disk must not take the supervision down with it; the report still
-            # holds what the builder saw.
-            self.write_errors += 1
-            if self.write_errors == 1:
-                log.error("events_write_failed", error=str(exc), path=str(self._events.name))
+            lines.append(json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode()
+                         + b"\n")
+            builder.add(record)
+        if self._events_fd >= 0 and lines:
+            self._append_events(b"".join(lines))
 
     async def run(self, receive: ObjectReceiveStream[Batch]) -> None:
         """Consume until every sender closed, then write the final files."""
@@ -72,29 +131,47 @@ class ReportSink:
                 async for batch in receive:
                     self.write(batch)
                     if anyio.current_time() >= next_refresh:
-                        # A snapshot of a long run takes a while: build and write it in a
-                        # worker thread so the readers (and the step gate) keep running.
-                        # The builder is not touched meanwhile: only this task feeds it.
-                        began = anyio.current_time()
-                        await anyio.to_thread.run_sync(self._refresh_report)
-                        took = anyio.current_time() - began
-                        # A very long run's snapshot is not free: keep it under ~10 % of
-                        # the time.
-                        next_refresh = anyio.current_time() + max(self._refresh, 10 * took)
+                        # O(1) in the run's length: a copy of the summary plus the window.
+                        report = self.builder.snapshot()
+                        await anyio.to_thread.run_sync(self._write_report, report)
+                        next_refresh = anyio.current_time() + self._refresh
         finally:
-            self._events.close()
             with anyio.CancelScope(shield=True):
                 await self.finish()
 
-    def _refresh_report(self) -> None:
-        write_report_json(self.run_dir, self.builder.snapshot())
+    def _write_report(self, report: dict[str, Any]) -> None:
+        try:
+            write_report_json(self.run_dir, report)
+        except OSError as exc:
+            self._fault("report.json", exc)
 
     async def finish(self) -> None:
         """CSV and PNG first (in a worker thread, the PNG in a child process), then report.json."""
         self.report = await anyio.to_thread.run_sync(self._write_final)
 
     def _write_final(self) -> dict[str, Any]:
-        # Looking for model files walks the output folders: not on the event loop.
-        self.builder.set_model_files(self._model_files())
-        return write_all(self.run_dir, self.builder, render=render_in_child)
-
+        self._plot.hurry()  # its import (if still going) overlaps the work below
+        builder = self.builder
+        try:
+            # Looking for model files walks the output folders: not on the event loop.
+            builder.set_model_files(self._model_files())
+        except Exception as exc:  # a path the OS refuses (ENAMETOOLONG) is no reason to fail
+            log.warning("model_files_failed", error=repr(exc))
+            builder.add_note(f"model files could not be listed: {exc!r}"[:500])
+        builder.finish_csv()
+        if self._csv_fd is not None and self._csv_fd >= 0:
+            try:
+                os.close(self._csv_fd)
+            except OSError as exc:
+                self._fault(LOSSES_CSV, exc)
+            self._csv_fd = -1
+        if self._csv_fd is not None and LOSSES_CSV not in self.faults.counts:
+            builder.mark_written(LOSSES_CSV)
+        if self._events_fd >= 0:
+            try:
+                os.close(self._events_fd)
+            except OSError as exc:
+                self._fault(EVENTS_JSONL, exc)
+            self._events_fd = -1
+        return write_all(self.run_dir, builder, render=self._plot.render, faults=self.faults,
+                         csv_streamed=True)

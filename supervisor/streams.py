@@ -11,6 +11,10 @@ from __future__ import annotations
 
 import codecs
 import re
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from lorasup.supervisor.fastbars import FastBars
 
 #: the default cap on one line, in characters; the excess is dropped and counted
 MAX_LINE = 64 * 1024
@@ -38,7 +42,9 @@ class LineSplitter:
     """
 
     def __init__(self, max_line: int = MAX_LINE) -> None:
-        self._decode = codecs.getincrementaldecoder("utf-8")(errors="replace").decode
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._decode = self._decoder.decode
+        self._needle_bytes: tuple[bytes, ...] | None = None
         self._max_line = max_line
         self._partial = ""
         self._partial_after_cr = False
@@ -64,6 +70,52 @@ class LineSplitter:
                 self._skip(text)
                 return []
         return self._split(text)
+
+    def feed_fast(self, data: bytes, needles: tuple[str, ...], fast: FastBars) -> list[Any]:
+        """Like :meth:`feed`, but the complete lines of the chunk are scanned in one pass:
+        runs of bar frames come back as :class:`~lorasup.supervisor.fastbars.Frames`,
+        every other line as a ``str`` (as :meth:`feed` gives it).
+
+        The unfinished line before the chunk and the unterminated tail after its last
+        terminator still go through :meth:`feed`, so provisional frames behave the same.
+        """
+        if b"\x1b" in data or b"\x00" in data:
+            return self.feed(data, needles)  # escapes to strip: the careful path
+        if needles:
+            if self._needle_bytes is None:
+                self._needle_bytes = tuple(n.encode() for n in needles)
+            if not any(n in data for n in self._needle_bytes):
+                return self.feed(data, needles)
+        items: list[Any] = []
+        if self._partial or self._pending_cr or self._decoder.getstate()[0]:
+            # finish the line in progress the ordinary way
+            cr, lf = data.find(b"\r"), data.find(b"\n")
+            first = cr if lf < 0 or 0 <= cr < lf else lf
+            if first < 0:
+                return self.feed(data, needles)
+            end = first + 1
+            if data[first] == 13 and end < len(data) and data[end] == 10:
+                end += 1
+            if end >= len(data):
+                return self.feed(data, needles)
+            items.extend(self.feed(data[:end]))
+            self._pending_cr = False  # data[end] is no \n: the \r was a whole terminator
+            data = data[end:]
+        last = max(data.rfind(b"\n"), data.rfind(b"\r"))
+        if last < 0:
+            items.extend(self.feed(data, needles))
+            return items
+        for item in fast.scan(data[:last + 1]):
+            if type(item) is bytes:
+                item = self._cap(item.decode("utf-8", "replace"))
+            items.append(item)
+        tail = data[last + 1:]
+        self._partial, self._emitted = "", 0
+        self._partial_after_cr = data[last] == 13
+        self._pending_cr = self._partial_after_cr and not tail
+        if tail:
+            items.extend(self.feed(tail, needles))
+        return items
 
     def _skip(self, text: str) -> None:
         """Advance the line state over ``text`` without producing its lines."""

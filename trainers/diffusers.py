@@ -21,6 +21,7 @@ import signal
 from collections.abc import Iterable, Sequence
 
 from lorasup.supervisor.events import Checkpoint, Event, Finished, Step
+from lorasup.supervisor.fastbars import NUMBER
 from lorasup.trainers.base import (
     PYTHON_PROBLEM_NEEDLES,
     TrainerJob,
@@ -36,6 +37,11 @@ from lorasup.trainers.base import (
 )
 
 _BAR = re.compile(r"Steps:\s+\d+%\|[^|]*\|\s*(\d+)/(\d+)\s+\[([^\]]*)\]")
+#: the fast path's whole-line frame (supervisor/fastbars.py); anything else takes parse()
+FAST_BAR = re.compile(
+    rb"Steps: +\d{1,3}%\|[^|\r\n]*\| *(?P<step>0|[1-9]\d{0,17})/(?P<total>0|[1-9]\d{0,17})"
+    rb" +\[[^\],\r\n]*,[^\],\r\n]*(?:, lr=(?P<lr>" + NUMBER + rb"))?"
+    rb"(?:, step_loss=(?P<loss>" + NUMBER + rb"))?\]")
 _SAVED = "Model weights saved in "
 
 STEPS_FLAG = "--max_train_steps"
@@ -60,6 +66,7 @@ class DiffusersAdapter:
     # SIGINT raises KeyboardInterrupt (finally blocks run); SIGTERM ends Python at once.
     stop_signals = (signal.SIGINT, signal.SIGTERM)
     redraw_prefix = "Steps:"
+    fast_bar = FAST_BAR
     needles = ("Steps:", _SAVED, *PYTHON_PROBLEM_NEEDLES)
 
     def resolve_steps(self, steps: int | None, argv: Sequence[str]) -> int:

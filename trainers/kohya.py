@@ -24,6 +24,7 @@ import signal
 from collections.abc import Iterable, Sequence
 
 from lorasup.supervisor.events import Checkpoint, Epoch, Event, Finished, Step
+from lorasup.supervisor.fastbars import NUMBER
 from lorasup.supervisor.numbers import read_count
 from lorasup.trainers.base import (
     PYTHON_PROBLEM_NEEDLES,
@@ -43,6 +44,10 @@ from lorasup.trainers.base import (
 )
 
 _BAR = re.compile(r"steps:\s+\d+%\|[^|]*\|\s*(\d+)/(\d+)\s+\[([^\]]*)\]")
+#: the fast path's whole-line frame (supervisor/fastbars.py); anything else takes parse()
+FAST_BAR = re.compile(
+    rb"steps: +\d{1,3}%\|[^|\r\n]*\| *(?P<step>0|[1-9]\d{0,17})/(?P<total>0|[1-9]\d{0,17})"
+    rb" +\[[^\],\r\n]*,[^\],\r\n]*(?:, avr_loss=(?P<avg_loss>" + NUMBER + rb"))?\]")
 _EPOCH = re.compile(r"^epoch (\d+)/(\d+)\s*$")
 _CHECKPOINT = re.compile(r"^saving checkpoint: (.+?)\s*$")
 
@@ -74,6 +79,7 @@ class KohyaAdapter:
     # at once. Neither makes kohya save: it saves only at its own end.
     stop_signals = (signal.SIGINT, signal.SIGTERM)
     redraw_prefix = "steps:"
+    fast_bar = FAST_BAR
     needles = ("steps:", "epoch ", "saving checkpoint: ", "model saved.",
                *PYTHON_PROBLEM_NEEDLES)
 
