@@ -177,6 +177,43 @@ def render_loss_curves(report: dict[str, Any], png_path: str | os.PathLike[str])
 PLOT_TIMEOUT_SECONDS = 300.0
 
 
+def nothing_to_draw(report: dict[str, Any]) -> bool:
+    """No step and no other point in any series: every panel would be empty."""
+    series = report.get("series") or {}
+    if series.get("step"):
+        return False
+    if any(e.get("mean_loss") is not None for e in report.get("epochs") or ()):
+        return False
+    for name in ("epoch_loss", "val_loss", "other"):
+        value = series.get(name)
+        if value and (not isinstance(value, dict) or any(value.values())):
+            return False
+    return True
+
+
+def render_nothing_recorded(report: dict[str, Any], png_path: str | os.PathLike[str]) -> Path:
+    """A small PNG that says there was nothing to plot, drawn with Pillow in-process
+    (milliseconds; no matplotlib). The run still leaves a PNG, and it does not pretend."""
+    import io
+
+    from PIL import Image, ImageDraw
+
+    from lorasup.supervisor.safefs import atomic_write
+
+    status = report.get("outcome") or report.get("status") or "running"
+    lines = [f"{report.get('run_id') or 'run'} · {report.get('trainer') or 'trainer'} · {status}",
+             "no training step was recorded: there are no loss curves to draw.",
+             str(report.get("reason") or "")[:110], "see report.json and trainer.log"]
+    image = Image.new("RGB", (900, 140), "white")
+    draw = ImageDraw.Draw(image)
+    for i, line in enumerate(x for x in lines if x):
+        draw.text((20, 20 + 28 * i), line, fill="black")
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    atomic_write(png_path, buffer.getvalue())
+    return Path(png_path)
+
+
 class PlotChild:
     """The process that draws loss_curves.png, started with the run.
 
@@ -215,6 +252,14 @@ class PlotChild:
     def render(self, report: dict[str, Any], png_path: str | os.PathLike[str]) -> Path:
         """Send the report, wait for the PNG; a fresh child if the early one is gone."""
         proc, self.proc = self.proc, None
+        if nothing_to_draw(report):
+            # No curve to draw: matplotlib is not waited for (a run that failed at once
+            # ends at once), the PNG says so instead.
+            if proc is not None:
+                with contextlib.suppress(OSError):
+                    proc.kill()
+                proc.communicate()
+            return render_nothing_recorded(report, png_path)
         if proc is None or proc.poll() is not None:
             return render_in_child(report, png_path)
         _policy(proc.pid, "SCHED_OTHER")  # the drawing is wanted now
