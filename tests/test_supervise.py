@@ -330,8 +330,13 @@ def test_nan_patience_counts_steps_not_frames(run_dir: Path) -> None:
         "--nan-at", "3", "--step-seconds", "0.1", steps=40))
     report = assert_common(result, "diverged", 5)
     nan_steps = [e["step"] for e in result.events() if e["kind"] == "step" and e["step"] >= 3]
-    # Both frames of a NaN step show avr_loss=nan: the redraw is not a second record.
-    assert len(nan_steps) == len(set(nan_steps))
+    # From step 4 on both frames of a step show avr_loss=nan: the redraw is not a second
+    # record. Step 3's first frame still shows step 2's finite average and its second the
+    # NaN: read apart (a preempted writer), that is a real update of step 3, recorded once
+    # more; read together, the frames merge.
+    later = [step for step in nan_steps if step > 3]
+    assert len(later) == len(set(later))
+    assert 1 <= nan_steps.count(3) <= 2
     # Diverged at the 4th NaN step (steps read in the same chunk after it are still recorded).
     assert report["steps"]["last"] >= 6
     assert report["reason"] == "non-finite loss at 4 step(s)"
