@@ -192,6 +192,17 @@ class Stacks(Event):
 
 
 @dataclass(frozen=True, slots=True)
+class Artifacts(Event):
+    """What the run left on disk, looked up once when the trainer is gone (absolute paths):
+    recorded so that a report rebuilt from events.jsonl names the same files."""
+
+    kind: ClassVar[str] = "artifacts"
+    checkpoints: tuple[str, ...] = ()
+    model_files: tuple[str, ...] = ()
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Outcome(Event):
     kind: ClassVar[str] = "outcome"
     outcome: str
@@ -223,5 +234,5 @@ def step_json(t: float, event: Step) -> str:
 EVENT_TYPES: dict[str, type[Event]] = {
     cls.kind: cls
     for cls in (Started, Step, Resumed, Scalar, Epoch, Checkpoint, Finished, Problem, Rejected,
-                SignalSent, Exited, Note, Stacks, Outcome)
+                SignalSent, Exited, Note, Stacks, Artifacts, Outcome)
 }

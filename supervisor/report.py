@@ -59,6 +59,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import csv
+import datetime
 import io
 import itertools
 import json
@@ -167,6 +168,17 @@ def _step(value: Any) -> int | None:
 def _time(value: Any) -> float | None:
     number = read_number(value)
     return number if number is not None and math.isfinite(number) else None
+
+
+def _iso(epoch_s: float | None) -> str | None:
+    """Epoch seconds as ISO 8601 UTC (``2026-12-02T07:30:17.123Z``), for people."""
+    if epoch_s is None:
+        return None
+    try:
+        moment = datetime.datetime.fromtimestamp(epoch_s, datetime.UTC)
+    except (OverflowError, OSError, ValueError):
+        return None
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _spell(value: float | None) -> float | str | None:
@@ -533,6 +545,8 @@ class ReportBuilder:
         self._notes_dropped = 0
         self._markers: dict[str, None] = {}
         self._model_files: list[str] = []
+        #: the engine's ``artifacts`` record arrived (the run's files were looked up)
+        self.artifacts_recorded = False
         # timing.* phases and stack captures: O(1) state of their own
         self._started_t: float | None = None
         self._exited_t: float | None = None
@@ -804,6 +818,19 @@ class ReportBuilder:
             else:
                 self._checkpoints_dropped += 1
 
+    def _on_artifacts(self, r: dict[str, Any], t: float | None) -> None:
+        self.artifacts_recorded = True
+        files = r.get("model_files")
+        if isinstance(files, list):
+            self._model_files = [f[:4096] for f in files[:MAX_PROBLEMS] if isinstance(f, str)]
+        found = r.get("checkpoints")
+        if isinstance(found, list):
+            # absolute: announced ones resolved against the trainer's folder, then found ones
+            self._checkpoints = {p[:4096]: None for p in found[:MAX_PROBLEMS]
+                                 if isinstance(p, str)}
+        if isinstance(r.get("error"), str):
+            self.add_note(r["error"])
+
     def _on_finished(self, r: dict[str, Any], t: float | None) -> None:
         if isinstance(r.get("marker"), str) and len(self._markers) < 20:
             self._markers[r["marker"][:200]] = None
@@ -873,6 +900,7 @@ class ReportBuilder:
         "exited": _on_exited,
         "stacks": _on_stacks,
         "note": _on_note,
+        "artifacts": _on_artifacts,
         "outcome": _on_outcome,
     }
 
@@ -1054,6 +1082,8 @@ class ReportBuilder:
             steps_per_s = (last[0] - first[0]) / (last[1] - first[1])
         loss_stats = stats[basis] if basis else Stats()
         median = summary.pace.median()
+        last_at = (self.started_at + self.last_t
+                   if self.started_at is not None and self.last_t is not None else None)
         series.update({
             "ema": {"alpha": EMA_ALPHA, "basis": basis},
             "epoch_loss": self._sampled_json(self._epoch_loss) if self._epoch_loss else None,
@@ -1102,6 +1132,9 @@ class ReportBuilder:
             "epochs": epochs,
             "timing": {
                 "started_at": self.started_at,
+                "started_at_iso": _iso(self.started_at),
+                "last_event_at": last_at,
+                "last_event_at_iso": _iso(last_at),
                 "duration_s": self.last_t,
                 "first_step_s": summary.min_t,
                 "median_s_per_step": median,

@@ -22,7 +22,7 @@ import anyio
 import structlog
 from anyio.abc import ObjectReceiveStream
 
-from lorasup.supervisor.events import Event, Note, Step, step_json
+from lorasup.supervisor.events import Artifacts, Event, Note, Step, step_json
 from lorasup.supervisor.fastbars import StepBlock
 from lorasup.supervisor.plot import PlotChild
 from lorasup.supervisor.report import (
@@ -152,12 +152,16 @@ class ReportSink:
     def _write_final(self) -> dict[str, Any]:
         self._plot.hurry()  # its import (if still going) overlaps the work below
         builder = self.builder
-        try:
-            # Looking for model files walks the output folders: not on the event loop.
-            builder.set_model_files(self._model_files())
-        except Exception as exc:  # a path the OS refuses (ENAMETOOLONG) is no reason to fail
-            log.warning("model_files_failed", error=repr(exc))
-            builder.add_note(f"model files could not be listed: {exc!r}"[:500])
+        if not builder.artifacts_recorded:
+            # The engine records what the run left before its outcome; when that record
+            # never came, look here (in this worker thread: it walks the output folders)
+            # and record it, so that a rebuilt report still names the files.
+            try:
+                found = Artifacts(model_files=tuple(self._model_files()))
+            except Exception as exc:  # a path the OS refuses (ENAMETOOLONG) is no failure
+                log.warning("model_files_failed", error=repr(exc))
+                found = Artifacts(error=f"model files could not be listed: {exc!r}"[:500])
+            self.write([(builder.last_t or 0.0, found)])  # the sink keeps no clock
         builder.finish_csv()
         if self._csv_fd is not None and self._csv_fd >= 0:
             try:
