@@ -539,6 +539,9 @@ class ReportBuilder:
         self._checkpoints_dropped = 0
         self._problems: dict[tuple[str, str], dict[str, Any]] = {}
         self._problems_dropped = 0
+        #: when lorasup first sent SIGINT, and a traceback line seen after it, not yet judged
+        self._sigint_t: float | None = None
+        self._pending_traceback: tuple[str, str, float | None, str | None] | None = None
         self._signals: list[dict[str, Any]] = []
         self._signals_dropped = 0
         self._notes: list[str] = []
@@ -837,12 +840,37 @@ class ReportBuilder:
 
     def _on_problem(self, r: dict[str, Any], t: float | None) -> None:
         problem, line = str(r.get("problem", ""))[:200], str(r.get("line", ""))[:1000]
-        entry = self._problems.get((problem, line))
+        if self._sigint_t is not None and t is not None and t >= self._sigint_t:
+            # After lorasup's own SIGINT, a traceback ending in KeyboardInterrupt is the
+            # trainer being stopped, not a trainer problem: hold the traceback line until
+            # the exception line says which it was.
+            pending, self._pending_traceback = self._pending_traceback, None
+            if problem == "traceback":
+                if pending is not None:
+                    self._add_problem(*pending)
+                self._pending_traceback = (problem, line, t, None)
+                return
+            if problem == "exception" and line.startswith("KeyboardInterrupt"):
+                why = "after lorasup's SIGINT (the trainer being stopped)"
+                if pending is not None:
+                    self._add_problem(pending[0], pending[1], pending[2], why)
+                self._add_problem(problem, line, t, why)
+                return
+            if pending is not None:
+                self._add_problem(*pending)
+        self._add_problem(problem, line, t, None)
+
+    def _add_problem(self, problem: str, line: str, t: float | None,
+                     expected: str | None) -> None:
+        key = (problem, line) if expected is None else (problem, line, "expected")
+        entry = self._problems.get(key)  # type: ignore[arg-type]
         if entry is not None:
             entry["count"] += 1
         elif len(self._problems) < MAX_PROBLEMS:
-            self._problems[(problem, line)] = {"problem": problem, "line": line, "count": 1,
-                                               "first_t": t}
+            entry = {"problem": problem, "line": line, "count": 1, "first_t": t}
+            if expected is not None:
+                entry["expected"] = expected
+            self._problems[key] = entry  # type: ignore[index]
         else:
             self._problems_dropped += 1
 
@@ -856,6 +884,8 @@ class ReportBuilder:
         pids = r.get("pids")
         pid_list = ([p for p in map(_int, pids[:1000]) if p is not None]
                     if isinstance(pids, list) else [])
+        if r.get("signal") == "SIGINT" and self._sigint_t is None:
+            self._sigint_t = t
         self._signals.append({"signal": str(r.get("signal", ""))[:40],
                               "reason": str(r.get("reason", ""))[:200], "t": t,
                               "pids": pid_list})
@@ -1051,9 +1081,6 @@ class ReportBuilder:
         sources.update({tag: self._lr_tag_sources.get(tag) for tag in tags})
         sources["ema_loss"] = "lorasup" if basis else None
         sources["s_per_step"] = "lorasup" if summary.pace.n else None
-        missing = [name for name in ("loss", "avg_loss", "lr") if sources[name] is None
-                   and not (name == "lr" and any(summary.tag_present.get(t) for t in tags))]
-        explanation = {name: self._why_missing(name) for name in missing}
         if self._dropped_tag_count:
             notes.append(f"{self._dropped_tag_count} scalar tag(s) beyond {MAX_SPARSE_TAGS} "
                          f"per kind ({MAX_LR_TAGS} for lr/*) were not kept")
@@ -1090,9 +1117,8 @@ class ReportBuilder:
             "val_loss": {tag: self._sampled_json(s) for tag, s in sorted(self._val_loss.items())},
             "other": {tag: self._sampled_json(s) for tag, s in sorted(self._other.items())},
             "sources": sources,
-            "missing": missing,
-            "explanation": explanation,
         })
+        series["missing"], series["explanation"] = self._missing(series, sources, tags, basis)
         return {
             "schema": SCHEMA,
             "run_id": self.run_id,
@@ -1141,12 +1167,26 @@ class ReportBuilder:
                 "steps_per_s": steps_per_s,
                 **self._phases(),
             },
-            "problems": [dict(p) for p in self._problems.values()],
+            "problems": self._problem_list(),
             "stacks": [dict(c) for c in self._stacks],
             "series": series,
             "artifacts": self.artifacts(),
             "notes": notes,
         }
+
+    def _problem_list(self) -> list[dict[str, Any]]:
+        problems = [dict(p) for p in self._problems.values()]
+        pending = self._pending_traceback
+        if pending is not None:  # a traceback after SIGINT whose exception line never came
+            key = pending[:2]
+            known = self._problems.get(key)  # type: ignore[arg-type]
+            if known is not None:
+                at = list(self._problems).index(key)  # type: ignore[arg-type]
+                problems[at]["count"] += 1
+            else:
+                problems.append({"problem": pending[0], "line": pending[1], "count": 1,
+                                 "first_t": pending[2]})
+        return problems
 
     def _phases(self) -> dict[str, Any]:
         """timing.startup_s/training_s/finish_s/trainer_s (see the module docstring)."""
@@ -1306,11 +1346,68 @@ class ReportBuilder:
     def _file(self, name: str) -> str | None:
         return name if self._files.get(name) else None
 
-    def _why_missing(self, name: str) -> str:
+    def _missing(self, series: dict[str, Any], sources: dict[str, str | None],
+                 tags: list[str], basis: str | None) -> tuple[list[str], dict[str, str]]:
+        """Every series that is null (or null at every step), each with the reason."""
+        no_steps = not series["step"]
+        missing: list[str] = []
+        why: dict[str, str] = {}
+        for name in ("loss", "avg_loss", "lr"):
+            if sources[name] is None:
+                missing.append(name)
+                why[name] = self._why_missing(name, tags, no_steps)
+        for tag in tags:
+            if all(v is None for v in series["lr_by_tag"].get(tag) or ()):
+                missing.append(tag)
+                why[tag] = "no step was recorded" if no_steps else "no value in the sampled steps"
+        if basis is None:
+            missing.append("ema_loss")
+            why["ema_loss"] = ("no step was recorded" if no_steps else
+                               "no loss to smooth: neither a per-step loss nor the trainer's "
+                               "running average was reported")
+        if sources["s_per_step"] is None:
+            missing.append("s_per_step")
+            why["s_per_step"] = ("no step was recorded" if no_steps else
+                                 "steps came in fewer than two reads of the trainer's output "
+                                 "after the first (which includes its start-up)")
+        if all(e is None for e in series["epoch"]):
+            missing.append("epoch")
+            why["epoch"] = ("no step was recorded" if no_steps else
+                            f"{self.trainer or 'the trainer'} reported no epoch")
+        if series["epoch_loss"] is None:
+            missing.append("epoch_loss")
+            why["epoch_loss"] = (f"{self.trainer or 'the trainer'} reported no per-epoch "
+                                 "average (e.g. kohya's loss/epoch_average, written at the "
+                                 "end of each epoch); per-epoch means are in `epochs`")
+        return missing, why
+
+    def _logging_dir(self) -> str | None:
+        """The --logging_dir in the command (lorasup injects one for kohya)."""
+        argv = self.argv or []
+        for i, arg in enumerate(argv):
+            if arg == "--logging_dir" and i + 1 < len(argv):
+                return argv[i + 1]
+            if arg.startswith("--logging_dir="):
+                return arg.split("=", 1)[1]
+        return None
+
+    def _why_missing(self, name: str, tags: list[str] | None = None,
+                     no_steps: bool = False) -> str:
+        who = self.trainer or "the trainer"
+        if name == "lr" and tags:
+            return (f"{who} reports its learning rate per parameter group: see "
+                    f"series.lr_by_tag ({', '.join(tags[:4])})")
+        if no_steps:
+            return "no step was recorded"
         hint = _HINTS.get((self.trainer or "", name))
         if hint:
-            return hint
-        who = self.trainer or "the trainer"
+            logging_dir = self._logging_dir()
+            if logging_dir is None:
+                return hint
+            # lorasup (or the user) gave --logging_dir: the files were looked for
+            what = {"loss": "loss/current", "lr": "lr/*"}.get(name, name)
+            return (hint.split("(", 1)[0].rstrip() + f" ({what}); none was read from "
+                    f"{logging_dir}")
         return f"{who} reported no {_SERIES_LABELS[name]} (console or TensorBoard)"
 
 

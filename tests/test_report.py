@@ -178,8 +178,10 @@ def test_kohya_with_tensorboard_fills_loss_and_lr() -> None:
         timed.append((15.1, Scalar(tag="lr/unet", step=step, value=1e-4, source="tensorboard")))
     report = build(timed)
     series = report["series"]
-    assert series["missing"] == []
-    assert series["lr"] == [None] * 4  # no single lr: kept per tag
+    # no single lr: kept per tag, and said so; no epoch average was written
+    assert series["missing"] == ["lr", "epoch_loss"]
+    assert "series.lr_by_tag (lr/unet)" in series["explanation"]["lr"]
+    assert series["lr"] == [None] * 4
     assert series["lr_by_tag"] == {"lr/unet": [1e-4] * 4}
     assert series["sources"]["lr/unet"] == "tensorboard"
     assert report["loss"]["basis"] == "loss" and report["loss"]["source"] == "tensorboard"

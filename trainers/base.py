@@ -93,6 +93,11 @@ PYTHON_PROBLEMS: tuple[ProblemPattern, ...] = (
     ),
     ProblemPattern("cuda_out_of_memory", "OutOfMemoryError"),
     ProblemPattern("traceback", "Traceback (most recent call last)"),
+    # argparse refusing the command line: "prog: error: unrecognized arguments: --x",
+    # "prog: error: argument --x: invalid int value: 'a'", "... arguments are required: ..."
+    ProblemPattern("bad_arguments", ": error: ", re.compile(
+        r"^\S+: error: (?:unrecognized arguments|argument |the following arguments are "
+        r"required|one of the arguments |ambiguous option|expected )")),
 )
 
 
