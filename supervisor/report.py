@@ -366,6 +366,11 @@ class _Summary:
         self.epochs: dict[int | None, list[Any]] = {}  # epoch -> [steps, Stats of loss]
         self.epochs_dropped = 0
         self.pace = _Pace()
+        #: does the trainer's running average restart at each epoch? counted at epoch
+        #: boundaries where both it and the per-step loss are known
+        self.last_epoch: int | None = None
+        self.avg_restarts = 0
+        self.avg_carries = 0
         self.min_t: float | None = None
         self.first_timed: tuple[int, float] | None = None
         self.last_timed: tuple[int, float] | None = None
@@ -424,6 +429,7 @@ class _Summary:
             if present:
                 self.tag_present[tag] = self.tag_present.get(tag, 0) + present
         self._fold_epochs(steps, epoch, loss)
+        self._check_avg_restarts(epoch, loss, avg)
         self._fold_times(steps, t)
         buckets = self.buckets
         segments = buckets.segments(steps)
@@ -457,6 +463,26 @@ class _Summary:
             entry[0] += end - start
             entry[1].add_column(steps[start:end], loss[start:end])
             start = end
+
+    def _check_avg_restarts(self, epoch: list[int | None], loss: list[float | None],
+                            avg: list[float | None]) -> None:
+        """At the first step of each new epoch, a running average that restarts equals
+        that step's loss (to the console's rounding); one that goes on does not."""
+        previous = [self.last_epoch, *epoch[:-1]]
+        for i in compress(range(len(epoch)), map(ne, epoch, previous)):
+            e, before = epoch[i], previous[i]
+            if e is None:
+                continue
+            if before is not None and e > before:
+                x, a = loss[i], avg[i]
+                if x is not None and a is not None and x - x == 0.0 and a - a == 0.0:
+                    if abs(a - x) <= 2e-3 * max(1.0, abs(x)):
+                        self.avg_restarts += 1
+                    else:
+                        self.avg_carries += 1
+        known = [e for e in epoch if e is not None]
+        if known:
+            self.last_epoch = known[-1]
 
     def _fold_times(self, steps: list[int], t: list[float | None]) -> None:
         timed = t if None not in t else [x for x in t if x is not None]
@@ -550,6 +576,8 @@ class ReportBuilder:
         self._model_files: list[str] = []
         #: the engine's ``artifacts`` record arrived (the run's files were looked up)
         self.artifacts_recorded = False
+        #: the curves of the run this one continues (a ``history`` record), or None
+        self._history: dict[str, Any] | None = None
         # timing.* phases and stack captures: O(1) state of their own
         self._started_t: float | None = None
         self._exited_t: float | None = None
@@ -834,6 +862,28 @@ class ReportBuilder:
         if isinstance(r.get("error"), str):
             self.add_note(r["error"])
 
+    def _on_history(self, r: dict[str, Any], t: float | None) -> None:
+        steps = r.get("step")
+        if not isinstance(steps, list) or not steps or len(steps) > 4 * BUCKETS:
+            return
+        n = len(steps)
+        if not all(_step(s) is not None for s in steps):
+            self.bad_records += 1
+            return
+        block: dict[str, Any] = {"run_id": str(r.get("run_id", ""))[:200],
+                                 "resumed_from": _step(r.get("resumed_from")), "step": steps}
+        for name in ("loss", "avg_loss", "ema_loss", "lr"):
+            values = r.get(name)
+            ok = isinstance(values, list) and len(values) == n
+            block[name] = ([v if v is None or (isinstance(v, int | float | str) and not
+                            isinstance(v, bool)) else None for v in values] if ok else [None] * n)
+        self._history = block
+        basis, last = r.get("ema_basis"), read_number(r.get("ema_last"))
+        if basis in ("loss", "avg_loss") and last is not None and math.isfinite(last) \
+                and not self._folded:
+            # the EMA goes on from where the earlier run left it
+            self._sum.ema[basis] = last
+
     def _on_finished(self, r: dict[str, Any], t: float | None) -> None:
         if isinstance(r.get("marker"), str) and len(self._markers) < 20:
             self._markers[r["marker"][:200]] = None
@@ -931,6 +981,7 @@ class ReportBuilder:
         "stacks": _on_stacks,
         "note": _on_note,
         "artifacts": _on_artifacts,
+        "history": _on_history,
         "outcome": _on_outcome,
     }
 
@@ -1117,6 +1168,9 @@ class ReportBuilder:
             "val_loss": {tag: self._sampled_json(s) for tag, s in sorted(self._val_loss.items())},
             "other": {tag: self._sampled_json(s) for tag, s in sorted(self._other.items())},
             "sources": sources,
+            "history": dict(self._history) if self._history is not None else None,
+            "avg_loss_resets": self._avg_resets(summary, src["avg"] is not None,
+                                                src["loss"] is not None),
         })
         series["missing"], series["explanation"] = self._missing(series, sources, tags, basis)
         return {
@@ -1173,6 +1227,24 @@ class ReportBuilder:
             "artifacts": self.artifacts(),
             "notes": notes,
         }
+
+    @staticmethod
+    def _avg_resets(summary: _Summary, have_avg: bool, have_loss: bool) -> dict[str, Any]:
+        """Whether the trainer's running average restarts at each epoch, from the data."""
+        restarts, carries = summary.avg_restarts, summary.avg_carries
+        checked = restarts + carries
+        if not have_avg:
+            return {"each_epoch": None, "boundaries_checked": 0,
+                    "explanation": "no running average was reported"}
+        if not checked:
+            why = ("no epoch boundary was seen" if have_loss else
+                   "needs the per-step loss at an epoch boundary to tell")
+            return {"each_epoch": None, "boundaries_checked": 0, "explanation": why}
+        each = restarts == checked
+        return {"each_epoch": each, "boundaries_checked": checked,
+                "explanation": "at the first step of every new epoch it equals that step's "
+                               "loss: a per-epoch average" if each else
+                               f"it goes on across {carries} of {checked} epoch boundaries"}
 
     def _problem_list(self) -> list[dict[str, Any]]:
         problems = [dict(p) for p in self._problems.values()]
@@ -1324,6 +1396,21 @@ class ReportBuilder:
         if self._epoch_loss is not None:
             trainer_means = dict(self._epoch_loss.items())
         known = sorted({*per_epoch, *self._epoch_totals, *trainer_means})[:MAX_EPOCHS]
+        entries = self._epochs_entries(per_epoch, known, have_loss, loss_src, trainer_means,
+                                       unassigned, notes)
+        # The last epoch is partial when it has fewer steps than the run's fullest epoch
+        # (a stop mid-epoch, or --steps not a multiple of the epoch); null: nothing to compare.
+        counts = [e["steps"] for e in entries[:-1] if e["steps"]]
+        for entry in entries:
+            entry["partial"] = False if counts else None
+        if entries and counts and entries[-1]["steps"] is not None:
+            entries[-1]["partial"] = entries[-1]["steps"] < max(counts)
+        return entries
+
+    def _epochs_entries(self, per_epoch: dict[Any, list[Any]], known: list[int],
+                        have_loss: bool, loss_src: str | None, trainer_means: dict[int, float],
+                        unassigned: list[Any] | None, notes: list[str]
+                        ) -> list[dict[str, Any]]:
         if have_loss:
             if unassigned is not None and unassigned[0] and known:
                 notes.append(f"{unassigned[0]} step(s) have no known epoch and are in no "
