@@ -131,3 +131,20 @@ def test_argparse_rejections_are_bad_arguments() -> None:
         assert [e.problem for e in python_problems(line)] == ["bad_arguments"], line
     for line in ("usage: train.py [-h] [--steps STEPS]", "an error: nothing", "step 3 error: 0"):
         assert python_problems(line) == [], line
+
+
+def test_plot_draws_history_partial_epochs_and_nonfinite(tmp_path) -> None:
+    from lorasup.supervisor.plot import render_loss_curves
+    from lorasup.supervisor.report import ReportBuilder
+
+    builder = ReportBuilder()
+    for _, event in epochs_run([*LOSSES, float("nan")], 3, restart=True):
+        builder.add(event.to_dict() | {"t": 1.0})
+    builder.add({"t": 1.0, "kind": "history", "run_id": "old", "resumed_from": 0,
+                 "step": [1, 2], "loss": [1.2, "nan"], "ema_loss": [1.2, 1.2],
+                 "avg_loss": [None, None], "lr": [None, None]})
+    report = builder.snapshot()
+    assert report["series"]["history"]["run_id"] == "old"
+    assert report["epochs"][-1]["partial"] is False  # 3 full epochs of 3
+    path = render_loss_curves(report, tmp_path / "loss_curves.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
