@@ -57,6 +57,7 @@ Conventions of the report (``schema`` "lorasup.report/2"):
 from __future__ import annotations
 
 import bisect
+import collections
 import contextlib
 import csv
 import datetime
@@ -565,8 +566,10 @@ class ReportBuilder:
         self._checkpoints_dropped = 0
         self._problems: dict[tuple[str, str], dict[str, Any]] = {}
         self._problems_dropped = 0
-        #: when lorasup first sent SIGINT, and a traceback line seen after it, not yet judged
-        self._sigint_t: float | None = None
+        #: lorasup sent SIGINT; a traceback line seen after it, not yet judged
+        self._sigint_seen = False
+        self._recent_problems: collections.deque[tuple[str, str, float | None]] = (
+            collections.deque(maxlen=16))
         self._pending_traceback: tuple[str, str, float | None, str | None] | None = None
         self._signals: list[dict[str, Any]] = []
         self._signals_dropped = 0
@@ -890,7 +893,12 @@ class ReportBuilder:
 
     def _on_problem(self, r: dict[str, Any], t: float | None) -> None:
         problem, line = str(r.get("problem", ""))[:200], str(r.get("line", ""))[:1000]
-        if self._sigint_t is not None and t is not None and t >= self._sigint_t:
+        self._judge_problem(problem, line, t)
+
+    def _judge_problem(self, problem: str, line: str, t: float | None) -> None:
+        if not self._sigint_seen:
+            self._recent_problems.append((problem, line, t))
+        if self._sigint_seen:  # in file order: a problem's t is its read's time, not later
             # After lorasup's own SIGINT, a traceback ending in KeyboardInterrupt is the
             # trainer being stopped, not a trainer problem: hold the traceback line until
             # the exception line says which it was.
@@ -934,8 +942,21 @@ class ReportBuilder:
         pids = r.get("pids")
         pid_list = ([p for p in map(_int, pids[:1000]) if p is not None]
                     if isinstance(pids, list) else [])
-        if r.get("signal") == "SIGINT" and self._sigint_t is None:
-            self._sigint_t = t
+        if r.get("signal") == "SIGINT" and not self._sigint_seen:
+            self._sigint_seen = True
+            # Output the signal caused may be in the file before the signal's record (two
+            # readers, one file): problems at or after its time are judged again.
+            again = []
+            while (self._recent_problems and t is not None
+                   and (self._recent_problems[-1][2] or -math.inf) >= t):
+                again.append(self._recent_problems.pop())
+            for problem, line, at in reversed(again):
+                entry = self._problems.get((problem, line))
+                if entry is not None:
+                    entry["count"] -= 1
+                    if not entry["count"]:
+                        del self._problems[(problem, line)]
+                self._judge_problem(problem, line, at)
         self._signals.append({"signal": str(r.get("signal", ""))[:40],
                               "reason": str(r.get("reason", ""))[:200], "t": t,
                               "pids": pid_list})

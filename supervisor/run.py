@@ -224,6 +224,8 @@ class Supervisor:
         self.notifier = Notifier()
         self._total_checked = False
         self._problems_logged = 0
+        #: after our own SIGINT, a KeyboardInterrupt traceback is the stop, not a problem
+        self._sigint_sent = False
         self.spawn_error: str | None = None
         #: bar frames starting with this are redrawn whole: only the last of a run counts
         self._redraw_prefix: str | None = getattr(adapter, "redraw_prefix", None)
@@ -269,9 +271,11 @@ class Supervisor:
 
     def _send_signal(self, sig: signal.Signals, reason: str, batch: list) -> None:
         assert self.tree is not None
+        t = self.now()  # before: whatever the signal makes the trainer print comes later
         pids = self.tree.signal(sig)
         event = SignalSent(signal=sig.name, reason=reason, pids=tuple(pids))
-        batch.append((self.now(), event))
+        self._sigint_sent = self._sigint_sent or sig == signal.SIGINT
+        batch.append((t, event))
         log.warning("signal_sent", signal=sig.name, reason=reason, pids=pids,
                     t=round(self.now(), 3))
 
@@ -591,6 +595,11 @@ class Supervisor:
 
     def _log_problem(self, problem: Problem) -> None:
         """The first few problems go to the log; all of them go to events.jsonl."""
+        if self._sigint_sent and (problem.problem == "traceback" or (
+                problem.problem == "exception" and problem.line.startswith("KeyboardInterrupt"))):
+            # our SIGINT's traceback (its exception line says which; others stay warnings)
+            log.info("trainer_stopping", problem=problem.problem, line=problem.line[:200])
+            return
         self._problems_logged += 1
         if self._problems_logged <= PROBLEMS_LOGGED:
             log.warning("trainer_problem", problem=problem.problem, line=problem.line[:200])

@@ -148,3 +148,37 @@ def test_plot_draws_history_partial_epochs_and_nonfinite(tmp_path) -> None:
     assert report["epochs"][-1]["partial"] is False  # 3 full epochs of 3
     path = render_loss_curves(report, tmp_path / "loss_curves.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_our_sigint_traceback_is_no_trainer_problem(tmp_path) -> None:
+    import json
+    import sys
+    from pathlib import Path
+
+    from tests.support import run_lorasup
+
+    helper = Path(__file__).parent / "helpers" / "protocol_steps.py"
+    run_dir = tmp_path / "run"
+    result = run_lorasup(run_dir, "--trainer", "native", "--steps", "2", "--timeout", "3",
+                         "--grace", "10", "--", sys.executable, str(helper), "--state",
+                         str(tmp_path / "state"), "--hang")
+    report = result.report
+    assert [s["signal"] for s in report["signals_sent"]][:1] == ["SIGINT"], result.stderr[-2000:]
+    lines = [p["line"] for p in report["problems"]]
+    assert "KeyboardInterrupt" in lines, lines
+    assert all("SIGINT" in p.get("expected", "") for p in report["problems"]), report["problems"]
+    logged = [json.loads(x) for x in result.stdout.splitlines() if x.startswith("{")]
+    assert not [e for e in logged if e["event"] == "trainer_problem"]
+    assert [e for e in logged if e["event"] == "trainer_stopping"]
+
+
+def test_sigint_record_after_the_traceback_it_caused() -> None:
+    """Two readers, one file: the signal's record can follow the output it caused."""
+    timed = [(0.0, started()),
+             (1.0, Problem(problem="traceback", line="Traceback (most recent call last):")),
+             (3.1, Problem(problem="traceback", line="Traceback (most recent call last):")),
+             (3.2, Problem(problem="exception", line="KeyboardInterrupt")),
+             (3.0, SignalSent(signal="SIGINT", reason="timeout", pids=(42,)))]
+    problems = build(timed)["problems"]
+    assert [(p["problem"], p["count"], "expected" in p) for p in problems] == [
+        ("traceback", 1, False), ("traceback", 1, True), ("exception", 1, True)]

@@ -102,7 +102,7 @@ PYTHON_PROBLEMS: tuple[ProblemPattern, ...] = (
 
 
 #: substrings without which ``python_problems`` finds nothing in a line
-PYTHON_PROBLEM_NEEDLES = ("rror", "Traceback", "memory", "No data")
+PYTHON_PROBLEM_NEEDLES = ("rror", "Traceback", "memory", "No data", "Interrupt")
 
 #: the last line of a Python traceback: ``OSError: ...``, ``torch.OutOfMemoryError: ...``
 _EXCEPTION_LINE = re.compile(

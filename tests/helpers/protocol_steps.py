@@ -2,13 +2,15 @@
 
 ``protocol_steps.py --steps N [--continue STATE]``: with ``--continue``, reads the last
 step from STATE, prints ``{"lorasup":1,"kind":"resume","step":K}`` and trains K+1..K+N;
-writes the last step to STATE when done. Loss = 2 / step (known to the test).
+writes the last step to STATE when done. Loss = 2 / step (known to the test). With
+``--hang`` it then sleeps until stopped (Python's own SIGINT handling: a traceback).
 """
 
 from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 
@@ -26,6 +28,9 @@ def main() -> int:
                           "loss": 2 / step, "epoch": 1}, separators=(",", ":")),
               flush=True)
     state.write_text(str(start + steps))
+    if "--hang" in argv:  # wait to be stopped; SIGINT raises KeyboardInterrupt (a traceback)
+        print("hanging", flush=True)
+        time.sleep(600)
     return 0
 
 
