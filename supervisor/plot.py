@@ -109,8 +109,13 @@ def render_loss_curves(report: dict[str, Any], png_path: str | os.PathLike[str])
                if sampling.get("method") == "buckets" else "")
     earlier = series.get("history") if isinstance(series.get("history"), dict) else None
     continues = f" · continues {earlier.get('run_id')}" if earlier else ""
-    fig.suptitle(f"{report.get('run_id') or 'run'} · {trainer} · {status}{sampled}{continues}",
-                 fontsize=12)
+    title = f"{report.get('run_id') or 'run'} · {trainer} · {status}{sampled}{continues}"
+    problems = [p for p in report.get("problems") or [] if not p.get("expected")]
+    if not steps and problems:  # nothing to draw: say what went wrong instead
+        title += f"\n{problems[-1].get('problem')}: {str(problems[-1].get('line'))[:110]}"
+    if "\n" in title:
+        fig.subplots_adjust(top=0.9)
+    fig.suptitle(title, fontsize=12 if "\n" not in title else 10)
 
     history = series.get("history") if isinstance(series.get("history"), dict) else None
     resumed = (report.get("steps") or {}).get("resumed_from")
