@@ -192,6 +192,35 @@ class Stacks(Event):
 
 
 @dataclass(frozen=True, slots=True)
+class Artifacts(Event):
+    """What the run left on disk, looked up once when the trainer is gone (absolute paths):
+    recorded so that a report rebuilt from events.jsonl names the same files."""
+
+    kind: ClassVar[str] = "artifacts"
+    checkpoints: tuple[str, ...] = ()
+    model_files: tuple[str, ...] = ()
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class History(Event):
+    """The curves of the run this resumed run continues (copied from its report, at most
+    2048 points): the resumed run's report shows the whole history, and its EMA goes on
+    from ``ema_last``. Values are spelled as in report.json ("nan" for NaN)."""
+
+    kind: ClassVar[str] = "history"
+    run_id: str
+    resumed_from: int
+    step: tuple[int, ...] = ()
+    loss: tuple[Any, ...] = ()
+    avg_loss: tuple[Any, ...] = ()
+    ema_loss: tuple[Any, ...] = ()
+    lr: tuple[Any, ...] = ()
+    ema_basis: str | None = None
+    ema_last: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Outcome(Event):
     kind: ClassVar[str] = "outcome"
     outcome: str
@@ -223,5 +252,5 @@ def step_json(t: float, event: Step) -> str:
 EVENT_TYPES: dict[str, type[Event]] = {
     cls.kind: cls
     for cls in (Started, Step, Resumed, Scalar, Epoch, Checkpoint, Finished, Problem, Rejected,
-                SignalSent, Exited, Note, Stacks, Outcome)
+                SignalSent, Exited, Note, Stacks, Artifacts, History, Outcome)
 }

@@ -53,10 +53,32 @@ def _empty(ax: Any, text: str) -> None:
 
 
 def _mark_nonfinite(ax: Any, steps: list[int], bad: list[int]) -> None:
+    """Red crosses along the bottom edge: the legend lives at the top, so never over them."""
     if bad:
-        ax.plot([steps[i] for i in bad], [0.97] * len(bad), "x", color="tab:red", ms=5,
-                transform=ax.get_xaxis_transform(), label=f"non-finite ({len(bad)})")
-        ax.legend(loc="upper right", fontsize=8)
+        ax.plot([steps[i] for i in bad], [0.03] * len(bad), "x", color="tab:red", ms=5,
+                transform=ax.get_xaxis_transform(), label=f"non-finite ({len(bad)})",
+                clip_on=False)
+
+
+def _integer_steps(ax: Any) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def _legend(ax: Any) -> None:
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="upper right", fontsize=7, framealpha=0.7)
+
+
+def _avg_title(series: dict[str, Any]) -> str:
+    """The running average named for what it is: per epoch only when the data say so."""
+    each = (series.get("avg_loss_resets") or {}).get("each_epoch")
+    if each is True:
+        return "trainer's running average, per epoch (restarts each epoch)"
+    if each is False:
+        return "trainer's running average (goes on across epochs)"
+    return "trainer's running average"
 
 
 def render_loss_curves(report: dict[str, Any], png_path: str | os.PathLike[str]) -> Path:
@@ -85,9 +107,36 @@ def render_loss_curves(report: dict[str, Any], png_path: str | os.PathLike[str])
     sampling = series.get("sampling") or {}
     sampled = (f" · {sampling.get('bucket_steps')} steps per point"
                if sampling.get("method") == "buckets" else "")
-    fig.suptitle(f"{report.get('run_id') or 'run'} · {trainer} · {status}{sampled}", fontsize=12)
+    earlier = series.get("history") if isinstance(series.get("history"), dict) else None
+    continues = f" · continues {earlier.get('run_id')}" if earlier else ""
+    title = f"{report.get('run_id') or 'run'} · {trainer} · {status}{sampled}{continues}"
+    problems = [p for p in report.get("problems") or [] if not p.get("expected")]
+    if not steps and problems:  # nothing to draw: say what went wrong instead
+        title += f"\n{problems[-1].get('problem')}: {str(problems[-1].get('line'))[:110]}"
+    if "\n" in title:
+        fig.subplots_adjust(top=0.9)
+    fig.suptitle(title, fontsize=12 if "\n" not in title else 10)
 
-    def line_panel(ax: Any, name: str, title: str, color: str, empty: str | None = None) -> None:
+    history = series.get("history") if isinstance(series.get("history"), dict) else None
+    resumed = (report.get("steps") or {}).get("resumed_from")
+
+    def mark_resume(ax: Any) -> None:
+        if resumed:
+            ax.axvline(resumed + 0.5, color="0.4", lw=1, ls="--",
+                       label=f"resumed after step {resumed}")
+
+    def draw_history(ax: Any, name: str, color: str) -> bool:
+        if history is None:
+            return False
+        values, _ = _floats(history.get(name))
+        if not _has(values):
+            return False
+        ax.plot(history.get("step") or [], values, color=color, lw=0.9, alpha=0.4,
+                label="before the resume")
+        return True
+
+    def line_panel(ax: Any, name: str, title: str, color: str, ylabel: str,
+                   empty: str | None = None) -> None:
         values, bad = _floats(series.get(name))
         source = sources.get(name)
         ax.set_title(f"{title} ({source})" if source else title, fontsize=10)
@@ -100,13 +149,18 @@ def render_loss_curves(report: dict[str, Any], png_path: str | os.PathLike[str])
             high, _ = _floats(envelope["max"])
             ax.fill_between(steps, low, high, color=color, alpha=0.25, lw=0,
                             label="min-max per bucket")
+        if draw_history(ax, name, color):
+            mark_resume(ax)
         ax.plot(steps, values, color=color, lw=0.9)
         _mark_nonfinite(ax, steps, bad)
+        _legend(ax)
         ax.set_xlabel("step")
+        ax.set_ylabel(ylabel)
+        _integer_steps(ax)
         ax.grid(alpha=0.3)
 
-    line_panel(axes[0], "loss", "per-step loss", "tab:blue")
-    line_panel(axes[1], "avg_loss", "trainer's running average", "tab:orange")
+    line_panel(axes[0], "loss", "per-step loss", "tab:blue", "loss")
+    line_panel(axes[1], "avg_loss", _avg_title(series), "tab:orange", "average loss")
 
     ax = axes[2]
     ax.set_title("per-epoch mean loss", fontsize=10)
@@ -114,9 +168,19 @@ def render_loss_curves(report: dict[str, Any], png_path: str | os.PathLike[str])
     numbers, _ = _floats([e["mean_loss"] for e in epochs])
     if _has(numbers):
         xs = [e["epoch"] for e in epochs]
-        ax.plot(xs, numbers, "o-", color="tab:green")
+        ax.plot(xs, numbers, "-", color="tab:green")
+        full = [i for i, e in enumerate(epochs) if not e.get("partial")]
+        part = [i for i, e in enumerate(epochs) if e.get("partial")]
+        ax.plot([xs[i] for i in full], [numbers[i] for i in full], "o", color="tab:green")
+        if part:
+            ax.plot([xs[i] for i in part], [numbers[i] for i in part], "o", mfc="white",
+                    color="tab:green", label="partial epoch")
+            _legend(ax)
         ax.set_xlabel("epoch")
-        ax.set_xticks(xs if len(xs) <= 20 else ax.get_xticks())
+        ax.set_ylabel("mean loss")
+        _integer_steps(ax)
+        if len(xs) <= 20:
+            ax.set_xticks(xs)
         ax.set_title(f"per-epoch mean loss: {epochs[0].get('source')}", fontsize=10)
         ax.grid(alpha=0.3)
     else:
@@ -126,7 +190,7 @@ def render_loss_curves(report: dict[str, Any], png_path: str | os.PathLike[str])
     ema = series.get("ema") or {}
     line_panel(axes[3], "ema_loss",
                f"EMA (alpha={ema.get('alpha')}) of {ema.get('basis') or 'loss'}", "tab:purple",
-               empty="no loss series to smooth")
+               "smoothed loss", empty=explanation.get("ema_loss") or "no loss series to smooth")
 
     ax = axes[4]
     ax.set_title("learning rate", fontsize=10)
@@ -138,8 +202,12 @@ def render_loss_curves(report: dict[str, Any], png_path: str | os.PathLike[str])
             ax.plot(steps, numbers, lw=0.9, label=f"{name} ({sources.get(name)})")
             drawn += 1
     if drawn:
-        ax.legend(fontsize=8)
+        if draw_history(ax, "lr", "0.5"):
+            mark_resume(ax)
+        _legend(ax)
         ax.set_xlabel("step")
+        ax.set_ylabel("learning rate")
+        _integer_steps(ax)
         ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
         ax.grid(alpha=0.3)
     else:
@@ -153,11 +221,13 @@ def render_loss_curves(report: dict[str, Any], png_path: str | os.PathLike[str])
         median = (report.get("timing") or {}).get("median_s_per_step")
         if median is not None:
             ax.axhline(median, color="tab:red", lw=1, label=f"median {median:.3g} s")
-            ax.legend(fontsize=8)
+            _legend(ax)
         ax.set_xlabel("step")
+        ax.set_ylabel("seconds")
+        _integer_steps(ax)
         ax.grid(alpha=0.3)
     else:
-        _empty(ax, "fewer than two timed steps")
+        _empty(ax, explanation.get("s_per_step") or "fewer than two timed steps")
 
     path = Path(png_path)
     # A random O_EXCL name: a link planted in a shared run directory is never written through.

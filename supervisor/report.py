@@ -57,8 +57,10 @@ Conventions of the report (``schema`` "lorasup.report/2"):
 from __future__ import annotations
 
 import bisect
+import collections
 import contextlib
 import csv
+import datetime
 import io
 import itertools
 import json
@@ -167,6 +169,17 @@ def _step(value: Any) -> int | None:
 def _time(value: Any) -> float | None:
     number = read_number(value)
     return number if number is not None and math.isfinite(number) else None
+
+
+def _iso(epoch_s: float | None) -> str | None:
+    """Epoch seconds as ISO 8601 UTC (``2026-12-02T07:30:17.123Z``), for people."""
+    if epoch_s is None:
+        return None
+    try:
+        moment = datetime.datetime.fromtimestamp(epoch_s, datetime.UTC)
+    except (OverflowError, OSError, ValueError):
+        return None
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _spell(value: float | None) -> float | str | None:
@@ -354,6 +367,11 @@ class _Summary:
         self.epochs: dict[int | None, list[Any]] = {}  # epoch -> [steps, Stats of loss]
         self.epochs_dropped = 0
         self.pace = _Pace()
+        #: does the trainer's running average restart at each epoch? counted at epoch
+        #: boundaries where both it and the per-step loss are known
+        self.last_epoch: int | None = None
+        self.avg_restarts = 0
+        self.avg_carries = 0
         self.min_t: float | None = None
         self.first_timed: tuple[int, float] | None = None
         self.last_timed: tuple[int, float] | None = None
@@ -412,6 +430,7 @@ class _Summary:
             if present:
                 self.tag_present[tag] = self.tag_present.get(tag, 0) + present
         self._fold_epochs(steps, epoch, loss)
+        self._check_avg_restarts(epoch, loss, avg)
         self._fold_times(steps, t)
         buckets = self.buckets
         segments = buckets.segments(steps)
@@ -445,6 +464,26 @@ class _Summary:
             entry[0] += end - start
             entry[1].add_column(steps[start:end], loss[start:end])
             start = end
+
+    def _check_avg_restarts(self, epoch: list[int | None], loss: list[float | None],
+                            avg: list[float | None]) -> None:
+        """At the first step of each new epoch, a running average that restarts equals
+        that step's loss (to the console's rounding); one that goes on does not."""
+        previous = [self.last_epoch, *epoch[:-1]]
+        for i in compress(range(len(epoch)), map(ne, epoch, previous)):
+            e, before = epoch[i], previous[i]
+            if e is None:
+                continue
+            if before is not None and e > before:
+                x, a = loss[i], avg[i]
+                if x is not None and a is not None and x - x == 0.0 and a - a == 0.0:
+                    if abs(a - x) <= 2e-3 * max(1.0, abs(x)):
+                        self.avg_restarts += 1
+                    else:
+                        self.avg_carries += 1
+        known = [e for e in epoch if e is not None]
+        if known:
+            self.last_epoch = known[-1]
 
     def _fold_times(self, steps: list[int], t: list[float | None]) -> None:
         timed = t if None not in t else [x for x in t if x is not None]
@@ -527,12 +566,21 @@ class ReportBuilder:
         self._checkpoints_dropped = 0
         self._problems: dict[tuple[str, str], dict[str, Any]] = {}
         self._problems_dropped = 0
+        #: lorasup sent SIGINT; a traceback line seen after it, not yet judged
+        self._sigint_seen = False
+        self._recent_problems: collections.deque[tuple[str, str, float | None]] = (
+            collections.deque(maxlen=16))
+        self._pending_traceback: tuple[str, str, float | None, str | None] | None = None
         self._signals: list[dict[str, Any]] = []
         self._signals_dropped = 0
         self._notes: list[str] = []
         self._notes_dropped = 0
         self._markers: dict[str, None] = {}
         self._model_files: list[str] = []
+        #: the engine's ``artifacts`` record arrived (the run's files were looked up)
+        self.artifacts_recorded = False
+        #: the curves of the run this one continues (a ``history`` record), or None
+        self._history: dict[str, Any] | None = None
         # timing.* phases and stack captures: O(1) state of their own
         self._started_t: float | None = None
         self._exited_t: float | None = None
@@ -804,18 +852,83 @@ class ReportBuilder:
             else:
                 self._checkpoints_dropped += 1
 
+    def _on_artifacts(self, r: dict[str, Any], t: float | None) -> None:
+        self.artifacts_recorded = True
+        files = r.get("model_files")
+        if isinstance(files, list):
+            self._model_files = [f[:4096] for f in files[:MAX_PROBLEMS] if isinstance(f, str)]
+        found = r.get("checkpoints")
+        if isinstance(found, list):
+            # absolute: announced ones resolved against the trainer's folder, then found ones
+            self._checkpoints = {p[:4096]: None for p in found[:MAX_PROBLEMS]
+                                 if isinstance(p, str)}
+        if isinstance(r.get("error"), str):
+            self.add_note(r["error"])
+
+    def _on_history(self, r: dict[str, Any], t: float | None) -> None:
+        steps = r.get("step")
+        if not isinstance(steps, list) or not steps or len(steps) > 4 * BUCKETS:
+            return
+        n = len(steps)
+        if not all(_step(s) is not None for s in steps):
+            self.bad_records += 1
+            return
+        block: dict[str, Any] = {"run_id": str(r.get("run_id", ""))[:200],
+                                 "resumed_from": _step(r.get("resumed_from")), "step": steps}
+        for name in ("loss", "avg_loss", "ema_loss", "lr"):
+            values = r.get(name)
+            ok = isinstance(values, list) and len(values) == n
+            block[name] = ([v if v is None or (isinstance(v, int | float | str) and not
+                            isinstance(v, bool)) else None for v in values] if ok else [None] * n)
+        self._history = block
+        basis, last = r.get("ema_basis"), read_number(r.get("ema_last"))
+        if basis in ("loss", "avg_loss") and last is not None and math.isfinite(last) \
+                and not self._folded:
+            # the EMA goes on from where the earlier run left it
+            self._sum.ema[basis] = last
+
     def _on_finished(self, r: dict[str, Any], t: float | None) -> None:
         if isinstance(r.get("marker"), str) and len(self._markers) < 20:
             self._markers[r["marker"][:200]] = None
 
     def _on_problem(self, r: dict[str, Any], t: float | None) -> None:
         problem, line = str(r.get("problem", ""))[:200], str(r.get("line", ""))[:1000]
-        entry = self._problems.get((problem, line))
+        self._judge_problem(problem, line, t)
+
+    def _judge_problem(self, problem: str, line: str, t: float | None) -> None:
+        if not self._sigint_seen:
+            self._recent_problems.append((problem, line, t))
+        if self._sigint_seen:  # in file order: a problem's t is its read's time, not later
+            # After lorasup's own SIGINT, a traceback ending in KeyboardInterrupt is the
+            # trainer being stopped, not a trainer problem: hold the traceback line until
+            # the exception line says which it was.
+            pending, self._pending_traceback = self._pending_traceback, None
+            if problem == "traceback":
+                if pending is not None:
+                    self._add_problem(*pending)
+                self._pending_traceback = (problem, line, t, None)
+                return
+            if problem == "exception" and line.startswith("KeyboardInterrupt"):
+                why = "after lorasup's SIGINT (the trainer being stopped)"
+                if pending is not None:
+                    self._add_problem(pending[0], pending[1], pending[2], why)
+                self._add_problem(problem, line, t, why)
+                return
+            if pending is not None:
+                self._add_problem(*pending)
+        self._add_problem(problem, line, t, None)
+
+    def _add_problem(self, problem: str, line: str, t: float | None,
+                     expected: str | None) -> None:
+        key = (problem, line) if expected is None else (problem, line, "expected")
+        entry = self._problems.get(key)  # type: ignore[arg-type]
         if entry is not None:
             entry["count"] += 1
         elif len(self._problems) < MAX_PROBLEMS:
-            self._problems[(problem, line)] = {"problem": problem, "line": line, "count": 1,
-                                               "first_t": t}
+            entry = {"problem": problem, "line": line, "count": 1, "first_t": t}
+            if expected is not None:
+                entry["expected"] = expected
+            self._problems[key] = entry  # type: ignore[index]
         else:
             self._problems_dropped += 1
 
@@ -829,6 +942,21 @@ class ReportBuilder:
         pids = r.get("pids")
         pid_list = ([p for p in map(_int, pids[:1000]) if p is not None]
                     if isinstance(pids, list) else [])
+        if r.get("signal") == "SIGINT" and not self._sigint_seen:
+            self._sigint_seen = True
+            # Output the signal caused may be in the file before the signal's record (two
+            # readers, one file): problems at or after its time are judged again.
+            again = []
+            while (self._recent_problems and t is not None
+                   and (self._recent_problems[-1][2] or -math.inf) >= t):
+                again.append(self._recent_problems.pop())
+            for problem, line, at in reversed(again):
+                entry = self._problems.get((problem, line))
+                if entry is not None:
+                    entry["count"] -= 1
+                    if not entry["count"]:
+                        del self._problems[(problem, line)]
+                self._judge_problem(problem, line, at)
         self._signals.append({"signal": str(r.get("signal", ""))[:40],
                               "reason": str(r.get("reason", ""))[:200], "t": t,
                               "pids": pid_list})
@@ -873,6 +1001,8 @@ class ReportBuilder:
         "exited": _on_exited,
         "stacks": _on_stacks,
         "note": _on_note,
+        "artifacts": _on_artifacts,
+        "history": _on_history,
         "outcome": _on_outcome,
     }
 
@@ -1023,9 +1153,6 @@ class ReportBuilder:
         sources.update({tag: self._lr_tag_sources.get(tag) for tag in tags})
         sources["ema_loss"] = "lorasup" if basis else None
         sources["s_per_step"] = "lorasup" if summary.pace.n else None
-        missing = [name for name in ("loss", "avg_loss", "lr") if sources[name] is None
-                   and not (name == "lr" and any(summary.tag_present.get(t) for t in tags))]
-        explanation = {name: self._why_missing(name) for name in missing}
         if self._dropped_tag_count:
             notes.append(f"{self._dropped_tag_count} scalar tag(s) beyond {MAX_SPARSE_TAGS} "
                          f"per kind ({MAX_LR_TAGS} for lr/*) were not kept")
@@ -1054,15 +1181,19 @@ class ReportBuilder:
             steps_per_s = (last[0] - first[0]) / (last[1] - first[1])
         loss_stats = stats[basis] if basis else Stats()
         median = summary.pace.median()
+        last_at = (self.started_at + self.last_t
+                   if self.started_at is not None and self.last_t is not None else None)
         series.update({
             "ema": {"alpha": EMA_ALPHA, "basis": basis},
             "epoch_loss": self._sampled_json(self._epoch_loss) if self._epoch_loss else None,
             "val_loss": {tag: self._sampled_json(s) for tag, s in sorted(self._val_loss.items())},
             "other": {tag: self._sampled_json(s) for tag, s in sorted(self._other.items())},
             "sources": sources,
-            "missing": missing,
-            "explanation": explanation,
+            "history": dict(self._history) if self._history is not None else None,
+            "avg_loss_resets": self._avg_resets(summary, src["avg"] is not None,
+                                                src["loss"] is not None),
         })
+        series["missing"], series["explanation"] = self._missing(series, sources, tags, basis)
         return {
             "schema": SCHEMA,
             "run_id": self.run_id,
@@ -1102,18 +1233,53 @@ class ReportBuilder:
             "epochs": epochs,
             "timing": {
                 "started_at": self.started_at,
+                "started_at_iso": _iso(self.started_at),
+                "last_event_at": last_at,
+                "last_event_at_iso": _iso(last_at),
                 "duration_s": self.last_t,
                 "first_step_s": summary.min_t,
                 "median_s_per_step": median,
                 "steps_per_s": steps_per_s,
                 **self._phases(),
             },
-            "problems": [dict(p) for p in self._problems.values()],
+            "problems": self._problem_list(),
             "stacks": [dict(c) for c in self._stacks],
             "series": series,
             "artifacts": self.artifacts(),
             "notes": notes,
         }
+
+    @staticmethod
+    def _avg_resets(summary: _Summary, have_avg: bool, have_loss: bool) -> dict[str, Any]:
+        """Whether the trainer's running average restarts at each epoch, from the data."""
+        restarts, carries = summary.avg_restarts, summary.avg_carries
+        checked = restarts + carries
+        if not have_avg:
+            return {"each_epoch": None, "boundaries_checked": 0,
+                    "explanation": "no running average was reported"}
+        if not checked:
+            why = ("no epoch boundary was seen" if have_loss else
+                   "needs the per-step loss at an epoch boundary to tell")
+            return {"each_epoch": None, "boundaries_checked": 0, "explanation": why}
+        each = restarts == checked
+        return {"each_epoch": each, "boundaries_checked": checked,
+                "explanation": "at the first step of every new epoch it equals that step's "
+                               "loss: a per-epoch average" if each else
+                               f"it goes on across {carries} of {checked} epoch boundaries"}
+
+    def _problem_list(self) -> list[dict[str, Any]]:
+        problems = [dict(p) for p in self._problems.values()]
+        pending = self._pending_traceback
+        if pending is not None:  # a traceback after SIGINT whose exception line never came
+            key = pending[:2]
+            known = self._problems.get(key)  # type: ignore[arg-type]
+            if known is not None:
+                at = list(self._problems).index(key)  # type: ignore[arg-type]
+                problems[at]["count"] += 1
+            else:
+                problems.append({"problem": pending[0], "line": pending[1], "count": 1,
+                                 "first_t": pending[2]})
+        return problems
 
     def _phases(self) -> dict[str, Any]:
         """timing.startup_s/training_s/finish_s/trainer_s (see the module docstring)."""
@@ -1251,6 +1417,21 @@ class ReportBuilder:
         if self._epoch_loss is not None:
             trainer_means = dict(self._epoch_loss.items())
         known = sorted({*per_epoch, *self._epoch_totals, *trainer_means})[:MAX_EPOCHS]
+        entries = self._epochs_entries(per_epoch, known, have_loss, loss_src, trainer_means,
+                                       unassigned, notes)
+        # The last epoch is partial when it has fewer steps than the run's fullest epoch
+        # (a stop mid-epoch, or --steps not a multiple of the epoch); null: nothing to compare.
+        counts = [e["steps"] for e in entries[:-1] if e["steps"]]
+        for entry in entries:
+            entry["partial"] = False if counts else None
+        if entries and counts and entries[-1]["steps"] is not None:
+            entries[-1]["partial"] = entries[-1]["steps"] < max(counts)
+        return entries
+
+    def _epochs_entries(self, per_epoch: dict[Any, list[Any]], known: list[int],
+                        have_loss: bool, loss_src: str | None, trainer_means: dict[int, float],
+                        unassigned: list[Any] | None, notes: list[str]
+                        ) -> list[dict[str, Any]]:
         if have_loss:
             if unassigned is not None and unassigned[0] and known:
                 notes.append(f"{unassigned[0]} step(s) have no known epoch and are in no "
@@ -1273,11 +1454,68 @@ class ReportBuilder:
     def _file(self, name: str) -> str | None:
         return name if self._files.get(name) else None
 
-    def _why_missing(self, name: str) -> str:
+    def _missing(self, series: dict[str, Any], sources: dict[str, str | None],
+                 tags: list[str], basis: str | None) -> tuple[list[str], dict[str, str]]:
+        """Every series that is null (or null at every step), each with the reason."""
+        no_steps = not series["step"]
+        missing: list[str] = []
+        why: dict[str, str] = {}
+        for name in ("loss", "avg_loss", "lr"):
+            if sources[name] is None:
+                missing.append(name)
+                why[name] = self._why_missing(name, tags, no_steps)
+        for tag in tags:
+            if all(v is None for v in series["lr_by_tag"].get(tag) or ()):
+                missing.append(tag)
+                why[tag] = "no step was recorded" if no_steps else "no value in the sampled steps"
+        if basis is None:
+            missing.append("ema_loss")
+            why["ema_loss"] = ("no step was recorded" if no_steps else
+                               "no loss to smooth: neither a per-step loss nor the trainer's "
+                               "running average was reported")
+        if sources["s_per_step"] is None:
+            missing.append("s_per_step")
+            why["s_per_step"] = ("no step was recorded" if no_steps else
+                                 "steps came in fewer than two reads of the trainer's output "
+                                 "after the first (which includes its start-up)")
+        if all(e is None for e in series["epoch"]):
+            missing.append("epoch")
+            why["epoch"] = ("no step was recorded" if no_steps else
+                            f"{self.trainer or 'the trainer'} reported no epoch")
+        if series["epoch_loss"] is None:
+            missing.append("epoch_loss")
+            why["epoch_loss"] = (f"{self.trainer or 'the trainer'} reported no per-epoch "
+                                 "average (e.g. kohya's loss/epoch_average, written at the "
+                                 "end of each epoch); per-epoch means are in `epochs`")
+        return missing, why
+
+    def _logging_dir(self) -> str | None:
+        """The --logging_dir in the command (lorasup injects one for kohya)."""
+        argv = self.argv or []
+        for i, arg in enumerate(argv):
+            if arg == "--logging_dir" and i + 1 < len(argv):
+                return argv[i + 1]
+            if arg.startswith("--logging_dir="):
+                return arg.split("=", 1)[1]
+        return None
+
+    def _why_missing(self, name: str, tags: list[str] | None = None,
+                     no_steps: bool = False) -> str:
+        who = self.trainer or "the trainer"
+        if name == "lr" and tags:
+            return (f"{who} reports its learning rate per parameter group: see "
+                    f"series.lr_by_tag ({', '.join(tags[:4])})")
+        if no_steps:
+            return "no step was recorded"
         hint = _HINTS.get((self.trainer or "", name))
         if hint:
-            return hint
-        who = self.trainer or "the trainer"
+            logging_dir = self._logging_dir()
+            if logging_dir is None:
+                return hint
+            # lorasup (or the user) gave --logging_dir: the files were looked for
+            what = {"loss": "loss/current", "lr": "lr/*"}.get(name, name)
+            return (hint.split("(", 1)[0].rstrip() + f" ({what}); none was read from "
+                    f"{logging_dir}")
         return f"{who} reported no {_SERIES_LABELS[name]} (console or TensorBoard)"
 
 

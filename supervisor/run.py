@@ -26,7 +26,9 @@ import structlog
 from anyio.abc import ByteReceiveStream, ObjectReceiveStream, ObjectSendStream
 
 from lorasup.supervisor import logs, signals
+from lorasup.supervisor.artifacts import find_artifacts
 from lorasup.supervisor.events import (
+    Artifacts,
     Checkpoint,
     Event,
     Exited,
@@ -51,7 +53,6 @@ from lorasup.supervisor.process import (
     spawn,
     wait_gone,
 )
-from lorasup.supervisor.safefs import exists
 from lorasup.supervisor.signals import STOP_SIGNALS
 from lorasup.supervisor.sink import Batch, ReportSink
 from lorasup.supervisor.stacks import evidence, take_stacks
@@ -91,7 +92,6 @@ TENSORBOARD_POLL_SECONDS = 1.0
 PROBLEMS_LOGGED = 20
 #: a progress log entry at most this often (and once at the last step)
 PROGRESS_LOG_SECONDS = 30.0
-MODEL_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".bin")
 #: systemd's plumbing meant for lorasup, never for the trainer
 SERVICE_ENVIRONMENT = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS",
                        "LISTEN_PID", "LISTEN_FDNAMES")
@@ -224,6 +224,8 @@ class Supervisor:
         self.notifier = Notifier()
         self._total_checked = False
         self._problems_logged = 0
+        #: after our own SIGINT, a KeyboardInterrupt traceback is the stop, not a problem
+        self._sigint_sent = False
         self.spawn_error: str | None = None
         #: bar frames starting with this are redrawn whole: only the last of a run counts
         self._redraw_prefix: str | None = getattr(adapter, "redraw_prefix", None)
@@ -269,9 +271,11 @@ class Supervisor:
 
     def _send_signal(self, sig: signal.Signals, reason: str, batch: list) -> None:
         assert self.tree is not None
+        t = self.now()  # before: whatever the signal makes the trainer print comes later
         pids = self.tree.signal(sig)
         event = SignalSent(signal=sig.name, reason=reason, pids=tuple(pids))
-        batch.append((self.now(), event))
+        self._sigint_sent = self._sigint_sent or sig == signal.SIGINT
+        batch.append((t, event))
         log.warning("signal_sent", signal=sig.name, reason=reason, pids=pids,
                     t=round(self.now(), 3))
 
@@ -591,6 +595,11 @@ class Supervisor:
 
     def _log_problem(self, problem: Problem) -> None:
         """The first few problems go to the log; all of them go to events.jsonl."""
+        if self._sigint_sent and (problem.problem == "traceback" or (
+                problem.problem == "exception" and problem.line.startswith("KeyboardInterrupt"))):
+            # our SIGINT's traceback (its exception line says which; others stay warnings)
+            log.info("trainer_stopping", problem=problem.problem, line=problem.line[:200])
+            return
         self._problems_logged += 1
         if self._problems_logged <= PROBLEMS_LOGGED:
             log.warning("trainer_problem", problem=problem.problem, line=problem.line[:200])
@@ -665,28 +674,20 @@ class Supervisor:
 
     # -- the run ----------------------------------------------------------------------
 
+    def _artifacts(self) -> Artifacts:
+        """Checkpoints and model files this run left (absolute): announced ones, and new
+        ones in the output folders. Never raises: a failure is recorded in the event."""
+        try:
+            checkpoints, models = find_artifacts(self._checkpoints, self.plan.output_dirs,
+                                                 self.plan.cwd, self._wall0)
+        except Exception as exc:  # a path the OS refuses (ENAMETOOLONG) is no reason to fail
+            log.warning("model_files_failed", error=repr(exc))
+            return Artifacts(error=f"model files could not be listed: {exc!r}"[:500])
+        return Artifacts(checkpoints=tuple(checkpoints), model_files=tuple(models))
+
     def _model_files(self) -> list[str]:
-        """Model files this run left: checkpoints it announced, and new files in output dirs."""
-        found: dict[str, None] = {}
-        for announced in self._checkpoints:
-            path = Path(announced)
-            path = path if path.is_absolute() else self.plan.cwd / path
-            if exists(path):  # ENAMETOOLONG/EACCES: "not there", never a crash
-                found[str(path)] = None
-        for folder in self.plan.output_dirs:
-            folder = folder if folder.is_absolute() else self.plan.cwd / folder
-            try:
-                paths = sorted(folder.rglob("*")) if exists(folder) and folder.is_dir() else []
-            except OSError:
-                continue
-            for path in paths:
-                try:
-                    fresh = path.stat().st_mtime >= self._wall0 - 1
-                except OSError:
-                    continue
-                if path.suffix in MODEL_SUFFIXES and fresh and path.is_file():
-                    found[str(path)] = None
-        return list(found)
+        """The sink's fallback when no ``artifacts`` event reached it."""
+        return list(self._artifacts().model_files)
 
     def _environment(self) -> dict[str, str]:
         """lorasup's environment without its service plumbing, unbuffered, plus the
@@ -733,7 +734,9 @@ class Supervisor:
                             except Exception as exc:  # see _after_crash
                                 returncode = await self._after_crash(exc, send)
                             outcome, code, reason = self._decide(returncode)
-                            await self._emit(send, [(self.now(), Outcome(
+                            # Recorded, so that a rebuilt report names the same files.
+                            left = await anyio.to_thread.run_sync(self._artifacts)
+                            await self._emit(send, [(self.now(), left), (self.now(), Outcome(
                                 outcome=outcome, exit_code=code, reason=reason,
                                 trainer_returncode=returncode))])
                     watchers.cancel_scope.cancel()

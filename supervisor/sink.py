@@ -22,8 +22,9 @@ import anyio
 import structlog
 from anyio.abc import ObjectReceiveStream
 
-from lorasup.supervisor.events import Event, Note, Step, step_json
+from lorasup.supervisor.events import Artifacts, Event, Note, Step, step_json
 from lorasup.supervisor.fastbars import StepBlock
+from lorasup.supervisor.history import find_history
 from lorasup.supervisor.plot import PlotChild
 from lorasup.supervisor.report import (
     EVENTS_JSONL,
@@ -59,6 +60,7 @@ class ReportSink:
         self._plot = PlotChild()
         self._plot.start()
         self.report: dict[str, Any] | None = None
+        self._history_sought = False
 
     @property
     def write_errors(self) -> int:
@@ -130,6 +132,8 @@ class ReportSink:
             async with receive:
                 async for batch in receive:
                     self.write(batch)
+                    if self.builder.resumed_from is not None and not self._history_sought:
+                        await self._seek_history()
                     if anyio.current_time() >= next_refresh:
                         # O(1) in the run's length: a copy of the summary plus the window.
                         report = self.builder.snapshot()
@@ -138,6 +142,20 @@ class ReportSink:
         finally:
             with anyio.CancelScope(shield=True):
                 await self.finish()
+
+    async def _seek_history(self) -> None:
+        """A resumed run: record the curves of the run it continues (once, in a thread:
+        it reads the neighbours' report.json files)."""
+        self._history_sought = True
+        builder = self.builder
+        try:
+            found = await anyio.to_thread.run_sync(
+                find_history, self.run_dir, builder.trainer, builder.resumed_from)
+        except Exception as exc:  # the history is a nicety; the run goes on without it
+            log.warning("history_failed", error=repr(exc))
+            return
+        if found is not None:
+            self.write([(builder.last_t or 0.0, found)])
 
     def _write_report(self, report: dict[str, Any]) -> None:
         try:
@@ -152,12 +170,16 @@ class ReportSink:
     def _write_final(self) -> dict[str, Any]:
         self._plot.hurry()  # its import (if still going) overlaps the work below
         builder = self.builder
-        try:
-            # Looking for model files walks the output folders: not on the event loop.
-            builder.set_model_files(self._model_files())
-        except Exception as exc:  # a path the OS refuses (ENAMETOOLONG) is no reason to fail
-            log.warning("model_files_failed", error=repr(exc))
-            builder.add_note(f"model files could not be listed: {exc!r}"[:500])
+        if not builder.artifacts_recorded:
+            # The engine records what the run left before its outcome; when that record
+            # never came, look here (in this worker thread: it walks the output folders)
+            # and record it, so that a rebuilt report still names the files.
+            try:
+                found = Artifacts(model_files=tuple(self._model_files()))
+            except Exception as exc:  # a path the OS refuses (ENAMETOOLONG) is no failure
+                log.warning("model_files_failed", error=repr(exc))
+                found = Artifacts(error=f"model files could not be listed: {exc!r}"[:500])
+            self.write([(builder.last_t or 0.0, found)])  # the sink keeps no clock
         builder.finish_csv()
         if self._csv_fd is not None and self._csv_fd >= 0:
             try:

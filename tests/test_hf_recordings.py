@@ -172,7 +172,12 @@ def test_accelerate_sigint_recording_is_a_failed_run(tmp_path: Path) -> None:
     assert report["trainer_returncode"] == -2
     assert report["steps"]["last"] == 10
     assert report["series"]["loss"][9] == 4.91
-    assert {p["problem"] for p in report["problems"]} == {"traceback"}
+    # someone else's SIGINT: its traceback and KeyboardInterrupt are the trainer's problem
+    assert report["signals_sent"] == []
+    assert {p["problem"] for p in report["problems"]} == {"traceback", "exception"}
+    assert {p["line"] for p in report["problems"] if p["problem"] == "exception"} == {
+        "KeyboardInterrupt"}
+    assert not [p for p in report["problems"] if "expected" in p]
 
 
 def test_evaluation_bar_does_not_shift_the_losses(tmp_path: Path) -> None:

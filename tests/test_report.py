@@ -155,7 +155,8 @@ def test_kohya_console_only_run() -> None:
     assert series["ema"]["basis"] == "avg_loss"
     # a one-epoch run: the late `epoch 1/1` still places every step in epoch 1
     assert series["epoch"] == [1, 1, 1, 1]
-    assert report["epochs"] == [{"epoch": 1, "mean_loss": None, "steps": 4, "source": None}]
+    assert report["epochs"] == [{"epoch": 1, "mean_loss": None, "steps": 4, "source": None,
+                                  "partial": None}]
     assert any("per-epoch mean loss not available" in n for n in report["notes"])
     assert report["artifacts"]["checkpoints"] == ["out/test_lora.safetensors"]
     assert report["trainer_returncode"] == 0
@@ -167,7 +168,7 @@ def test_kohya_epoch_average_is_used_when_no_per_step_loss() -> None:
                                source="tensorboard")))
     epochs = build(timed)["epochs"]
     assert epochs == [{"epoch": 1, "mean_loss": 1.083, "steps": 4,
-                       "source": "loss/epoch_average (tensorboard)"}]
+                       "source": "loss/epoch_average (tensorboard)", "partial": None}]
 
 
 def test_kohya_with_tensorboard_fills_loss_and_lr() -> None:
@@ -178,8 +179,10 @@ def test_kohya_with_tensorboard_fills_loss_and_lr() -> None:
         timed.append((15.1, Scalar(tag="lr/unet", step=step, value=1e-4, source="tensorboard")))
     report = build(timed)
     series = report["series"]
-    assert series["missing"] == []
-    assert series["lr"] == [None] * 4  # no single lr: kept per tag
+    # no single lr: kept per tag, and said so; no epoch average was written
+    assert series["missing"] == ["lr", "epoch_loss"]
+    assert "series.lr_by_tag (lr/unet)" in series["explanation"]["lr"]
+    assert series["lr"] == [None] * 4
     assert series["lr_by_tag"] == {"lr/unet": [1e-4] * 4}
     assert series["sources"]["lr/unet"] == "tensorboard"
     assert report["loss"]["basis"] == "loss" and report["loss"]["source"] == "tensorboard"

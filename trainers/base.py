@@ -93,11 +93,16 @@ PYTHON_PROBLEMS: tuple[ProblemPattern, ...] = (
     ),
     ProblemPattern("cuda_out_of_memory", "OutOfMemoryError"),
     ProblemPattern("traceback", "Traceback (most recent call last)"),
+    # argparse refusing the command line: "prog: error: unrecognized arguments: --x",
+    # "prog: error: argument --x: invalid int value: 'a'", "... arguments are required: ..."
+    ProblemPattern("bad_arguments", ": error: ", re.compile(
+        r"^\S+: error: (?:unrecognized arguments|argument |the following arguments are "
+        r"required|one of the arguments |ambiguous option|expected )")),
 )
 
 
 #: substrings without which ``python_problems`` finds nothing in a line
-PYTHON_PROBLEM_NEEDLES = ("rror", "Traceback", "memory", "No data")
+PYTHON_PROBLEM_NEEDLES = ("rror", "Traceback", "memory", "No data", "Interrupt")
 
 #: the last line of a Python traceback: ``OSError: ...``, ``torch.OutOfMemoryError: ...``
 _EXCEPTION_LINE = re.compile(
