@@ -12,6 +12,7 @@ import contextlib
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -354,6 +355,22 @@ class PlotChild:
                 proc.communicate(b"", timeout=30)
 
 
+def _die_with_parent() -> None:
+    """The early plot child must not outlive a lorasup that was SIGKILLed while the child
+    was still importing matplotlib at idle priority (it would read EOF only afterwards)."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import ctypes.util
+
+    pr_set_pdeathsig = 1
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0)
+    if os.getppid() == 1:  # the parent died before the line above ran
+        raise SystemExit(0)
+
+
 def _policy(pid: int, name: str) -> None:
     """Set a process's scheduling policy where the platform has it; never fails."""
     policy = getattr(os, name, None)
@@ -382,6 +399,7 @@ def render_in_child(report: dict[str, Any], png_path: str | os.PathLike[str]) ->
 
 def _main() -> int:
     if sys.argv[1:] == ["--wait"]:
+        _die_with_parent()
         from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: F401
         from matplotlib.figure import Figure  # noqa: F401
 

@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from tests.support import HELPERS, child_env, gone, lorasup_argv, run_lorasup, wait_for
@@ -156,6 +157,10 @@ def test_sigkill_of_lorasup_leaves_no_process_of_the_tree(tmp_path: Path,
                  start_new_session=True, stdout=subprocess.DEVNULL,
                  stderr=subprocess.DEVNULL)
     pids = family(pidfile)
+    # lorasup's own children too: the guard and the plot child must not outlive it either.
+    ours = [child.pid for child in psutil.Process(proc.pid).children(recursive=True)]
+    assert set(pids[:1]) <= set(ours)
+    pids = sorted({*pids, *ours})
     if whole_group:
         os.killpg(proc.pid, signal.SIGKILL)
     else:
