@@ -272,9 +272,9 @@ class ResilientStream:
             return 0
         try:
             if self._fallback_fd is None:
-                self._fallback_fd = os.open(
-                    self.fallback,
-                    os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+                from lorasup.supervisor.safefs import open_append
+
+                self._fallback_fd = open_append(self.fallback)
             return os.write(self._fallback_fd, text.encode("utf-8", "replace"))
         except OSError:
             return 0
@@ -326,7 +326,8 @@ class LineClearingLogger:
             self._terminal.flush()
         except (OSError, ValueError):  # a closed terminal must not cost the log line
             pass
-        print(message, file=self._file, flush=True)
+        self._file.write(message + "\n")
+        self._file.flush()
 
     log = debug = info = warn = warning = error = err = critical = exception = msg
     fatal = failure = msg

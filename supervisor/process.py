@@ -29,7 +29,7 @@ import psutil
 import structlog
 from anyio.abc import Process, UNIXSocketStream
 
-from lorasup.supervisor.liveness import group_exists
+from lorasup.supervisor.liveness import group_exists, running
 
 log = structlog.get_logger(__name__)
 
@@ -133,7 +133,7 @@ class ProcessTree:
     def survivors(self) -> list[int]:
         """Pids of the tree that still run (zombies count as gone)."""
         alive: list[int] = []
-        if self.returncode is None and _running(self.pid):
+        if self.returncode is None and running(self.pid):
             alive.append(self.pid)
         me = os.getpid()
         for pid, proc in self.seen.items():
@@ -198,12 +198,6 @@ class ProcessTree:
         with anyio.CancelScope(shield=True):
             await self.process.aclose()
 
-
-def _running(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
 
 
 async def _receive_line(tree: ProcessTree) -> str | None:

@@ -53,6 +53,7 @@ from lorasup.supervisor.process import (
     spawn,
     wait_gone,
 )
+from lorasup.supervisor.safefs import open_append, write_all_fd
 from lorasup.supervisor.signals import STOP_SIGNALS
 from lorasup.supervisor.sink import Batch, ReportSink
 from lorasup.supervisor.stacks import evidence, take_stacks
@@ -139,14 +140,6 @@ def new_run_id(trainer: str) -> str:
     """Sortable by time; 32 random bits (and an O_EXCL claim) keep two starts apart."""
     return f"{time.strftime('%Y%m%d-%H%M%S')}-{trainer}-{secrets.token_hex(4)}"
 
-
-def open_private(path: Path, *, create: bool = True) -> int:
-    """An fd for appending to ``path`` in the run directory: never through a symlink,
-    created 0600 (trainer.log and events.jsonl can hold secrets the trainer printed)."""
-    flags = os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC
-    if create:
-        flags |= os.O_CREAT
-    return os.open(path, flags, 0o600)
 
 
 @dataclass(frozen=True)
@@ -414,7 +407,7 @@ class Supervisor:
         if self._trainer_log is None:
             return
         try:
-            os.write(self._trainer_log, chunk)
+            write_all_fd(self._trainer_log, chunk)
         except OSError as exc:
             note = self.file_fault("trainer.log", exc)
             if note is not None:
@@ -824,7 +817,7 @@ class Supervisor:
         if self.stop_reason == "interrupted":
             return None  # signalled before anything was started: nothing to stop
         try:
-            self._trainer_log = open_private(plan.run_dir / "trainer.log")
+            self._trainer_log = open_append(plan.run_dir / "trainer.log")  # 0600, no symlink
         except OSError as exc:
             note = self.file_fault("trainer.log", exc)
             if note is not None:
