@@ -82,3 +82,25 @@ def wait_for(condition, timeout: float = 10.0, interval: float = 0.02) -> bool:
         time.sleep(interval)
     return condition()
 
+
+
+def run_on_a_terminal(argv: list[str], cwd: Path | None = None,
+                      timeout: float = 60) -> tuple[int, str]:
+    """Run ``argv`` with stdout and stderr on a pseudo-terminal; (returncode, all output)."""
+    import pty
+
+    main, replica = pty.openpty()
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=replica, stderr=replica,
+                            env=child_env(), cwd=cwd)
+    os.close(replica)
+    output = b""
+    while True:
+        try:
+            data = os.read(main, 65536)
+        except OSError:  # EIO: every writer closed the terminal
+            break
+        if not data:
+            break
+        output += data
+    os.close(main)
+    return proc.wait(timeout=timeout), output.decode(errors="replace")

@@ -7,8 +7,6 @@ the real console script, on a terminal (pty) and in a pipe.
 from __future__ import annotations
 
 import json
-import os
-import pty
 import re
 import subprocess
 from importlib.metadata import version
@@ -21,7 +19,7 @@ from typer.testing import CliRunner
 from lorasup.supervisor.cli import app
 from lorasup.supervisor.show import RunSummary, load_run, round_floats, status_text
 from lorasup.trainers import REGISTRY
-from tests.support import child_env, lorasup_argv
+from tests.support import child_env, lorasup_argv, run_on_a_terminal
 
 runner = CliRunner()
 
@@ -191,34 +189,16 @@ def test_status_for_people(logs: Path) -> None:
     assert "lorasup_lora.safetensors" in text or "model files: none listed" in text
 
 
-def _on_a_terminal(argv: list[str], cwd: Path) -> tuple[int, str]:
-    main, replica = pty.openpty()
-    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=replica, stderr=replica,
-                            env=child_env(), cwd=cwd)
-    os.close(replica)
-    output = b""
-    while True:
-        try:
-            data = os.read(main, 65536)
-        except OSError:  # EIO: every writer closed the terminal
-            break
-        if not data:
-            break
-        output += data
-    os.close(main)
-    return proc.wait(timeout=60), output.decode(errors="replace")
-
-
 def test_status_on_a_terminal_is_a_short_summary(logs: Path) -> None:
     run = sorted(p.name for p in logs.iterdir())[0]
-    code, text = _on_a_terminal(lorasup_argv("status", run), logs.parent)
+    code, text = run_on_a_terminal(lorasup_argv("status", run), logs.parent)
     assert code == 0
     assert "{" not in text and f"{run}  builtin  completed" in text
     assert re.search(r"step \d/\d", text)
 
 
 def test_start_on_a_terminal_ends_with_one_summary_line(tmp_path: Path) -> None:
-    code, text = _on_a_terminal(lorasup_argv("start", "--steps", "5"), tmp_path)
+    code, text = run_on_a_terminal(lorasup_argv("start", "--steps", "5"), tmp_path)
     assert code == 0
     last = text.strip().splitlines()[-1]
     assert re.fullmatch(r"lorasup: completed \(trainer finished all steps\); final loss "

@@ -19,6 +19,7 @@ from tests.support import (
     kohya_args,
     lorasup_argv,
     run_lorasup,
+    run_on_a_terminal,
     wait_for,
 )
 
@@ -394,25 +395,8 @@ def test_status_shows_a_live_run(run_dir: Path) -> None:
 
 
 def test_terminal_gets_console_logs_and_a_live_progress_line(run_dir: Path) -> None:
-    import os as _os
-    import pty
-
-    main, replica = pty.openpty()
     argv = lorasup_argv("start", "--run-dir", str(run_dir), *kohya_args(steps=3))
-    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=replica, stderr=replica,
-                            env=child_env())
-    _os.close(replica)
-    output = b""
-    while True:
-        try:
-            data = _os.read(main, 65536)
-        except OSError:  # EIO: every writer closed the terminal
-            break
-        if not data:
-            break
-        output += data
-    _os.close(main)
-    assert proc.wait(timeout=30) == 0
-    text = output.decode(errors="replace")
+    returncode, text = run_on_a_terminal(argv, timeout=30)
+    assert returncode == 0
     assert "step 3/3" in text  # the live line
     assert "outcome" in text and '"event"' not in text  # console rendering, not JSON
