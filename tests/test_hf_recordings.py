@@ -15,10 +15,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lorasup.supervisor.events import Checkpoint, Problem, Scalar, Step
 from lorasup.supervisor.streams import LineSplitter
-from lorasup.trainers import get_adapter
+from lorasup.trainers import get_adapter, hf
 from lorasup.trainers.base import TrainerJob, UsageError
 from lorasup.trainers.hf import HfAdapter, match_bar, parse_log_dict
 from tests.support import HERE, REPLAY, run_lorasup
@@ -282,6 +284,51 @@ def test_log_dict_parsing() -> None:
                  "{'epoch': __import__('os')}", "{" + "'epoch': [" * 5000 + "}",
                  "[transformers] {'epoch': 1}"):
         assert parse_log_dict(junk) is None
+
+
+_NUMBER_TEXT = st.one_of(
+    st.floats(allow_nan=True, allow_infinity=True).map(repr),
+    st.integers(min_value=-(10**30), max_value=10**30).map(str),
+    st.from_regex(r"-?[0-9]{1,4}(\.[0-9]{0,4})?([eE][-+]?[0-9]{1,3})?", fullmatch=True),
+    st.sampled_from(["007", "00", "0.", ".5", "1_0", "nan", "True", "None", "-0", "1e",
+                     "0x10", "1j", "+1"]),
+)
+_VALUE_TEXT = st.one_of(
+    _NUMBER_TEXT,
+    _NUMBER_TEXT.map(lambda text: f"'{text}'"),
+    st.text(st.characters(blacklist_characters="\x00\n\r"), max_size=8).map(repr),
+    st.text(max_size=8),
+)
+_KEY_TEXT = st.one_of(st.sampled_from(["loss", "epoch", "learning_rate", "grad_norm"]),
+                      st.text(st.characters(blacklist_characters="\x00\n\r"), max_size=6))
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.tuples(_KEY_TEXT, _VALUE_TEXT), min_size=0, max_size=6), st.booleans())
+def test_flat_log_dicts_read_as_literal_eval_reads_them(items: list[tuple[str, str]],
+                                                         with_epoch: bool) -> None:
+    """The fast reader of flat log dicts gives exactly what literal_eval's path gives, for
+    whatever it accepts; the rest still goes to literal_eval."""
+    if with_epoch:
+        items = [*items, ("epoch", "'0.5'")]
+    text = "{" + ", ".join(f"{key!r}: {value}" for key, value in items) + "}"
+    expected = hf._literal_log_dict(text)
+    got = parse_log_dict(text)
+    if expected is None:
+        assert got is None
+        return
+    assert got is not None and got.keys() == expected.keys()
+    for key, value in expected.items():
+        assert (math.isnan(value) and math.isnan(got[key])) or (
+            got[key] == value and math.copysign(1, got[key]) == math.copysign(1, value))
+
+
+def test_flat_log_dicts_skip_the_syntax_tree() -> None:
+    line = "{'loss': '4.84', 'grad_norm': '0.4234', 'learning_rate': '0.0002', 'epoch': '0.53'}"
+    assert hf._FLAT_DICT.fullmatch(line) is not None
+    assert parse_log_dict(line) == {"loss": 4.84, "grad_norm": 0.4234,
+                                    "learning_rate": 0.0002, "epoch": 0.53}
+    assert hf._FLAT_DICT.fullmatch("{'loss': 007, 'epoch': 1}") is None  # literal_eval's
 
 
 @pytest.mark.parametrize(("epoch", "expected"), [
