@@ -104,24 +104,28 @@ class ReportSink:
     def write(self, batch: Batch) -> None:
         lines: list[bytes] = []
         builder = self.builder
+        steps: list[tuple[float, Step]] = []  # parsed steps in a row, given to the builder at once
         for t, event in batch:
             t = round(t, 6)
             kind = type(event)
+            if kind is Step:
+                steps.append((t, event))  # type: ignore[arg-type]
+                continue
+            if steps:
+                lines.append(_add_steps(builder, steps))
+                steps = []
             if kind is StepBlock:
                 # The hot path: a read's worth of steps, its lines already formatted.
                 lines.append(event.lines)  # type: ignore[attr-defined]
                 event.feed(builder)  # type: ignore[attr-defined]
-                continue
-            if kind is Step:
-                lines.append(step_json(t, event).encode() + b"\n")  # type: ignore[arg-type]
-                builder.add_step(t, event.step, event.loss, event.avg_loss,  # type: ignore
-                                 event.lr, event.epoch)  # type: ignore[attr-defined]
                 continue
             record = {"t": t}
             record.update(event.to_dict())
             lines.append(json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode()
                          + b"\n")
             builder.add(record)
+        if steps:
+            lines.append(_add_steps(builder, steps))
         if self._events_fd >= 0 and lines:
             self._append_events(b"".join(lines))
 
@@ -197,3 +201,18 @@ class ReportSink:
             self._events_fd = -1
         return write_all(self.run_dir, builder, render=self._plot.render, faults=self.faults,
                          csv_streamed=True)
+
+
+def _add_steps(builder: ReportBuilder, steps: list[tuple[float, Step]]) -> bytes:
+    """Parsed steps of one batch, in bulk: a run of new steps is appended to the report at
+    once, not step by step (a trainer printing thousands a second notices the difference);
+    returns their events.jsonl lines."""
+    if len(steps) == 1:
+        t, event = steps[0]
+        builder.add_step(t, event.step, event.loss, event.avg_loss, event.lr, event.epoch)
+        return step_json(t, event).encode() + b"\n"
+    events = [event for _, event in steps]
+    builder.add_steps([t for t, _ in steps], [e.step for e in events],
+                      [e.loss for e in events], [e.avg_loss for e in events],
+                      [e.lr for e in events], [e.epoch for e in events])
+    return b"".join([step_json(t, event).encode() + b"\n" for t, event in steps])
