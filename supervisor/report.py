@@ -735,8 +735,6 @@ class ReportBuilder:
         if last_t is not None and (self.last_t is None or last_t > self.last_t):
             self.last_t = last_t
         ws = self._ws
-        self._time_step(steps[0], times[0])
-        self._time_step(steps[-1], times[-1])
         simple = ((not ws or steps[0] > ws[-1])
                   and (not self._folded or steps[0] > (self._sum.max_step or 0))
                   and (n == 1 or steps == list(range(steps[0], steps[0] + n))
@@ -747,6 +745,17 @@ class ReportBuilder:
                               avg_loss[i] if avg_loss else None, lr[i] if lr else None,
                               epoch[i] if epoch else None)
             return
+        # increasing steps: the first and the last in range say all _time_step needs to know
+        lo, hi = self._range()
+        first = bisect.bisect_right(steps, lo)
+        last = (n if hi is None else bisect.bisect_right(steps, hi)) - 1
+        if first <= last:
+            if times[first] is None or times[last] is None:
+                for i in range(first, last + 1):
+                    self._time_step(steps[i], times[i])
+            else:
+                self._time_step(steps[first], times[first])
+                self._time_step(steps[last], times[last])
         none = [None] * n
         ws.extend(steps)
         self._wt.extend(times)

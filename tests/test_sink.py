@@ -7,9 +7,12 @@ import json
 from pathlib import Path
 
 import anyio
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lorasup.supervisor.events import Outcome, Started, Step
-from lorasup.supervisor.sink import ReportSink
+from lorasup.supervisor.report import ReportBuilder
+from lorasup.supervisor.sink import ReportSink, _add_steps
 
 
 async def until(condition, timeout: float = 10.0) -> None:
@@ -56,3 +59,33 @@ def test_report_is_refreshed_during_the_run_and_written_at_the_end(tmp_path: Pat
     assert final["series"]["step"] == [1, 2, 3]
     assert (tmp_path / "losses.csv").is_file()
     assert (tmp_path / "loss_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+_VALUE = st.one_of(st.none(), st.floats(allow_nan=True, allow_infinity=True),
+                   st.floats(min_value=-10, max_value=10))
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(st.integers(min_value=0, max_value=40), _VALUE, _VALUE, _VALUE,
+                          st.one_of(st.none(), st.integers(min_value=0, max_value=3))),
+                min_size=1, max_size=60))
+def test_a_batch_of_parsed_steps_reports_what_the_steps_one_by_one_report(
+        rows: list[tuple[int, float | None, float | None, float | None, int | None]]) -> None:
+    """The sink hands a batch's parsed steps to the report in one call; repeated, late and
+    out-of-order steps and odd values give the same report, CSV and lines as one by one."""
+    steps = [(0.5 + i * 0.25, Step(step=s, total=40, loss=loss, avg_loss=avg, lr=lr, epoch=e))
+             for i, (s, loss, avg, lr, e) in enumerate(rows)]
+    bulk_csv: list[bytes] = []
+    single_csv: list[bytes] = []
+    bulk, single = ReportBuilder(csv_out=bulk_csv.append), ReportBuilder(csv_out=single_csv.append)
+    for builder in (bulk, single):
+        builder.add({"t": 0.0, "kind": "started", "run_id": "r", "trainer": "native",
+                     "steps_requested": 40})
+    lines = _add_steps(bulk, steps)
+    one_by_one = b"".join(_add_steps(single, [step]) for step in steps)
+    assert lines == one_by_one
+    for builder in (bulk, single):
+        builder.finish_csv()
+    assert bulk_csv == single_csv
+    assert json.dumps(bulk.snapshot(), sort_keys=True) == json.dumps(single.snapshot(),
+                                                                     sort_keys=True)
