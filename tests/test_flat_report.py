@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lorasup.supervisor.events import Scalar, Started, Step
+from lorasup.supervisor.events import Scalar, Started, Step, step_json
 from lorasup.supervisor.report import (
     BUCKETS,
     EMA_ALPHA,
@@ -264,3 +264,39 @@ def test_status_and_report_commands_survive_huge_losses_and_junk(tmp_path: Path)
         assert data["outcome"] == "completed" and data["steps"]["recorded"] == 2
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["loss"]["mean"] == 1e308 and report["loss"]["std"] == 0.0
+
+
+_FIELD = st.one_of(st.none(), st.floats(allow_nan=True, allow_infinity=True),
+                   st.floats(min_value=-3, max_value=3))
+
+
+@given(st.lists(st.one_of(
+    st.builds(lambda s, loss, avg, lr, e: Step(step=s, total=50, loss=loss, avg_loss=avg, lr=lr,
+                                               epoch=e),
+              st.integers(min_value=0, max_value=60), _FIELD, _FIELD, _FIELD,
+              st.one_of(st.none(), st.integers(min_value=1, max_value=3))),
+    st.builds(lambda s, v: Scalar(tag="train/loss", step=s, value=v),
+              st.integers(min_value=0, max_value=60), _FIELD.filter(lambda v: v is not None)),
+), max_size=80), st.integers(min_value=0, max_value=5), st.booleans())
+@settings(max_examples=150, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_the_bulk_reader_reads_what_line_by_line_json_reads(tmp_path: Path, events: list,
+                                                            resumed: int, ordered: bool) -> None:
+    """``lorasup report``'s bulk reader of the sink's own step lines gives the report that
+    json.loads of every line gives: repeats, late steps, steps outside the range, odd
+    values, other records between them."""
+    lines = [Started(run_id="r", trainer="kohya", argv=("x",), pid=1, steps_requested=40,
+                     wall_time=0.0).to_json(0.0)]
+    if resumed:
+        lines.append(json.dumps({"t": 0.01, "kind": "resumed", "step": resumed}))
+    if ordered:  # long runs of increasing steps: what the bulk reader takes at once
+        events = sorted(events, key=lambda event: event.step)
+    for i, event in enumerate(events):
+        t = round(0.1 + i * 0.05, 6)
+        lines.append(step_json(t, event) if type(event) is Step else event.to_json(t))
+    path = tmp_path / "events.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    by_line = ReportBuilder()
+    for line in lines:
+        by_line.add(json.loads(line))
+    assert _dumps(load(tmp_path).snapshot()) == _dumps(by_line.snapshot())
