@@ -165,6 +165,14 @@ def start(
 ) -> None:
     # From here on a stop signal is remembered, never fatal (see supervisor/signals.py).
     signals.hold()
+    if new and continue_:
+        raise _fail("--new and --continue exclude each other")
+    from lorasup.supervisor.plot import PlotChild
+
+    # The plot child first: its matplotlib import (at idle priority) overlaps lorasup's own
+    # imports and checks below, not only the training; a refused job kills it.
+    plot = PlotChild()
+    plot.start()
     import anyio
 
     from lorasup.supervisor import logs
@@ -174,8 +182,6 @@ def start(
     from lorasup.supervisor.show import RunSummary, end_line
     from lorasup.trainers.base import UsageError
 
-    if new and continue_:
-        raise _fail("--new and --continue exclude each other")
     try:
         file_values: dict[str, Any] = load_toml(config) if config is not None else {}
         job = build_job(file_values, {
@@ -193,10 +199,14 @@ def start(
         on_terminal = sys.stderr.isatty()
         plan, adapter = plan_run(job, progress_tty=chosen == "console" and on_terminal)
     except (ConfigError, UsageError) as exc:
+        plot.discard()
         raise _fail(str(exc)) from None
+    except BaseException:
+        plot.discard()
+        raise
 
     async def _main() -> Any:
-        return await Supervisor(plan, adapter).run()
+        return await Supervisor(plan, adapter, plot=plot).run()
 
     result = anyio.run(_main)
     if on_terminal:

@@ -374,6 +374,15 @@ class PlotChild:
         _check(proc.returncode, stderr)
         return Path(png_path)
 
+    def discard(self) -> None:
+        """The run was refused before it started: end the child now (SIGKILL), not after
+        its import (EOF is read only then)."""
+        proc, self.proc = self.proc, None
+        if proc is not None:
+            with contextlib.suppress(OSError):
+                proc.kill()
+            proc.communicate()
+
     def close(self) -> None:
         """Let an unused child go (EOF on its stdin)."""
         proc, self.proc = self.proc, None

@@ -47,6 +47,7 @@ from lorasup.supervisor.gate import StepGate
 from lorasup.supervisor.liveness import boot_id, process_start_time
 from lorasup.supervisor.logs import redact_argv, redact_text
 from lorasup.supervisor.notify import Notifier
+from lorasup.supervisor.plot import PlotChild
 from lorasup.supervisor.process import (
     ProcessTree,
     become_subreaper,
@@ -178,7 +179,7 @@ class RunResult:
 class Supervisor:
     """Runs one plan to its outcome. Create, then ``await run()`` once."""
 
-    def __init__(self, plan: RunPlan, adapter: Adapter) -> None:
+    def __init__(self, plan: RunPlan, adapter: Adapter, plot: PlotChild | None = None) -> None:
         self.plan = plan
         self.adapter = adapter
         self.tree: ProcessTree | None = None
@@ -209,7 +210,7 @@ class Supervisor:
         self.sink_error: str | None = None
         #: lorasup's own failure made it stop a trainer that was still running
         self.crash_stopped = False
-        self.sink = ReportSink(plan.run_dir, self._model_files)
+        self.sink = ReportSink(plan.run_dir, self._model_files, plot=plot)
         self._readers_open = 2
         self._readers_done = anyio.Event()
         self._next_progress = 0.0
