@@ -10,10 +10,12 @@ option lists are generated from the trainer registry and the config defaults so 
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, NoReturn
 
 import typer
 from typer.core import TyperCommand
@@ -213,6 +215,8 @@ def start(
         data = result.report if isinstance(result.report, dict) else {}
         summary = RunSummary.of(plan.run_dir, {**data, "outcome": result.outcome})
         typer.echo(end_line(summary), err=True)
+    global _run_ended
+    _run_ended = True
     raise typer.Exit(result.exit_code)
 
 
@@ -312,6 +316,24 @@ def _format(value: str) -> Literal["auto", "json", "console"]:
     return value  # type: ignore[return-value]
 
 
+#: set by ``start`` once its run has ended: the process has nothing left to do but exit
+_run_ended = False
+
+
+def _exit_now(code: int) -> NoReturn:
+    """End a finished run's process without the interpreter's teardown.
+
+    Freeing every module lorasup imported takes ~0.1 s, and whoever waits for ``lorasup
+    start`` waits for it too. Nothing is lost: the run's files were written through file
+    descriptors and closed, the trainer's tree is released, the log stream flushes each
+    line, and the standard streams are flushed here.
+    """
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
+
+
 def main(argv: list[str] | None = None) -> None:
     """The console script: usage errors become one line on stderr and exit code 2."""
     try:
@@ -319,6 +341,8 @@ def main(argv: list[str] | None = None) -> None:
         code = app(args=argv, prog_name="lorasup", standalone_mode=False)
         sys.exit(code if isinstance(code, int) else 0)
     except typer.Exit as exc:
+        if _run_ended:
+            _exit_now(exc.exit_code)
         sys.exit(exc.exit_code)
     except typer.Abort:
         sys.exit(130)
