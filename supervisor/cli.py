@@ -339,10 +339,11 @@ def main(argv: list[str] | None = None) -> None:
     try:
         # Without standalone mode an Exit raised by a command comes back as its code.
         code = app(args=argv, prog_name="lorasup", standalone_mode=False)
-        sys.exit(code if isinstance(code, int) else 0)
-    except typer.Exit as exc:
+        code = code if isinstance(code, int) else 0
         if _run_ended:
-            _exit_now(exc.exit_code)
+            _exit_now(code)
+        sys.exit(code)
+    except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except typer.Abort:
         sys.exit(130)
