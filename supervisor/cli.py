@@ -181,7 +181,6 @@ def start(
     from lorasup.supervisor.config import ConfigError, build_job, load_toml
     from lorasup.supervisor.prepare import plan_run
     from lorasup.supervisor.run import Supervisor
-    from lorasup.supervisor.show import RunSummary, end_line
     from lorasup.trainers.base import UsageError
 
     try:
@@ -212,6 +211,8 @@ def start(
 
     result = anyio.run(_main)
     if on_terminal:
+        from lorasup.supervisor.show import RunSummary, end_line
+
         data = result.report if isinstance(result.report, dict) else {}
         summary = RunSummary.of(plan.run_dir, {**data, "outcome": result.outcome})
         typer.echo(end_line(summary), err=True)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from itertools import compress, pairwise
 from operator import ne
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import structlog
@@ -59,7 +59,6 @@ from lorasup.supervisor.signals import STOP_SIGNALS
 from lorasup.supervisor.sink import Batch, ReportSink
 from lorasup.supervisor.stacks import evidence, take_stacks
 from lorasup.supervisor.streams import LineSplitter
-from lorasup.supervisor.tensorboard import EventFileFollower
 from lorasup.supervisor.watchdogs import (
     DivergenceWatch,
     ProgressWatchdog,
@@ -67,6 +66,9 @@ from lorasup.supervisor.watchdogs import (
     total_timeout,
 )
 from lorasup.trainers.base import Adapter
+
+if TYPE_CHECKING:
+    from lorasup.supervisor.tensorboard import EventFileFollower
 
 log = structlog.get_logger("lorasup")
 
@@ -233,6 +235,10 @@ class Supervisor:
         self._checkpoints: list[str] = []
         self.follower: EventFileFollower | None = None
         if plan.tensorboard_dir is not None:
+            # Imported only here: most runs read no event files, and every start pays
+            # for what it imports before the trainer is spawned.
+            from lorasup.supervisor.tensorboard import EventFileFollower
+
             root = plan.tensorboard_dir
             root = root if root.is_absolute() else plan.cwd / root
             self.follower = EventFileFollower(root, not_before=self._wall0 - 1)
