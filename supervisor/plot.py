@@ -18,7 +18,7 @@ import sys
 import tempfile
 import textwrap
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 DPI = 100
 FIGSIZE = (12.0, 10.0)
@@ -433,17 +433,11 @@ def render_in_child(report: dict[str, Any], png_path: str | os.PathLike[str]) ->
     return Path(png_path)
 
 
-def _exit_now(code: int) -> None:
-    """End the child without the interpreter's teardown: with matplotlib loaded, freeing
-    every module takes ~0.15 s, and lorasup waits for this exit. The PNG is already renamed
-    into place and nothing else is buffered but the standard streams, flushed here."""
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(Exception):
-            stream.flush()
-    os._exit(code)
+def _main() -> NoReturn:
+    # After the PNG (or EOF) the child skips the interpreter's teardown (~0.15 s with
+    # matplotlib loaded): lorasup waits for this exit.
+    from lorasup.supervisor.quickexit import exit_now
 
-
-def _main() -> int:
     if sys.argv[1:] == ["--wait"]:
         _die_with_parent()
         # While the trainer trains (at idle priority): matplotlib's import and the empty
@@ -451,14 +445,13 @@ def _main() -> int:
         figure = blank_figure(TICKS_AHEAD)
         data = sys.stdin.buffer.read()
         if not data:
-            _exit_now(0)  # the run ended without asking for a plot
+            exit_now(0)  # the run ended without asking for a plot
         request = json.loads(data)
         render_loss_curves(request["report"], request["png"], figure=figure)
-        _exit_now(0)
+        exit_now(0)
     render_loss_curves(json.load(sys.stdin), sys.argv[1], figure=blank_figure())
-    _exit_now(0)
-    return 0
+    exit_now(0)
 
 
 if __name__ == "__main__":
-    raise SystemExit(_main())
+    _main()

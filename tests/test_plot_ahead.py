@@ -5,10 +5,12 @@ Real plot children (``python -m lorasup.supervisor.plot --wait``) and real loras
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +25,7 @@ from lorasup.supervisor.plot import (
     blank_figure,
     render_loss_curves,
 )
-from tests.support import child_env, lorasup_argv, run_lorasup
+from tests.support import child_env, lorasup_argv
 
 SIZE = (int(FIGSIZE[0] * DPI), int(FIGSIZE[1] * DPI))
 
@@ -115,9 +117,28 @@ def test_a_refused_start_leaves_no_plot_child(tmp_path: Path) -> None:
     assert not (tmp_path / "run").exists()
 
 
-def test_a_builtin_run_still_leaves_its_png(tmp_path: Path) -> None:
+def test_a_builtin_run_still_leaves_its_png_and_its_last_log_line(tmp_path: Path) -> None:
+    # Block-buffered stdout (no PYTHONUNBUFFERED): the fast exit after the run must still
+    # deliver every log line, the outcome last.
+    env = {k: v for k, v in child_env().items() if k != "PYTHONUNBUFFERED"}
     run_dir = tmp_path / "run"
-    result = run_lorasup(run_dir, "--steps", "20")
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert result.report["artifacts"]["loss_curves_png"] == "loss_curves.png"
+    proc = subprocess.run(
+        lorasup_argv("start", "--run-dir", str(run_dir), "--log-format", "json",
+                     "--steps", "20"),
+        capture_output=True, text=True, timeout=60, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    last = json.loads(proc.stdout.splitlines()[-1])
+    assert last["event"] == "outcome" and last["outcome"] == "completed"
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["artifacts"]["loss_curves_png"] == "loss_curves.png"
     assert pixels(run_dir / "loss_curves.png").size == SIZE
+
+
+def test_exit_now_flushes_the_standard_streams_and_keeps_the_code() -> None:
+    env = {k: v for k, v in child_env().items() if k != "PYTHONUNBUFFERED"}
+    code = ("import sys\n"
+            "from lorasup.supervisor.quickexit import exit_now\n"
+            "sys.stdout.write('out'); sys.stderr.write('err'); exit_now(3)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60, env=env)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (3, "out", "err")
