@@ -165,17 +165,22 @@ def start(
 ) -> None:
     # From here on a stop signal is remembered, never fatal (see supervisor/signals.py).
     signals.hold()
+    if new and continue_:
+        raise _fail("--new and --continue exclude each other")
+    from lorasup.supervisor.plot import PlotChild
+
+    # The plot child first: its matplotlib import (at idle priority) overlaps lorasup's own
+    # imports and checks below, not only the training; a refused job kills it.
+    plot = PlotChild()
+    plot.start()
     import anyio
 
     from lorasup.supervisor import logs
     from lorasup.supervisor.config import ConfigError, build_job, load_toml
     from lorasup.supervisor.prepare import plan_run
     from lorasup.supervisor.run import Supervisor
-    from lorasup.supervisor.show import RunSummary, end_line
     from lorasup.trainers.base import UsageError
 
-    if new and continue_:
-        raise _fail("--new and --continue exclude each other")
     try:
         file_values: dict[str, Any] = load_toml(config) if config is not None else {}
         job = build_job(file_values, {
@@ -193,16 +198,24 @@ def start(
         on_terminal = sys.stderr.isatty()
         plan, adapter = plan_run(job, progress_tty=chosen == "console" and on_terminal)
     except (ConfigError, UsageError) as exc:
+        plot.discard()
         raise _fail(str(exc)) from None
+    except BaseException:
+        plot.discard()
+        raise
 
     async def _main() -> Any:
-        return await Supervisor(plan, adapter).run()
+        return await Supervisor(plan, adapter, plot=plot).run()
 
     result = anyio.run(_main)
     if on_terminal:
+        from lorasup.supervisor.show import RunSummary, end_line
+
         data = result.report if isinstance(result.report, dict) else {}
         summary = RunSummary.of(plan.run_dir, {**data, "outcome": result.outcome})
         typer.echo(end_line(summary), err=True)
+    global _run_ended
+    _run_ended = True
     raise typer.Exit(result.exit_code)
 
 
@@ -302,12 +315,22 @@ def _format(value: str) -> Literal["auto", "json", "console"]:
     return value  # type: ignore[return-value]
 
 
+#: set by ``start`` once its run has ended: the process has nothing left to do but exit
+_run_ended = False
+
+
 def main(argv: list[str] | None = None) -> None:
     """The console script: usage errors become one line on stderr and exit code 2."""
     try:
         # Without standalone mode an Exit raised by a command comes back as its code.
         code = app(args=argv, prog_name="lorasup", standalone_mode=False)
-        sys.exit(code if isinstance(code, int) else 0)
+        code = code if isinstance(code, int) else 0
+        if _run_ended:
+            # The run is over and its files are closed: skip the interpreter's teardown.
+            from lorasup.supervisor.quickexit import exit_now
+
+            exit_now(code)
+        sys.exit(code)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except typer.Abort:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from itertools import compress, pairwise
 from operator import ne
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import structlog
@@ -47,6 +47,7 @@ from lorasup.supervisor.gate import StepGate
 from lorasup.supervisor.liveness import boot_id, process_start_time
 from lorasup.supervisor.logs import redact_argv, redact_text
 from lorasup.supervisor.notify import Notifier
+from lorasup.supervisor.plot import PlotChild
 from lorasup.supervisor.process import (
     ProcessTree,
     become_subreaper,
@@ -58,7 +59,6 @@ from lorasup.supervisor.signals import STOP_SIGNALS
 from lorasup.supervisor.sink import Batch, ReportSink
 from lorasup.supervisor.stacks import evidence, take_stacks
 from lorasup.supervisor.streams import LineSplitter
-from lorasup.supervisor.tensorboard import EventFileFollower
 from lorasup.supervisor.watchdogs import (
     DivergenceWatch,
     ProgressWatchdog,
@@ -66,6 +66,9 @@ from lorasup.supervisor.watchdogs import (
     total_timeout,
 )
 from lorasup.trainers.base import Adapter
+
+if TYPE_CHECKING:
+    from lorasup.supervisor.tensorboard import EventFileFollower
 
 log = structlog.get_logger("lorasup")
 
@@ -178,7 +181,7 @@ class RunResult:
 class Supervisor:
     """Runs one plan to its outcome. Create, then ``await run()`` once."""
 
-    def __init__(self, plan: RunPlan, adapter: Adapter) -> None:
+    def __init__(self, plan: RunPlan, adapter: Adapter, plot: PlotChild | None = None) -> None:
         self.plan = plan
         self.adapter = adapter
         self.tree: ProcessTree | None = None
@@ -209,7 +212,7 @@ class Supervisor:
         self.sink_error: str | None = None
         #: lorasup's own failure made it stop a trainer that was still running
         self.crash_stopped = False
-        self.sink = ReportSink(plan.run_dir, self._model_files)
+        self.sink = ReportSink(plan.run_dir, self._model_files, plot=plot)
         self._readers_open = 2
         self._readers_done = anyio.Event()
         self._next_progress = 0.0
@@ -232,6 +235,10 @@ class Supervisor:
         self._checkpoints: list[str] = []
         self.follower: EventFileFollower | None = None
         if plan.tensorboard_dir is not None:
+            # Imported only here: most runs read no event files, and every start pays
+            # for what it imports before the trainer is spawned.
+            from lorasup.supervisor.tensorboard import EventFileFollower
+
             root = plan.tensorboard_dir
             root = root if root.is_absolute() else plan.cwd / root
             self.follower = EventFileFollower(root, not_before=self._wall0 - 1)

@@ -44,7 +44,8 @@ REFRESH_SECONDS = 10.0
 
 class ReportSink:
     def __init__(self, run_dir: Path, model_files: Callable[[], list[str]],
-                 refresh_seconds: float = REFRESH_SECONDS) -> None:
+                 refresh_seconds: float = REFRESH_SECONDS, plot: PlotChild | None = None,
+                 ) -> None:
         self.run_dir = run_dir
         self.faults = WriteFaults()
         self.builder = ReportBuilder(csv_out=self._write_csv)
@@ -56,9 +57,12 @@ class ReportSink:
             self._events_fd = open_append(run_dir / EVENTS_JSONL)
         except OSError as exc:
             self._fault(EVENTS_JSONL, exc)
-        # Started now, before the trainer: its matplotlib import overlaps the run.
-        self._plot = PlotChild()
-        self._plot.start()
+        # Started now at the latest (``lorasup start`` passes one started before its own
+        # imports), before the trainer: its matplotlib import overlaps the run.
+        if plot is None:
+            plot = PlotChild()
+            plot.start()
+        self._plot = plot
         self.report: dict[str, Any] | None = None
         self._history_sought = False
 

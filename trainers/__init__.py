@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from importlib import import_module
+from typing import TYPE_CHECKING
 
-from lorasup.trainers.base import Adapter, UsageError
+if TYPE_CHECKING:
+    from lorasup.trainers.base import Adapter
 
 #: name → "module:Class"; imported on demand so an unused adapter costs nothing
 REGISTRY: dict[str, str] = {
@@ -26,6 +28,10 @@ OPTIONS: dict[str, frozenset[str]] = {
 
 
 def get_adapter(name: str) -> Adapter:
+    # base (and the event types it imports) only here: importing this package must stay
+    # cheap, as ``python -m lorasup.trainers.builtin`` (the trainer itself) and ``--help`` do.
+    from lorasup.trainers.base import UsageError
+
     try:
         target = REGISTRY[name]
     except KeyError:
