@@ -30,6 +30,12 @@ from lorasup.supervisor.defaults import (
 )
 from lorasup.trainers import OPTIONS, REGISTRY
 
+# Nothing in lorasup renders with rich: help is plain text, logs are JSON or structlog's
+# plain console lines. But structlog imports rich for its traceback helpers whenever it is
+# installed (typer installs it), ~0.1 s at every start of a command; hidden from this
+# process (before any command imports structlog), structlog takes its path without rich.
+sys.modules.setdefault("rich", None)  # type: ignore[arg-type]
+
 USAGE_EXIT = 2
 TRAINER_ARGV = "[-- TRAINER_ARGV...]"
 

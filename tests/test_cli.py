@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import sys
 from importlib.metadata import version
 from pathlib import Path
 
@@ -226,3 +227,21 @@ def test_shell_completion_knows_trainers_and_run_ids(logs: Path) -> None:
 
     assert complete("start", "--trainer", "k") == ["kohya"]
     assert complete("status", "") == sorted(p.name for p in logs.iterdir())
+
+
+def _imported(*args: str) -> set[str]:
+    """The modules a ``python -m lorasup ARGS`` process imported (``-X importtime``)."""
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "lorasup", *args],
+                          capture_output=True, text=True, timeout=60, env=child_env())
+    return {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines()
+            if line.startswith("import time:") and line.count("|") == 2}
+
+
+def test_help_imports_nothing_heavy_and_no_command_imports_rich(tmp_path: Path) -> None:
+    heavy = {"anyio", "psutil", "structlog", "pydantic", "rich", "matplotlib", "numpy"}
+    assert not _imported("--help") & heavy
+    # ls imports structlog (through the report); structlog then finds no rich (its attempt
+    # is logged as a ``rich`` line of a few microseconds, and nothing of rich is loaded)
+    listed = _imported("ls", "--logs-dir", str(tmp_path))
+    assert "structlog.dev" in listed
+    assert not {name for name in listed if name.startswith("rich.")}
