@@ -63,6 +63,22 @@ def test_a_full_disk_does_not_end_the_run(tiny_disk: Path) -> None:
         assert any("could not be written" in n for n in data["notes"])
 
 
+def feed_sink(run_dir: Path, *batches: list) -> ReportSink:
+    """Run a real report sink over these batches to its end (its final files written)."""
+
+    async def main() -> ReportSink:
+        sink = ReportSink(run_dir, lambda: [], refresh_seconds=3600)
+        send, receive = anyio.create_memory_object_stream(4)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(sink.run, receive)
+            async with send:
+                for batch in batches:
+                    await send.send(batch)
+        return sink
+
+    return anyio.run(main)
+
+
 def plant(run_dir: Path, targets: Path) -> dict[str, Path]:
     run_dir.mkdir()
     targets.mkdir()
@@ -79,20 +95,11 @@ def test_planted_symlinks_are_never_followed(tmp_path: Path) -> None:
     run_dir, targets = tmp_path / "run", tmp_path / "elsewhere"
     planted = plant(run_dir, targets)
 
-    async def main() -> ReportSink:
-        sink = ReportSink(run_dir, lambda: [], refresh_seconds=3600)
-        send, receive = anyio.create_memory_object_stream(4)
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(sink.run, receive)
-            async with send:
-                await send.send([(0.0, Started(run_id="r", trainer="kohya", argv=("x",),
-                                               pid=1, steps_requested=2, wall_time=0.0))])
-                await send.send([(1.0, Step(step=1, avg_loss=1.0)),
-                                 (2.0, Step(step=2, avg_loss=0.5)),
-                                 (2.1, Outcome(outcome="completed", exit_code=0, reason="ok"))])
-        return sink
-
-    sink = anyio.run(main)
+    sink = feed_sink(run_dir,
+                     [(0.0, Started(run_id="r", trainer="kohya", argv=("x",), pid=1,
+                                    steps_requested=2, wall_time=0.0))],
+                     [(1.0, Step(step=1, avg_loss=1.0)), (2.0, Step(step=2, avg_loss=0.5)),
+                      (2.1, Outcome(outcome="completed", exit_code=0, reason="ok"))])
     for target in planted.values():
         assert target.read_text() == "precious\n"
     assert {"events.jsonl", "losses.csv"} <= set(sink.unwritten)
@@ -106,15 +113,7 @@ def test_planted_symlinks_are_never_followed(tmp_path: Path) -> None:
 
 
 def test_events_jsonl_is_private(tmp_path: Path) -> None:
-    async def main() -> None:
-        sink = ReportSink(tmp_path, lambda: [], refresh_seconds=3600)
-        send, receive = anyio.create_memory_object_stream(4)
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(sink.run, receive)
-            async with send:
-                await send.send([(1.0, Step(step=1, loss=1.0))])
-
-    anyio.run(main)
+    feed_sink(tmp_path, [(1.0, Step(step=1, loss=1.0))])
     assert (tmp_path / "events.jsonl").stat().st_mode & 0o777 == 0o600
 
 
