@@ -144,12 +144,7 @@ def _flat_log_dict(text: str) -> dict[str, float] | None:
             record[key] = int(plain)
     if "epoch" not in record:
         return None
-    values: dict[str, float] = {}
-    for key, value in record.items():
-        number = read_float(value)
-        if number is not None:
-            values[key] = number
-    return values
+    return _numbers(record)
 
 
 def parse_log_dict(line: str) -> dict[str, float] | None:
@@ -172,6 +167,11 @@ def _literal_log_dict(text: str) -> dict[str, float] | None:
         return None
     if not isinstance(record, dict) or "epoch" not in record:
         return None
+    return _numbers(record)
+
+
+def _numbers(record: dict[object, object]) -> dict[str, float]:
+    """The record's numbers (and numeric text) under string keys, as floats."""
     values: dict[str, float] = {}
     for key, value in record.items():
         number = read_float(value)
