@@ -25,7 +25,7 @@ import anyio
 import structlog
 from anyio.abc import ByteReceiveStream, ObjectReceiveStream, ObjectSendStream
 
-from lorasup.supervisor import logs, signals
+from lorasup.supervisor import logs, redact, signals
 from lorasup.supervisor.artifacts import find_artifacts
 from lorasup.supervisor.events import (
     Artifacts,
@@ -45,7 +45,6 @@ from lorasup.supervisor.events import (
 from lorasup.supervisor.fastbars import FastBars, Frames, StepBlock, floats
 from lorasup.supervisor.gate import StepGate
 from lorasup.supervisor.liveness import boot_id, process_start_time
-from lorasup.supervisor.logs import redact_argv, redact_text
 from lorasup.supervisor.notify import Notifier
 from lorasup.supervisor.plot import PlotChild
 from lorasup.supervisor.process import (
@@ -54,6 +53,7 @@ from lorasup.supervisor.process import (
     spawn,
     wait_gone,
 )
+from lorasup.supervisor.redact import redact_argv, redact_text
 from lorasup.supervisor.safefs import open_append, write_all_fd
 from lorasup.supervisor.signals import STOP_SIGNALS
 from lorasup.supervisor.sink import Batch, ReportSink
@@ -184,6 +184,8 @@ class Supervisor:
     def __init__(self, plan: RunPlan, adapter: Adapter, plot: PlotChild | None = None) -> None:
         self.plan = plan
         self.adapter = adapter
+        # A token given by name (argv flag, environment) is masked wherever it shows later.
+        redact.remember(plan.argv, os.environ)
         self.tree: ProcessTree | None = None
         self.stop_reason: str | None = None
         self.stop_requested = anyio.Event()

@@ -34,8 +34,8 @@ import structlog
 from anyio.abc import ByteReceiveStream
 
 from lorasup.supervisor.events import Stacks
-from lorasup.supervisor.logs import redact_argv
 from lorasup.supervisor.process import ProcessTree
+from lorasup.supervisor.redact import redact_argv
 
 log = structlog.get_logger(__name__)
 

@@ -13,12 +13,11 @@ import structlog
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lorasup.supervisor import logs
-from lorasup.supervisor.logs import (
+from lorasup.supervisor import logs, redact
+from lorasup.supervisor.redact import (
     REDACTED,
     is_secret_name,
     redact_argv,
-    redact_mapping,
     redact_text,
     redact_value,
 )
@@ -127,13 +126,13 @@ def test_a_boolean_secret_flag_does_not_hide_the_next_flag() -> None:
 def test_secret_environment_items(name: str) -> None:
     assert redact_argv(["env", f"{name}={VALUE}", "python"]) == ["env", f"{name}={REDACTED}",
                                                                "python"]
-    assert redact_mapping({name: VALUE}) == {name: REDACTED}
+    assert redact_value({name: VALUE}) == {name: REDACTED}
 
 
 @pytest.mark.parametrize("name", PLAIN_ENV)
 def test_plain_environment_items(name: str) -> None:
     assert redact_argv([f"{name}=0,1"]) == [f"{name}=0,1"]
-    assert redact_mapping({name: "0,1"}) == {name: "0,1"}
+    assert redact_value({name: "0,1"}) == {name: "0,1"}
 
 
 # text: (what must be gone, what must stay)
@@ -155,6 +154,14 @@ TEXT_CASES = [
     ('{"hf_token": "abc def", "seed": 1}', "abc def", '"seed": 1'),
     ("wandb_api_key: 0123456789abcdef", "0123456789abcdef", "wandb_api_key: ***"),
     ("OSError: bad --hub_token xyz987 given", "xyz987", "--hub_token ***"),
+    # a short (old-style or test) Hugging Face token, outside any name=value pair
+    ("login failed for hf_abc123XYZ: 401", "hf_abc123XYZ", "login failed for ***: 401"),
+    ("using hf_TestToken", "hf_TestToken", "using ***"),
+    # a secret pair after an earlier, harmless ``word: `` on the same line
+    ("env: WANDB_API_KEY=" + "0123456789abcdef" * 2 + "01234567 ok", "0123456789abcdef",
+     "env: WANDB_API_KEY=*** ok"),
+    ("config: note=x HF_TOKEN=abcdef012345 seed=3", "abcdef012345", "HF_TOKEN=*** seed=3"),
+    ("a: b: c: password=hunter22", "hunter22", "a: b: c: password=***"),
 ]
 
 PLAIN_TEXT = [
@@ -169,6 +176,8 @@ PLAIN_TEXT = [
     "commit 0123456789abcdef0123456789abcdef01234567",
     "task-manager risk-averse sk-short",
     "placeholder_token=<cat-toy> eos_token: </s>",
+    "export HF_HUB_ENABLE_HF_TRANSFER=1 (hf_transfer), hf_hub_download(repo_id=x)",
+    "note: the step: 3 loss: 0.25 lr: 1e-4",
 ]
 
 
@@ -246,3 +255,48 @@ def test_redact_argv_is_idempotent_and_keeps_length(argv: list[str]) -> None:
 def test_redact_value_never_raises_and_is_idempotent(value: object, key: str) -> None:
     once = redact_value(value, key)
     assert redact_value(once, key) == once or once != once  # NaN is never equal to itself
+
+
+# ------------------------------------------------------------------- values seen as secrets
+
+
+@pytest.fixture
+def remembered():
+    redact.forget_all()
+    yield redact
+    redact.forget_all()
+
+
+def test_a_value_seen_under_a_secret_name_is_masked_wherever_it_appears(remembered) -> None:
+    remembered.remember(["train.py", "--hf_token", "tok-777-abc", "--api_key=plainvalue9",
+                         "--keep_tokens", "300000"],
+                        {"WANDB_API_KEY": "wandbsecret", "HOME": "/home/alice",
+                         "MY_PASSWORD": "pw"})
+    line = "ready: tok-777-abc / plainvalue9 / wandbsecret in /home/alice keep 300000"
+    assert redact_text(line) == "ready: *** / *** / *** in /home/alice keep 300000"
+    # too short to be masked alone (it still is next to its name)
+    assert redact_text("pw is 2 letters") == "pw is 2 letters"
+    assert redact_text("MY_PASSWORD=pw") == "MY_PASSWORD=***"
+
+
+def test_remembered_values_are_bounded_and_idempotent(remembered) -> None:
+    remembered.remember(environ={f"X{i}_TOKEN": f"value-number-{i:04d}" for i in range(500)})
+    assert len(redact._known.values) == redact.MAX_REMEMBERED
+    text = "x value-number-0001 y"
+    once = redact_text(text)
+    assert redact_text(once) == once
+
+
+@given(st.lists(st.text(min_size=1, max_size=12), max_size=5), TEXTS)
+@settings(max_examples=150, deadline=None)
+def test_masking_remembered_values_is_total_and_idempotent(values: list[str], text: str) -> None:
+    redact.forget_all()
+    try:
+        redact.remember(environ={f"X{i}_SECRET": v for i, v in enumerate(values)})
+        once = redact_text(text + "".join(values))
+        assert redact_text(once) == once
+        for v in values:
+            if len(v.strip()) >= redact.MIN_REMEMBERED and REDACTED not in v:
+                assert v.strip() not in once
+    finally:
+        redact.forget_all()

@@ -172,6 +172,23 @@ def test_our_sigint_traceback_is_no_trainer_problem(tmp_path) -> None:
     assert [e for e in logged if e["event"] == "trainer_stopping"]
 
 
+def test_our_sigint_traceback_under_a_rank_prefix_is_no_trainer_problem(tmp_path) -> None:
+    """torchrun prefixes a worker's lines with ``[rank0]: ``: its KeyboardInterrupt after
+    lorasup's own SIGINT is the stop, not a crash (issue 16.12)."""
+    import sys
+    from pathlib import Path
+
+    from tests.support import run_lorasup
+
+    helper = Path(__file__).parent / "helpers" / "protocol_steps.py"
+    result = run_lorasup(tmp_path / "run", "--trainer", "native", "--steps", "2", "--timeout",
+                         "3", "--grace", "10", "--", sys.executable, str(helper), "--state",
+                         str(tmp_path / "state"), "--hang", "--ranked")
+    problems = result.report["problems"]
+    assert ("exception", "KeyboardInterrupt") in [(p["problem"], p["line"]) for p in problems]
+    assert all("SIGINT" in p.get("expected", "") for p in problems), problems
+
+
 def test_sigint_record_after_the_traceback_it_caused() -> None:
     """Two readers, one file: the signal's record can follow the output it caused."""
     timed = [(0.0, started()),

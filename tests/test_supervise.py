@@ -14,6 +14,7 @@ import pytest
 
 from tests.support import (
     FAKE_KOHYA,
+    HELPERS,
     child_env,
     gone,
     kohya_args,
@@ -400,3 +401,24 @@ def test_terminal_gets_console_logs_and_a_live_progress_line(run_dir: Path) -> N
     assert returncode == 0
     assert "step 3/3" in text  # the live line
     assert "outcome" in text and '"event"' not in text  # console rendering, not JSON
+
+
+def test_secrets_the_trainer_prints_never_reach_logs_events_or_report(run_dir: Path) -> None:
+    """Issue 16.11: a value seen as a secret (argv, environment) is masked wherever it shows
+    later; short ``hf_`` tokens and ``NAME=value`` pairs anywhere in a line are masked."""
+    argv_token = "argvtoken-9f8e7d"
+    wandb = "0123456789abcdef0123456789abcdef01234567"
+    env_token = "envtok-5a4b3c2d1e"
+    argv = lorasup_argv("start", "--run-dir", str(run_dir), "--log-format", "json",
+                        "--trainer", "command", "--steps", "3", "--",
+                        sys.executable, str(HELPERS / "leaky_trainer.py"), "3",
+                        "--hf_token", argv_token)
+    env = {**child_env(), "WANDB_API_KEY": wandb, "HF_TOKEN": env_token}
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=60, env=env,
+                          cwd=run_dir.parent)
+    assert proc.returncode == 0, proc.stderr
+    events = (run_dir / "events.jsonl").read_text()
+    assert "RuntimeError: login with *** failed" in events  # the problem lines are there
+    for text in (proc.stdout, proc.stderr, events, (run_dir / "report.json").read_text()):
+        for secret in (argv_token, wandb, env_token, "hf_abc123XYZ"):
+            assert secret not in text

@@ -109,12 +109,23 @@ _EXCEPTION_LINE = re.compile(
     r"^(?:[A-Za-z_][\w.]*\.)?[A-Z]\w*(?:Error|Exception|Interrupt)\b(?::|$)")
 
 
+#: the prefix torchrun (``--tee``, ``--local-ranks-filter``) and accelerate put before each
+#: line of a worker: ``[rank0]: ``, ``[default3]: ``, ``[rank1]:[W ...]``
+_RANK_PREFIX = re.compile(r"^\s*\[(?:rank|default)\d{1,6}\]:\s?")
+
+
 def python_problems(line: str, patterns: Iterable[ProblemPattern] = PYTHON_PROBLEMS) -> list[Event]:
-    """Problems in a line of a Python trainer's output; cheap for the common clean line."""
+    """Problems in a line of a Python trainer's output; cheap for the common clean line.
+
+    A worker's rank prefix is not part of its exception line: ``[rank0]: KeyboardInterrupt``
+    is recorded as ``KeyboardInterrupt``, so the stop rules read it as the plain line.
+    """
     if not any(needle in line for needle in PYTHON_PROBLEM_NEEDLES):
         return []
     events = match_problems(line, patterns)
     stripped = line.strip()
+    if stripped.startswith("[") and (prefix := _RANK_PREFIX.match(stripped)):
+        stripped = stripped[prefix.end():].strip()
     if _EXCEPTION_LINE.match(stripped):
         events.append(Problem(problem="exception", line=stripped[:500]))
     return events

@@ -3,7 +3,9 @@
 ``protocol_steps.py --steps N [--continue STATE]``: with ``--continue``, reads the last
 step from STATE, prints ``{"lorasup":1,"kind":"resume","step":K}`` and trains K+1..K+N;
 writes the last step to STATE when done. Loss = 2 / step (known to the test). With
-``--hang`` it then sleeps until stopped (Python's own SIGINT handling: a traceback).
+``--hang`` it then sleeps until stopped (Python's own SIGINT handling: a traceback);
+``--ranked`` prints that traceback the way torchrun shows a worker's, each line prefixed
+with ``[rank0]: ``, and exits 1.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+import traceback
 from pathlib import Path
 
 
@@ -30,7 +33,14 @@ def main() -> int:
     state.write_text(str(start + steps))
     if "--hang" in argv:  # wait to be stopped; SIGINT raises KeyboardInterrupt (a traceback)
         print("hanging", flush=True)
-        time.sleep(600)
+        if "--ranked" not in argv:
+            time.sleep(600)
+        try:
+            time.sleep(600)
+        except KeyboardInterrupt:
+            for line in traceback.format_exc().splitlines():
+                print(f"[rank0]: {line}", flush=True)
+            return 1
     return 0
 
 
