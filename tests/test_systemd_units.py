@@ -1,5 +1,7 @@
-"""The shipped units: ``systemd-analyze verify`` clean and an exposure of at most 1.5 in
-``systemd-analyze security --offline=true`` (skipped where systemd-analyze is missing)."""
+"""The shipped units: ``systemd-analyze verify`` clean and an exposure of at most 1.6 in
+``systemd-analyze security --offline=true`` (skipped where systemd-analyze is missing).
+
+1.6, not 1.5: AF_NETLINK is allowed because NCCL needs it for multi-GPU runs (README)."""
 
 from __future__ import annotations
 
@@ -39,10 +41,12 @@ def test_unit_verifies_and_is_hardened(tmp_path: Path, unit: str, instance: str 
                               capture_output=True, text=True, timeout=60)
     match = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", security.stdout)
     assert match, security.stdout[-2000:] + security.stderr
-    assert float(match.group(1)) <= 1.5
+    assert float(match.group(1)) <= 1.6
     text = path.read_text(encoding="utf-8")
     assert "\nDeviceAllow=char-nvidia-uvm rw\n" in text  # the GPUs stay reachable
     assert "\nPrivateDevices=yes" not in text
+    assert "\nRestrictAddressFamilies=AF_UNIX AF_INET AF_INET6 AF_NETLINK\n" in text  # NCCL
+    assert "\nUMask=0077\n" in text
 
 
 def test_daemon_unit_leaves_runs_alone_on_a_crash() -> None:
@@ -51,4 +55,5 @@ def test_daemon_unit_leaves_runs_alone_on_a_crash() -> None:
                  "OOMPolicy=continue", "TimeoutStopSec=300"):
         assert f"\n{line}\n" in text
     run = (UNITS / "lorasup-run@.service").read_text(encoding="utf-8")
-    assert "\nRestartPreventExitStatus=2 5\n" in run and "/etc/lorasup/%i.toml" in run
+    assert "\nRestartPreventExitStatus=1 2 5\n" in run and "/etc/lorasup/%i.toml" in run
+    assert "\nStateDirectoryMode=0700\n" in text
