@@ -160,21 +160,30 @@ def test_events_of_another_run_are_not_read(tmp_path: Path) -> None:
 # -- item 7: SIGKILL between committing an attempt and spawning its run -------------------
 
 
-def test_a_run_that_never_started_is_queued_again(daemons, tmp_path: Path) -> None:
-    doomed = daemons(env={"LORASUP_FAULT": "after_commit_attempt"}).start()
+@pytest.mark.parametrize("point", ["after_claim_run_dir", "after_commit_attempt",
+                                   "after_spawn"])
+def test_sigkill_while_starting_a_run_loses_no_job(daemons, point: str) -> None:
+    """LORASUP_FAULT makes the daemon SIGKILL itself at that point of starting a run."""
+    doomed = daemons(env={"LORASUP_FAULT": point}).start()
     with contextlib.suppress(httpx.HTTPError):
-        doomed.submit(bar_job(2))
+        doomed.submit(bar_job(20, 0.05))
     assert doomed.wait_exit(timeout=30) == -signal.SIGKILL
     ((job_id, state, attempts),) = query(doomed, "SELECT id, state, attempts FROM jobs")
-    assert (state, attempts) == ("running", 1)
-    assert query(doomed, "SELECT pid FROM attempts") == [(None,)]
     again = daemons().start()
     seen = again.wait(job_id)
     assert seen["state"] == "completed", seen
-    assert seen["retries_used"] == 0 and seen["attempt"] == 2
+    assert seen["retries_used"] == 0
     rows = query(again, "SELECT n, end_reason, outcome FROM attempts ORDER BY n")
-    assert rows[0][1].startswith("never started") and rows[0][2] is None
-    assert rows[1][2] == "completed"
+    if point == "after_claim_run_dir":  # nothing was committed: still queued, one attempt
+        assert (state, attempts) == ("queued", 0) and len(rows) == 1
+    elif point == "after_commit_attempt":  # committed, never spawned: queued again
+        assert (state, attempts) == ("running", 1)
+        assert rows[0][1].startswith("never started") and rows[0][2] is None
+        assert rows[1][2] == "completed" and seen["attempt"] == 2
+    else:  # spawned, its pid never recorded: the run is found and adopted, not lost
+        assert (state, attempts) == ("running", 1)
+        assert len(rows) == 1 and rows[0][2] == "completed"
+        assert any(r.get("event") in ("run_adopted", "run_gone") for r in again.log_records())
 
 
 # -- item 6: the database locked, deleted, damaged, on a full disk --------------------------
@@ -289,13 +298,20 @@ def test_a_full_disk_refuses_submits_and_running_jobs_go_on(tmp_path: Path,
         logs = tmp_path / "logs"  # the runs write elsewhere: only the database's disk fills
         running = d.submit_ok(bar_job(40, 0.05, logs_dir=str(logs)))
         d.wait_step(running, 1)
+        # The WAL emptied to 0 bytes, so the daemon's next write needs new space.
+        with contextlib.closing(sqlite3.connect(db_path(d))) as db:
+            assert db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0] == 0
         filler = fill(small_fs, 0)
         response = d.submit(bar_job(2, logs_dir=str(logs)))
         assert response.status_code == 507, response.text
         assert "no space" in response.json()["error"]
+        assert response.headers["Retry-After"]
         assert wait_for(lambda: any(e["kind"] == "outcome" for e in
                                     events_of(d.job(running)["run_dir"])), timeout=30)
-        assert alive(d)
+        # its outcome cannot be written yet: the daemon says so and keeps it
+        assert wait_for(lambda: "no space" in str(d.http.get(  # type: ignore[union-attr]
+            "/healthz").json()["storage"]), timeout=15), d.log.read_text()[-2000:]
+        assert alive(d) and d.job(running)["state"] == "running"
         filler.unlink()
         assert d.wait(running)["state"] == "completed"
         later = d.submit_ok(bar_job(2, logs_dir=str(logs)))

@@ -65,8 +65,9 @@ USAGE_EXIT = 2
 STORE_BACKOFF_MAX = 5.0
 #: how long the start waits for a database another process holds locked
 OPEN_WAIT = 30.0
-#: test hook (documented in the README): ``LORASUP_FAULT=after_commit_attempt`` makes the
-#: daemon SIGKILL itself between committing an attempt and spawning its run
+#: test hook (documented in the README): ``LORASUP_FAULT=<point>`` makes the daemon SIGKILL
+#: itself at that point of starting a run: after_claim_run_dir, after_commit_attempt,
+#: after_spawn (before the pid is recorded). Unset: no effect.
 FAULT_ENV = "LORASUP_FAULT"
 
 
@@ -503,6 +504,7 @@ class Daemon:
             if stores.unavailable(exc) is not None:
                 raise stores.unavailable(exc) from exc  # disk full: waited out, job kept
             raise
+        _fault("after_claim_run_dir")
         why = job.reason if n > 1 and job.reason else "submitted"
         values = None
         if n > 1 and job.target_step is not None:
@@ -542,6 +544,7 @@ class Daemon:
             self._final(job.id)
             return
         identity = Identity.of(process.pid)
+        _fault("after_spawn")
         # The exit is collected through the pidfd and waitpid by _watch. A Popen dropped
         # while "running" would be queued for subprocess' own reaping (stealing the status),
         # so it is marked as collected here.

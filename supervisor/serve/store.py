@@ -179,7 +179,10 @@ class GuardedConnection(sqlite3.Connection):
         try:
             return super().execute(*args, **kwargs)
         except sqlite3.OperationalError as exc:
-            raise unavailable(exc) or exc from exc
+            fault = unavailable(exc)
+            if fault is None:
+                raise
+            raise fault from exc
 
     def __enter__(self) -> GuardedConnection:
         self.execute("BEGIN IMMEDIATE")
@@ -193,7 +196,10 @@ class GuardedConnection(sqlite3.Connection):
             except sqlite3.OperationalError as exc:
                 with contextlib.suppress(sqlite3.Error):
                     super().execute("ROLLBACK")
-                raise unavailable(exc) or exc from exc
+                fault = unavailable(exc)
+                if fault is None:
+                    raise
+                raise fault from exc
         with contextlib.suppress(sqlite3.Error):
             super().execute("ROLLBACK")
         return False
