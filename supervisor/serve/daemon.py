@@ -63,6 +63,9 @@ SCHEDULE_SECONDS = 2.0
 USAGE_EXIT = 2
 #: the longest wait between two tries of a write the database refused (locked, disk full)
 STORE_BACKOFF_MAX = 5.0
+#: an attempt whose run never started is queued again this often at most (then: settled)
+NEVER_STARTED_MAX = 3
+NEVER_STARTED = "never started"
 #: how long the start waits for a database another process holds locked
 OPEN_WAIT = 30.0
 #: test hook (documented in the README): ``LORASUP_FAULT=<point>`` makes the daemon SIGKILL
@@ -304,18 +307,21 @@ class Daemon:
             if identity is not None:
                 self.store.set_process(job.id, attempt.n, identity.pid, identity.start_time,
                                        identity.boot_id)
-        if identity is None and attempt.pid is None and not follower.progress.started_seen \
-                and follower.progress.outcome is None:
-            # The daemon died between committing the attempt and spawning its run: the
-            # run never started, so the job is queued again (no retry is used up).
-            error = await anyio.to_thread.run_sync(usage_error, run_dir)
-            if error is None:
+        if identity is None and not follower.progress.started_seen \
+                and follower.progress.outcome is None \
+                and await anyio.to_thread.run_sync(usage_error, run_dir) is None:
+            # The daemon died between committing the attempt and spawning its run (or its
+            # supervisor before it started anything): the run never started, so the job is
+            # queued again without using up a retry; `lost` is for runs that started.
+            earlier = [a for a in self.store.attempts(job.id)
+                       if (a.end_reason or "").startswith(NEVER_STARTED)]
+            if len(earlier) < NEVER_STARTED_MAX:
                 log.warning("run_never_started", job=job.id, attempt=attempt.n,
-                            action="queued again")
+                            pid=attempt.pid, action="queued again")
                 self.store.end_attempt(
-                    job.id, attempt.n, None, None, "never started (the daemon stopped "
-                    "before spawning it)", {"state": "queued", "reason":
-                                            "re-queued: its run never started"})
+                    job.id, attempt.n, None, None, f"{NEVER_STARTED} (the daemon or its "
+                    "supervisor stopped before the trainer was spawned)",
+                    {"state": "queued", "reason": "re-queued: its run never started"})
                 return
         slots = tuple(s for s in self.slots if s.name in (attempt.slot or "").split(","))
         run = Running(job.id, attempt.n, run_dir, slots, job.spec.grace, identity,
@@ -382,8 +388,7 @@ class Daemon:
             log.error("job_internal_error_unrecorded", job=job_id,
                       error=internal_reason(again), action="skipped until the next start")
             return
-        with contextlib.suppress(Exception):
-            self._final(job_id)
+        self._final(job_id)
         self.wake()
 
     # -- scheduling ------------------------------------------------------------------------
@@ -678,7 +683,14 @@ class Daemon:
         self._update_status()
 
     def _final(self, job_id: int) -> None:
-        """A job reached a final state: webhooks (per job and daemon-wide)."""
+        """A job reached a final state: webhooks (per job and daemon-wide). A failure here
+        is logged; it never changes the state already recorded."""
+        try:
+            self._final_hooks(job_id)
+        except Exception as exc:
+            log.error("webhook_not_queued", job=job_id, error=internal_reason(exc))
+
+    def _final_hooks(self, job_id: int) -> None:
         assert self.store is not None
         job = self.store.job(job_id)
         if job is None:
