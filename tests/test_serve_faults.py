@@ -62,6 +62,9 @@ def test_poison_rows_fail_alone_and_the_queue_goes_on(daemons, tmp_path: Path) -
     data = json.loads(spec)
     data["values"]["steps"] = None
     unwritable = plant(first, columns, "unwritable", "queued", json.dumps(data), 0, now, now)
+    # a column the scheduler computes with, holding text
+    odd = plant(first, columns, "odd column", "queued", spec, 0, now, now)
+    plant(first, "UPDATE jobs SET not_before = 'soon' WHERE id = ?", odd)
     # a running job whose run reports a step too large for SQLite (settled at recovery)
     overflow = plant(first, columns, "overflow", "running", spec, 1, now, now)
     run_dir = tmp_path / "planted-run"
@@ -74,14 +77,14 @@ def test_poison_rows_fail_alone_and_the_queue_goes_on(daemons, tmp_path: Path) -
                  "VALUES (?, 1, 'planted', ?, 'submitted', ?)", overflow, str(run_dir), now)
 
     second = daemons().start()
-    for job_id in (unreadable, unwritable, overflow):
+    for job_id in (unreadable, unwritable, odd, overflow):
         seen = second.wait(job_id, timeout=30)
         assert seen["state"] == "failed", seen
         assert seen["reason"].startswith("internal:"), seen
     assert "JSONDecodeError" in second.job(unreadable)["reason"]
     assert "OverflowError" in second.job(overflow)["reason"]
     listed = second.http.get("/jobs").json()["jobs"]  # type: ignore[union-attr]
-    assert {j["id"] for j in listed} >= {good, unreadable, unwritable, overflow}
+    assert {j["id"] for j in listed} >= {good, unreadable, unwritable, odd, overflow}
     after = second.submit_ok(bar_job(2))
     assert second.wait(after)["state"] == "completed"
     assert alive(second)

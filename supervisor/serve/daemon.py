@@ -148,8 +148,8 @@ class Daemon:
         self._servers: list[Any] = []
         self._status_text = ""
         self.store: Store | None = None
-        #: the storage fault the daemon is waiting out (None: the database is writable)
-        self.storage_problem: str | None = None
+        #: the storage fault last logged (logged once, and once more when it is over)
+        self._fault_logged: str | None = None
         #: jobs whose failure could not even be recorded: never started again by this daemon
         self._poisoned: set[int] = set()
         #: the umask the runs get (the user's); the daemon's own files are private (077)
@@ -186,6 +186,10 @@ class Daemon:
                     sock.close()
                 with contextlib.suppress(FileNotFoundError):
                     paths.socket_path(self.state).unlink()
+                try:  # a database deleted since the last look is written out once more
+                    self.store.check_file()
+                except Exception as exc:
+                    log.error("state_db_not_saved", error=internal_reason(exc))
                 self.store.close()
         finally:
             os.close(lock)
@@ -354,15 +358,21 @@ class Daemon:
             self._storage_ok()
             return result
 
+    @property
+    def storage_problem(self) -> str | None:
+        """Why the database cannot be written now (None: its last write went through)."""
+        fault = self.store.db.fault if self.store is not None else None
+        return fault.message if fault is not None else None
+
     def _storage_fault(self, exc: StoreUnavailable) -> None:
-        if self.storage_problem != exc.message:
+        if self._fault_logged != exc.message:
             log.error("state_db_unavailable", error=exc.message, action="retrying")
-        self.storage_problem = exc.message
+        self._fault_logged = exc.message
 
     def _storage_ok(self) -> None:
-        if self.storage_problem is not None:
-            log.info("state_db_available", was=self.storage_problem)
-            self.storage_problem = None
+        if self._fault_logged is not None and self.storage_problem is None:
+            log.info("state_db_available", was=self._fault_logged)
+            self._fault_logged = None
 
     async def _internal_failure(self, job_id: int, n: int | None, exc: BaseException,
                                 doing: str) -> None:
@@ -424,8 +434,12 @@ class Daemon:
                 timeout = await self._schedule()
                 delay = 0.1
                 self._storage_ok()
-            except StoreUnavailable as exc:  # waited out: nothing starts meanwhile
-                self._storage_fault(exc)
+            except Exception as exc:  # waited out: nothing starts meanwhile
+                fault = stores.unavailable(exc)
+                if fault is not None:
+                    self._storage_fault(fault)
+                else:  # a bug of its own: logged, and the queue goes on after a pause
+                    log.error("schedule_failed", error=internal_reason(exc), exc_info=exc)
                 with anyio.move_on_after(delay):
                     await self._stop.wait()
                 delay = min(delay * 2, STORE_BACKOFF_MAX)

@@ -156,9 +156,14 @@ def unavailable(exc: BaseException) -> StoreUnavailable | None:
     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return StoreUnavailable(507, "no space left in the state directory; new jobs are "
                                      "refused until space returns", 5)
-    if not isinstance(exc, sqlite3.OperationalError):
+    if not isinstance(exc, sqlite3.DatabaseError):
         return None
     text = str(exc).lower()
+    if "malformed" in text or "not a database" in text:
+        return StoreUnavailable(503, f"the job database is damaged ({exc}); restart the "
+                                     "daemon to move it aside and rebuild it", 30)
+    if not isinstance(exc, sqlite3.OperationalError):
+        return None
     if "locked" in text or "busy" in text:
         return StoreUnavailable(503, "the job database is locked by another process; "
                                      "try again", 1)
@@ -173,15 +178,18 @@ def unavailable(exc: BaseException) -> StoreUnavailable | None:
 class GuardedConnection(sqlite3.Connection):
     """A connection whose ``with`` block is one real transaction (``BEGIN IMMEDIATE``: in
     autocommit mode Python's own ``with`` commits nothing) and whose storage faults surface
-    as :class:`StoreUnavailable`."""
+    as :class:`StoreUnavailable`. ``fault``: the last one, until a write commits again."""
+
+    fault: StoreUnavailable | None = None
 
     def execute(self, *args: Any, **kwargs: Any) -> sqlite3.Cursor:  # type: ignore[override]
         try:
             return super().execute(*args, **kwargs)
-        except sqlite3.OperationalError as exc:
+        except sqlite3.DatabaseError as exc:
             fault = unavailable(exc)
             if fault is None:
                 raise
+            self.fault = fault
             raise fault from exc
 
     def __enter__(self) -> GuardedConnection:
@@ -192,6 +200,7 @@ class GuardedConnection(sqlite3.Connection):
         if kind is None:
             try:
                 super().execute("COMMIT")
+                self.fault = None
                 return False
             except sqlite3.OperationalError as exc:
                 with contextlib.suppress(sqlite3.Error):
@@ -199,6 +208,7 @@ class GuardedConnection(sqlite3.Connection):
                 fault = unavailable(exc)
                 if fault is None:
                     raise
+                self.fault = fault
                 raise fault from exc
         with contextlib.suppress(sqlite3.Error):
             super().execute("ROLLBACK")
@@ -263,6 +273,25 @@ def _spec(text: str) -> JobSpec:
     if not isinstance(spec.values, dict) or not isinstance(spec.notify, dict):
         raise TypeError("values and notify must be tables")
     return spec
+
+
+#: columns of ``jobs`` the loop computes with, and the types they must hold
+_NUMBERS = {"priority": int, "retries_used": int, "attempts": int, "saved_step": int,
+            "not_before": (int, float), "created": (int, float), "updated": (int, float)}
+_OPTIONAL = {"target_step": int, "steps_done": int, "last_loss": (int, float)}
+
+
+def _check_columns(data: dict[str, Any]) -> None:
+    """SQLite keeps whatever was written into a column (a hand-edited row, another
+    version): a value of the wrong type fails its job, not the scheduler's arithmetic."""
+    for name, kind in (*_NUMBERS.items(), *_OPTIONAL.items()):
+        value = data.get(name)
+        if value is None and name in _OPTIONAL:
+            continue
+        if isinstance(value, bool) or not isinstance(value, kind):
+            raise TypeError(f"column {name} holds {type(value).__name__} {str(value)[:40]!r}")
+    if data.get("state") not in STATES:
+        raise ValueError(f"unknown state {str(data.get('state'))[:40]!r}")
 
 
 def broken_spec(row: sqlite3.Row) -> JobSpec:
@@ -434,6 +463,7 @@ class Store:
         data.pop("gpus")
         data.pop("retries")
         try:
+            _check_columns(data)
             data["spec"] = _spec(data["spec"])
         except Exception as exc:  # one unreadable row fails its own job, nothing else
             data["spec"] = broken_spec(row)
