@@ -16,6 +16,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from tests.serve_support import Daemon, bar_job, events_of
 from tests.support import wait_for
@@ -366,3 +368,51 @@ def test_state_and_run_files_are_private_whatever_the_umask(daemons, umask: int)
     for name in ("lorasup.log", "events.jsonl", "trainer.log", "job.toml", "attempt.json"):
         assert mode(run_dir / name) == "0o600", name
     assert mode(run_dir / "report.json") == "0o644"  # documented: readable inside 0700
+
+
+# -- the store's reading of rows it did not write (property) ------------------------------
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
+                                                                 max_size=4),
+    max_leaves=12)
+
+
+def test_any_stored_row_loads_or_fails_its_own_job(tmp_path: Path) -> None:
+    """Whatever a row holds, reading it gives a job: loaded, or failed ``internal:`` alone."""
+    from lorasup.supervisor.serve.store import Store
+
+    store = Store(tmp_path / "lorasup.db")
+    good = json.dumps({"values": {"trainer": "builtin"}, "name": "n", "priority": 0, "gpus": 0,
+                       "cwd": "/", "retries": 0, "notify": {}, "trainer": "builtin",
+                       "steps": 1, "grace": 1.0, "run_dir": None, "logs_dir": None})
+    fields = st.fixed_dictionaries({}, optional={
+        k: _json for k in ("values", "name", "priority", "gpus", "cwd", "retries", "notify",
+                           "trainer", "steps", "grace", "run_dir", "logs_dir", "extra")})
+
+    @given(spec=st.one_of(st.text(max_size=40), fields.map(
+               lambda f: json.dumps({**json.loads(good), **f}))),
+           not_before=st.one_of(st.floats(allow_nan=False), st.integers(-2**63, 2**63 - 1),
+                                st.text(max_size=5), st.none()),
+           state=st.sampled_from(["queued", "running", "completed", "weird"]))
+    def check(spec: str, not_before: object, state: str) -> None:
+        now = time.time()
+        with store.db:
+            job_id = store.db.execute(
+                "INSERT INTO jobs (name, priority, state, spec, gpus, retries, not_before, "
+                "created, updated) VALUES ('x', 0, ?, ?, 0, 0, COALESCE(?, 0), ?, ?)",
+                (state, spec, not_before, now, now)).lastrowid
+        row = store.job(int(job_id or 0))
+        assert row is not None
+        if row.broken is not None:
+            assert row.reason is None or state not in ("queued", "running") \
+                or row.reason.startswith("internal:")
+            assert row.state != "queued" and row.state != "running"
+            assert store.jobs(("queued", "running"), limit=1) == [] or all(
+                j.id != job_id for j in store.jobs(("queued", "running")))
+        else:
+            assert isinstance(row.spec.steps, int) and isinstance(row.not_before, int | float)
+
+    check()
+    store.close()
