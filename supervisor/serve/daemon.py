@@ -162,8 +162,12 @@ class Daemon:
         self._child_umask = os.umask(0o077)  # the db, its -wal/-shm, job files: 0600
         for folder in (self.state, self.state / paths.RUNS):
             folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-            if folder.stat().st_uid == os.getuid():
-                os.chmod(folder, 0o700)  # also one made by an older daemon (umask 022)
+            st = folder.stat()
+            # runs/ is 0700 always; the state directory too unless its mode is deliberately
+            # group-only (systemd's StateDirectoryMode=0750, so the group reaches the 0660
+            # socket): one open to others was made under a loose umask (an older daemon).
+            if st.st_uid == os.getuid() and (folder != self.state or st.st_mode & 0o007):
+                os.chmod(folder, 0o700)
         try:
             lock = listening.lock(self.state)
         except listening.ListenError as exc:
