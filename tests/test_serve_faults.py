@@ -349,8 +349,16 @@ def test_64k_free_at_start_is_one_clear_line(tmp_path: Path, small_fs: Path) -> 
 # -- item 9: private files whatever the umask --------------------------------------------
 
 
-@pytest.mark.parametrize("umask", [0o022, 0o000])
-def test_state_and_run_files_are_private_whatever_the_umask(daemons, umask: int) -> None:
+@pytest.mark.parametrize(("umask", "made", "expected"), [
+    (0o022, None, "0o700"), (0o000, None, "0o700"),
+    (0o022, 0o755, "0o700"),  # made by an older daemon under umask 022
+    (0o000, 0o750, "0o750"),  # group-only on purpose (systemd's StateDirectoryMode=0750)
+])
+def test_state_and_run_files_are_private_whatever_the_umask(
+        daemons, tmp_path: Path, umask: int, made: int | None, expected: str) -> None:
+    if made is not None:
+        (tmp_path / "state").mkdir()
+        os.chmod(tmp_path / "state", made)
     d = daemons().start(umask=umask)
     job = d.submit_ok(bar_job(2))
     seen = d.wait(job)
@@ -361,7 +369,7 @@ def test_state_and_run_files_are_private_whatever_the_umask(daemons, umask: int)
         return oct(path.stat().st_mode & 0o777)
 
     run_dir = Path(seen["run_dir"])
-    assert mode(d.state) == "0o700" and mode(d.state / "runs") == "0o700"
+    assert mode(d.state) == expected and mode(d.state / "runs") == "0o700"
     assert mode(run_dir) == "0o700"
     for name in ("lorasup.db", "lorasup.db-wal", "lorasup.db-shm"):
         assert mode(d.state / name) == "0o600", name

@@ -10,7 +10,6 @@ SIGTERM/SIGINT into a graceful stop of every run (re-queued, resumed by the next
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import secrets
@@ -546,7 +545,7 @@ class Daemon:
                 "resumed_from_step": resume_from, "slot": slot_names,
                 "devices": list(devices) if devices is not None else None,
                 # what rebuilds the job's row should the database be lost
-                "run_id": run_id, "spec": json.loads(stores._spec_json(job.spec)),
+                "run_id": run_id, "spec": stores.spec_data(job.spec),
                 "created": job.created}
         try:
             process = await anyio.to_thread.run_sync(

@@ -21,7 +21,7 @@ import structlog
 
 from lorasup.supervisor.serve.jobspec import JobSpec
 from lorasup.supervisor.serve.runs import ATTEMPT_FILE, EventsFollower
-from lorasup.supervisor.serve.store import AttemptRow, Store, _spec, internal_reason
+from lorasup.supervisor.serve.store import AttemptRow, Store, internal_reason, load_spec
 
 log = structlog.get_logger("lorasup.serve")
 
@@ -81,7 +81,7 @@ def _restore(store: Store, job_id: int, attempts: dict[int, tuple[Path, dict[str
     last_info = attempts[last_n][1]
     if not isinstance(last_info.get("spec"), dict):
         raise ValueError("attempt.json has no job spec (written by an older daemon)")
-    spec: JobSpec = _spec(json.dumps(last_info["spec"]))
+    spec: JobSpec = load_spec(json.dumps(last_info["spec"]))
     rows: list[AttemptRow] = []
     state, outcome, reason = "running", None, None
     steps_done: int | None = None

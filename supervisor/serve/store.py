@@ -258,6 +258,16 @@ def _spec_json(spec: JobSpec) -> str:
     return json.dumps(data)
 
 
+def spec_data(spec: JobSpec) -> dict[str, Any]:
+    """The spec as stored (JSON-ready): also written into each run's attempt.json."""
+    return dict(json.loads(_spec_json(spec)))
+
+
+def load_spec(text: str) -> JobSpec:
+    """A stored spec, type-checked (raises on anything else)."""
+    return _spec(text)
+
+
 def _spec(text: str) -> JobSpec:
     data = json.loads(text)
     data["output_dirs"] = tuple(data.get("output_dirs") or ())
