@@ -403,14 +403,15 @@ def test_any_stored_row_loads_or_fails_its_own_job(tmp_path: Path) -> None:
                lambda f: json.dumps({**json.loads(good), **f}))),
            not_before=st.one_of(st.floats(allow_nan=False), st.integers(-2**63, 2**63 - 1),
                                 st.text(max_size=5), st.none()),
-           state=st.sampled_from(["queued", "running", "completed", "weird"]))
-    def check(spec: str, not_before: object, state: str) -> None:
+           state=st.sampled_from(["queued", "running", "completed", "weird"]),
+           priority=st.one_of(st.integers(-2**63, 2**63 - 1), st.text(max_size=5)))
+    def check(spec: str, not_before: object, state: str, priority: object) -> None:
         now = time.time()
         with store.db:
             job_id = store.db.execute(
                 "INSERT INTO jobs (name, priority, state, spec, gpus, retries, not_before, "
-                "created, updated) VALUES ('x', 0, ?, ?, 0, 0, COALESCE(?, 0), ?, ?)",
-                (state, spec, not_before, now, now)).lastrowid
+                "created, updated) VALUES ('x', ?, ?, ?, 0, 0, COALESCE(?, 0), ?, ?)",
+                (priority, state, spec, not_before, now, now)).lastrowid
         row = store.job(int(job_id or 0))
         assert row is not None
         if row.broken is not None:

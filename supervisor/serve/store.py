@@ -244,9 +244,10 @@ def damage(path: Path) -> str | None:
                 return "; ".join(map(str, rows[:3]))[:300]
             db.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
     except sqlite3.OperationalError as exc:
-        if unavailable(exc) is not None and "locked" in str(exc).lower():
-            return None  # busy, not damaged: the open below waits and retries
-        return f"{type(exc).__name__}: {exc}"
+        text = str(exc).lower()
+        if "malformed" in text or "not a database" in text or "corrupt" in text:
+            return f"{type(exc).__name__}: {exc}"
+        return None  # busy, unreadable, no space: not damage; the open itself says what
     except sqlite3.DatabaseError as exc:
         return f"{type(exc).__name__}: {exc}"
     return None
@@ -306,8 +307,12 @@ def _check_columns(data: dict[str, Any]) -> None:
 
 def broken_spec(row: sqlite3.Row) -> JobSpec:
     """What a job whose stored spec cannot be loaded still shows (its own columns)."""
-    return JobSpec(values={}, name=str(row["name"]), priority=int(row["priority"]),
-                   gpus=int(row["gpus"]), cwd="", retries=int(row["retries"]), notify={},
+    def number(name: str) -> int:
+        value = row[name]
+        return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+    return JobSpec(values={}, name=str(row["name"]), priority=number("priority"),
+                   gpus=number("gpus"), cwd="", retries=number("retries"), notify={},
                    trainer="", steps=0, grace=0.0, run_dir=None, logs_dir=None)
 
 
