@@ -538,8 +538,13 @@ class Daemon:
         text = jobspec.to_toml(values or job.spec.values)
         devices = tuple(d for s in slots for d in s.devices) if self.gpu_mode else None
         slot_names = ",".join(s.name for s in slots)
-        self.store.start_attempt(job.id, n, run_id, str(run_dir), why, slot_names,
-                                 ",".join(devices) if devices else None)
+        try:
+            self.store.start_attempt(job.id, n, run_id, str(run_dir), why, slot_names,
+                                     ",".join(devices) if devices else None)
+        except BaseException:
+            with contextlib.suppress(OSError):  # not recorded: no empty directory left
+                run_dir.rmdir()
+            raise
         _fault("after_commit_attempt")
         info = {"job": job.id, "name": job.name, "attempt": n, "why": why,
                 "resumed_from_step": resume_from, "slot": slot_names,
