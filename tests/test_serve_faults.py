@@ -247,14 +247,20 @@ def test_a_database_deleted_or_replaced_is_noticed(daemons, how: str) -> None:
         assert list(path.parent.glob("lorasup.db.replaced-*"))
 
 
-def test_a_damaged_database_is_moved_aside_and_rebuilt(daemons) -> None:
+def test_a_damaged_database_is_moved_aside_and_rebuilt(daemons, tmp_path: Path) -> None:
     d = daemons().start()
     done = d.submit_ok(bar_job(3))
     assert d.wait(done)["state"] == "completed"
-    stop(d)
+    own = d.submit_ok(bar_job(2, run_dir=str(tmp_path / "own")))  # outside runs/
+    assert d.wait(own)["state"] == "completed"
+    running = d.submit_ok(bar_job(200, 0.05))
+    d.wait_step(running, 2)
+    d.signal(signal.SIGKILL)  # its run goes on without a daemon
+    assert d.wait_exit() == -signal.SIGKILL
     path = db_path(d)
-    size = path.stat().st_size
-    os.truncate(path, size // 2)
+    with contextlib.closing(sqlite3.connect(path)) as db:  # the WAL folded in first
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    os.truncate(path, path.stat().st_size // 2)
     with path.open("r+b") as fh:  # and a torn page in what is left
         fh.seek(4096 + 100)
         fh.write(b"\xff" * 512)
@@ -262,10 +268,16 @@ def test_a_damaged_database_is_moved_aside_and_rebuilt(daemons) -> None:
     assert list(path.parent.glob("lorasup.db.corrupt-*")), list(path.parent.iterdir())
     seen = again.job(done)
     assert seen["state"] == "completed" and seen["steps"] == 3, seen
+    # rebuilt: its run adopted while alive (or, on a slow box, settled from its outcome)
+    assert again.job(running)["state"] in ("running", "completed")
+    assert again.wait(running, timeout=60)["state"] == "completed"
+    assert again.job(running)["attempt"] == 1
+    missing = [r for r in again.log_records() if r.get("event") == "jobs_not_recovered"]
+    assert missing and missing[0]["jobs"] == [own]  # said, not silently dropped
     health = again.http.get("/healthz").json()  # type: ignore[union-attr]
     assert any("damaged" in note for note in health["incidents"])
     new = again.submit_ok(bar_job(2))
-    assert new > done and again.wait(new)["state"] == "completed"
+    assert new > running and again.wait(new)["state"] == "completed"
     text = again.log.read_text()
     assert "Traceback" not in text and "state_db_damaged" in text
 
