@@ -20,7 +20,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tests.serve_support import Daemon, bar_job, events_of
-from tests.support import wait_for
+from tests.support import child_env, lorasup_argv, wait_for
 
 
 def db_path(d: Daemon) -> Path:
@@ -87,6 +87,9 @@ def test_poison_rows_fail_alone_and_the_queue_goes_on(daemons, tmp_path: Path) -
     assert "OverflowError" in second.job(overflow)["reason"]
     listed = second.http.get("/jobs").json()["jobs"]  # type: ignore[union-attr]
     assert {j["id"] for j in listed} >= {good, unreadable, unwritable, odd, overflow}
+    shown = subprocess.run(lorasup_argv("ps", "--state-dir", str(second.state)),
+                           capture_output=True, text=True, env=child_env(), timeout=60)
+    assert shown.returncode == 0 and "unreadable" in shown.stdout, shown.stderr
     after = second.submit_ok(bar_job(2))
     assert second.wait(after)["state"] == "completed"
     assert alive(second)
