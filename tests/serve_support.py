@@ -39,15 +39,17 @@ class Daemon:
         self.log = tmp / "daemon.log"
         self.http: httpx.Client | None = None
 
-    def start(self, *extra: str) -> Daemon:
+    def start(self, *extra: str, umask: int = -1, wait: bool = True) -> Daemon:
         argv = lorasup_argv("serve", "--state-dir", str(self.state), "--log-format", "json",
                             "--gpus", "none", "--retry-backoff", "0.1", *self.args, *extra)
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
-                                         env={**child_env(), **self.env}, cwd=self.tmp)
+                                         env={**child_env(), **self.env}, cwd=self.tmp,
+                                         umask=umask)
         self.http = httpx.Client(transport=httpx.HTTPTransport(
             uds=str(self.state / "lorasup.sock")), base_url="http://lorasup", timeout=20)
-        assert wait_for(self._healthy, timeout=20), self.log.read_text()[-3000:]
+        if wait:
+            assert wait_for(self._healthy, timeout=20), self.log.read_text()[-3000:]
         return self
 
     def _healthy(self) -> bool:

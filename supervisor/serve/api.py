@@ -19,6 +19,7 @@ import anyio
 
 from lorasup.supervisor.serve.daemon import ApiError
 from lorasup.supervisor.serve.runs import LOG_NAME
+from lorasup.supervisor.serve.store import StoreUnavailable
 
 if TYPE_CHECKING:
     from lorasup.supervisor.serve.daemon import Daemon
@@ -188,6 +189,12 @@ def make_app(daemon: Daemon, token: str | None = None) -> Any:
         assert isinstance(exc, ApiError)
         return JSONResponse({"error": exc.message}, status_code=exc.status)
 
+    async def store_error(request: Request, exc: Exception) -> Response:
+        # The database is locked by another process or the disk is full: try again later.
+        assert isinstance(exc, StoreUnavailable)
+        return JSONResponse({"error": exc.message}, status_code=exc.status,
+                            headers={"Retry-After": str(exc.retry_after)})
+
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
         return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code)
@@ -204,7 +211,8 @@ def make_app(daemon: Daemon, token: str | None = None) -> Any:
         Route("/healthz", healthz, methods=["GET"]),
     ]
     app = Starlette(routes=routes, exception_handlers={ApiError: api_error,
-                                                        HTTPException: http_error})
+                                                        HTTPException: http_error,
+                                                        StoreUnavailable: store_error})
     return app if token is None else BearerAuth(app, token)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import secrets
 import signal
 import socket
 import time
@@ -25,20 +26,30 @@ import structlog
 from lorasup.supervisor.notify import Notifier
 from lorasup.supervisor.serve import gpus as gpu_slots
 from lorasup.supervisor.serve import jobspec, listening, paths, scheduler
+from lorasup.supervisor.serve import store as stores
 from lorasup.supervisor.serve.hooks import Webhooks
 from lorasup.supervisor.serve.procid import Identity, kill_group, start_time
 from lorasup.supervisor.serve.runs import (
     POLL_SECONDS,
     EventsFollower,
     Progress,
+    RunDirTaken,
     child_environment,
+    claim_run_dir,
     find_supervisor,
     spawn_supervisor,
     usage_error,
     wait_exit,
 )
 from lorasup.supervisor.serve.scheduler import Slot, Waiting
-from lorasup.supervisor.serve.store import ACTIVE, FINAL, JobRow, Store
+from lorasup.supervisor.serve.store import (
+    ACTIVE,
+    FINAL,
+    JobRow,
+    Store,
+    StoreUnavailable,
+    internal_reason,
+)
 
 log = structlog.get_logger("lorasup.serve")
 
@@ -49,6 +60,23 @@ LEFTOVER_WAIT = 10.0
 #: the scheduler looks again at least this often (backoff timers, GPUs freed by others)
 SCHEDULE_SECONDS = 2.0
 USAGE_EXIT = 2
+#: the longest wait between two tries of a write the database refused (locked, disk full)
+STORE_BACKOFF_MAX = 5.0
+#: an attempt whose run never started is queued again this often at most (then: settled)
+NEVER_STARTED_MAX = 3
+NEVER_STARTED = "never started"
+#: how long the start waits for a database another process holds locked
+OPEN_WAIT = 30.0
+#: test hook (documented in the README): ``LORASUP_FAULT=<point>`` makes the daemon SIGKILL
+#: itself at that point of starting a run: after_claim_run_dir, after_commit_attempt,
+#: after_spawn (before the pid is recorded). Unset: no effect.
+FAULT_ENV = "LORASUP_FAULT"
+
+
+def _fault(point: str) -> None:
+    """The crash a test asks for at ``point`` (nothing unless LORASUP_FAULT names it)."""
+    if os.environ.get(FAULT_ENV) == point:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _json_number(value: float | None) -> float | str | None:
@@ -119,19 +147,32 @@ class Daemon:
         self._servers: list[Any] = []
         self._status_text = ""
         self.store: Store | None = None
+        #: the storage fault last logged (logged once, and once more when it is over)
+        self._fault_logged: str | None = None
+        #: jobs whose failure could not even be recorded: never started again by this daemon
+        self._poisoned: set[int] = set()
+        #: the umask the runs get (the user's); the daemon's own files are private (077)
+        self._child_umask = -1
 
     # -- life ------------------------------------------------------------------------------
 
     async def run(self) -> int:
         """Serve until SIGTERM/SIGINT (or an empty queue with --until-empty); the exit code."""
-        self.state.mkdir(parents=True, exist_ok=True)
-        (self.state / paths.RUNS).mkdir(exist_ok=True)
+        self._child_umask = os.umask(0o077)  # the db, its -wal/-shm, job files: 0600
+        for folder in (self.state, self.state / paths.RUNS):
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+            st = folder.stat()
+            # runs/ is 0700 always; the state directory too unless its mode is deliberately
+            # group-only (systemd's StateDirectoryMode=0750, so the group reaches the 0660
+            # socket): one open to others was made under a loose umask (an older daemon).
+            if st.st_uid == os.getuid() and (folder != self.state or st.st_mode & 0o007):
+                os.chmod(folder, 0o700)
         try:
             lock = listening.lock(self.state)
         except listening.ListenError as exc:
             raise ApiError(2, str(exc)) from None
         try:
-            self.store = Store(self.state / paths.DB_NAME)
+            self.store = await self._open_store()
             sockets: list[socket.socket] = []
             try:
                 sockets.append(listening.bind_unix(paths.socket_path(self.state)))
@@ -148,6 +189,10 @@ class Daemon:
                     sock.close()
                 with contextlib.suppress(FileNotFoundError):
                     paths.socket_path(self.state).unlink()
+                try:  # a database deleted since the last look is written out once more
+                    self.store.check_file()
+                except Exception as exc:
+                    log.error("state_db_not_saved", error=internal_reason(exc))
                 self.store.close()
         finally:
             os.close(lock)
@@ -198,40 +243,166 @@ class Daemon:
 
     # -- recovery --------------------------------------------------------------------------
 
+    async def _open_store(self) -> Store:
+        """The database, checked first: a damaged one (``PRAGMA quick_check``) is moved
+        aside and the job history rebuilt from the run directories; one held locked by
+        another process is waited for (with a deadline); a full disk is one clear line."""
+        path = self.state / paths.DB_NAME
+        problem = await anyio.to_thread.run_sync(stores.damage, path)
+        moved: Path | None = None
+        if problem is not None:
+            moved = await anyio.to_thread.run_sync(stores.move_aside, path, "corrupt")
+            log.error("state_db_damaged", path=str(path), problem=problem,
+                      moved_to=str(moved), action="rebuilding the jobs from the run dirs")
+        deadline = time.monotonic() + OPEN_WAIT
+        delay = 0.1
+        while True:
+            try:
+                store = Store(path)
+                break
+            except StoreUnavailable as exc:
+                if exc.status != 503 or time.monotonic() > deadline:
+                    raise ApiError(2, f"cannot open the job database {path}: "
+                                      f"{exc.message}") from None
+                log.warning("state_db_busy", error=exc.message, retry_in_s=delay)
+            except OSError as exc:
+                fault = stores.unavailable(exc)
+                if fault is None:
+                    raise
+                raise ApiError(2, f"cannot open the job database {path}: "
+                                  f"{fault.message}") from None
+            await anyio.sleep(delay)
+            delay = min(delay * 2, STORE_BACKOFF_MAX)
+        if moved is not None:
+            from lorasup.supervisor.serve.rebuild import rebuild
+
+            note = f"{path.name} was damaged ({problem}); moved aside as {moved.name}"
+            store.incidents.append(note)
+            try:
+                await anyio.to_thread.run_sync(rebuild, store, self.state / paths.RUNS)
+            except Exception as exc:  # the daemon starts with what it has
+                log.error("rebuild_failed", error=internal_reason(exc), exc_info=exc)
+        return store
+
     async def _recover(self) -> None:
-        """Re-adopt every run whose supervisor still lives; settle the others."""
+        """Re-adopt every run whose supervisor still lives; settle the others. A job whose
+        handling raises fails alone (``internal: ...``)."""
         assert self.store is not None
-        for job in self.store.jobs(("running",)):
-            attempt = self.store.attempt(job.id, job.attempts)
-            if attempt is None:
-                self.store.update_job(job.id, state="queued", reason="recovered: no attempt")
-                continue
-            run_dir = Path(attempt.run_dir)
-            follower = EventsFollower(run_dir / "events.jsonl")
-            await anyio.to_thread.run_sync(follower.drain)
-            identity: Identity | None = None
-            if attempt.pid is not None:
-                candidate = Identity(attempt.pid, attempt.start_time, attempt.boot_id or "")
-                identity = candidate if candidate.alive() else None
-            else:
-                identity = await anyio.to_thread.run_sync(
-                    find_supervisor, run_dir, follower.progress.supervisor_pid)
-                if identity is not None:
-                    self.store.set_process(job.id, attempt.n, identity.pid, identity.start_time,
-                                           identity.boot_id)
-            slots = tuple(s for s in self.slots if s.name in (attempt.slot or "").split(","))
-            run = Running(job.id, attempt.n, run_dir, slots, job.spec.grace, identity,
-                          own_child=False, follower=follower,
-                          stop_request=job.stop_request, started=attempt.started)
-            self.running[job.id] = run
+        for job in await self._retry(self.store.jobs, ("running",)):
+            try:
+                await self._recover_one(job)
+            except Exception as exc:
+                await self._internal_failure(job.id, job.attempts or None, exc,
+                                             "recovering it")
+
+    async def _recover_one(self, job: JobRow) -> None:
+        assert self.store is not None
+        attempt = self.store.attempt(job.id, job.attempts)
+        if attempt is None:
+            self.store.update_job(job.id, state="queued", reason="recovered: no attempt")
+            return
+        run_dir = Path(attempt.run_dir)
+        follower = EventsFollower(run_dir / "events.jsonl", attempt.run_id, attempt.pid)
+        await anyio.to_thread.run_sync(follower.drain)
+        identity: Identity | None = None
+        if attempt.pid is not None:
+            candidate = Identity(attempt.pid, attempt.start_time, attempt.boot_id or "")
+            identity = candidate if candidate.alive() else None
+        else:
+            identity = await anyio.to_thread.run_sync(
+                find_supervisor, run_dir, follower.progress.supervisor_pid)
             if identity is not None:
-                log.info("run_adopted", job=job.id, attempt=attempt.n, pid=identity.pid,
-                         step=follower.progress.step)
-                self._tg.start_soon(self._watch, run)
+                self.store.set_process(job.id, attempt.n, identity.pid, identity.start_time,
+                                       identity.boot_id)
+        if identity is None and not follower.progress.started_seen \
+                and follower.progress.outcome is None \
+                and await anyio.to_thread.run_sync(usage_error, run_dir) is None:
+            # The daemon died between committing the attempt and spawning its run (or its
+            # supervisor before it started anything): the run never started, so the job is
+            # queued again without using up a retry; `lost` is for runs that started.
+            earlier = [a for a in self.store.attempts(job.id)
+                       if (a.end_reason or "").startswith(NEVER_STARTED)]
+            if len(earlier) < NEVER_STARTED_MAX:
+                log.warning("run_never_started", job=job.id, attempt=attempt.n,
+                            pid=attempt.pid, action="queued again")
+                self.store.end_attempt(
+                    job.id, attempt.n, None, None, f"{NEVER_STARTED} (the daemon or its "
+                    "supervisor stopped before the trainer was spawned)",
+                    {"state": "queued", "reason": "re-queued: its run never started"})
+                return
+        slots = tuple(s for s in self.slots if s.name in (attempt.slot or "").split(","))
+        run = Running(job.id, attempt.n, run_dir, slots, job.spec.grace, identity,
+                      own_child=False, follower=follower,
+                      stop_request=job.stop_request, started=attempt.started)
+        self.running[job.id] = run
+        if identity is not None:
+            log.info("run_adopted", job=job.id, attempt=attempt.n, pid=identity.pid,
+                     step=follower.progress.step)
+            self._tg.start_soon(self._watch, run)
+        else:
+            log.warning("run_gone", job=job.id, attempt=attempt.n,
+                        outcome=(follower.progress.outcome or {}).get("outcome"))
+            self._tg.start_soon(self._settle, run, None)
+
+    # -- faults of one job, of the storage ---------------------------------------------------
+
+    async def _retry(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """``fn(*args)`` until the database takes it: a locked database or a full disk is
+        waited out with a backoff (the outcome in hand is kept, never dropped)."""
+        delay = 0.1
+        while True:
+            try:
+                result = fn(*args, **kwargs)
+            except StoreUnavailable as exc:
+                self._storage_fault(exc)
+                await anyio.sleep(delay)
+                delay = min(delay * 2, STORE_BACKOFF_MAX)
+                continue
+            self._storage_ok()
+            return result
+
+    @property
+    def storage_problem(self) -> str | None:
+        """Why the database cannot be written now (None: its last write went through)."""
+        fault = self.store.db.fault if self.store is not None else None
+        return fault.message if fault is not None else None
+
+    def _storage_fault(self, exc: StoreUnavailable) -> None:
+        if self._fault_logged != exc.message:
+            log.error("state_db_unavailable", error=exc.message, action="retrying")
+        self._fault_logged = exc.message
+
+    def _storage_ok(self) -> None:
+        if self._fault_logged is not None and self.storage_problem is None:
+            log.info("state_db_available", was=self._fault_logged)
+            self._fault_logged = None
+
+    async def _internal_failure(self, job_id: int, n: int | None, exc: BaseException,
+                                doing: str) -> None:
+        """An exception of lorasup's own while handling one job: that job is failed with
+        the error as its reason, and the daemon goes on with the others."""
+        assert self.store is not None
+        reason = internal_reason(exc, doing)
+        log.error("job_internal_error", job=job_id, attempt=n, error=reason, exc_info=exc)
+        self._poisoned.add(job_id)
+        run = self.running.pop(job_id, None)
+        if run is not None:
+            self._signal(run, signal.SIGTERM)  # not followed any more: not left running
+            run.done.set()
+        fields = {"state": "failed", "outcome": "internal_error", "reason": reason,
+                  "stop_request": None, "waiting": None}
+        try:
+            if n is not None and self.store.attempt(job_id, n) is not None:
+                await self._retry(self.store.end_attempt, job_id, n, "internal_error", None,
+                                  reason, fields)
             else:
-                log.warning("run_gone", job=job.id, attempt=attempt.n,
-                            outcome=(follower.progress.outcome or {}).get("outcome"))
-                self._tg.start_soon(self._settle, run, None)
+                await self._retry(self.store.update_job, job_id, **fields)
+        except Exception as again:
+            log.error("job_internal_error_unrecorded", job=job_id,
+                      error=internal_reason(again), action="skipped until the next start")
+            return
+        self._final(job_id)
+        self.wake()
 
     # -- scheduling ------------------------------------------------------------------------
 
@@ -258,9 +429,24 @@ class Daemon:
 
     async def _schedule_loop(self) -> None:
         assert self.store is not None
+        delay = 0.1
         while not self.stopping:
             self._wake = anyio.Event()
-            timeout = await self._schedule()
+            try:
+                self.store.check_file()
+                timeout = await self._schedule()
+                delay = 0.1
+                self._storage_ok()
+            except Exception as exc:  # waited out: nothing starts meanwhile
+                fault = stores.unavailable(exc)
+                if fault is not None:
+                    self._storage_fault(fault)
+                else:  # a bug of its own: logged, and the queue goes on after a pause
+                    log.error("schedule_failed", error=internal_reason(exc), exc_info=exc)
+                with anyio.move_on_after(delay):
+                    await self._stop.wait()
+                delay = min(delay * 2, STORE_BACKOFF_MAX)
+                continue
             if self.config.until_empty and not self.running and not self.store.jobs(ACTIVE):
                 log.info("queue_empty", action="exiting (--until-empty)")
                 self._stop.set()
@@ -272,16 +458,24 @@ class Daemon:
     async def _schedule(self) -> float:
         """Start what can start; seconds until the next backoff timer (or the default)."""
         assert self.store is not None
-        queued = self.store.jobs(("queued",))
+        queued = [j for j in self.store.jobs(("queued",)) if j.id not in self._poisoned]
         if not queued or self.stopping:
             return SCHEDULE_SECONDS
         now = time.time()
         free, why = await anyio.to_thread.run_sync(self._free_slots)
+        if not await anyio.to_thread.run_sync(self.store.free_space_ok):
+            free, why = [], "no space left in the state directory; waiting for space"
         waiting = [Waiting(j.id, j.priority, j.spec.gpus, j.not_before) for j in queued]
         starts = scheduler.assign(waiting, free, now, gpu_mode=self.gpu_mode)
         by_id = {j.id: j for j in queued}
         for job_id, slots in starts:
-            await self._start(by_id[job_id], slots)
+            try:
+                await self._start(by_id[job_id], slots)
+            except StoreUnavailable:
+                raise  # the database's fault, not the job's: waited out by the loop
+            except Exception as exc:
+                attempt = by_id[job_id].attempts + 1
+                await self._internal_failure(job_id, attempt, exc, "starting it")
         started = {job_id for job_id, _ in starts}
         for job in queued:
             text = why if job.id not in started and why else None
@@ -290,18 +484,49 @@ class Daemon:
         later = [j.not_before - now for j in queued if j.not_before > now]
         return max(0.05, min([SCHEDULE_SECONDS, *later]))
 
-    def _run_dir(self, job: JobRow, n: int) -> tuple[str, Path]:
-        run_id = f"job{job.id}-a{n}"
+    def _run_dir(self, job: JobRow, n: int) -> tuple[str, Path, bool]:
+        """(run id, run directory, whether the name is the daemon's own). The daemon's
+        names are unique for good (``job<ID>-a<n>-<random>``): a reset database, a second
+        daemon on the same logs directory never hand out one twice. A job's own
+        ``run_dir`` keeps its name (the run id is its last part, as ``lorasup start``
+        names it)."""
         spec = job.spec
         if spec.run_dir is not None:
-            return run_id, Path(spec.run_dir if n == 1 else f"{spec.run_dir}.attempt{n}")
+            path = Path(spec.run_dir if n == 1 else f"{spec.run_dir}.attempt{n}")
+            return path.name, path, False
+        run_id = f"job{job.id}-a{n}-{secrets.token_hex(4)}"
         base = Path(spec.logs_dir) if spec.logs_dir else self.state / paths.RUNS
-        return run_id, base / run_id
+        return run_id, base / run_id, True
+
+    def _claim(self, job: JobRow, n: int) -> tuple[str, Path]:
+        """A fresh run directory for the attempt, claimed (blocking: from a thread)."""
+        for _ in range(8):
+            run_id, run_dir, own = self._run_dir(job, n)
+            try:
+                claim_run_dir(run_dir, exclusive=own)
+            except RunDirTaken:
+                if own:
+                    continue  # taken by another daemon a moment ago: another name
+                raise
+            return run_id, run_dir
+        raise RunDirTaken(f"no free run directory name for job {job.id}")
 
     async def _start(self, job: JobRow, slots: tuple[Slot, ...]) -> None:
         assert self.store is not None
         n = job.attempts + 1
-        run_id, run_dir = self._run_dir(job, n)
+        try:
+            run_id, run_dir = await anyio.to_thread.run_sync(self._claim, job, n)
+        except RunDirTaken as exc:
+            reason = f"cannot start: {exc}"
+            log.error("run_dir_taken", job=job.id, error=str(exc))
+            self.store.update_job(job.id, state="failed", outcome="usage", reason=reason)
+            self._final(job.id)
+            return
+        except OSError as exc:
+            if stores.unavailable(exc) is not None:
+                raise stores.unavailable(exc) from exc  # disk full: waited out, job kept
+            raise
+        _fault("after_claim_run_dir")
         why = job.reason if n > 1 and job.reason else "submitted"
         values = None
         if n > 1 and job.target_step is not None:
@@ -313,16 +538,32 @@ class Daemon:
         text = jobspec.to_toml(values or job.spec.values)
         devices = tuple(d for s in slots for d in s.devices) if self.gpu_mode else None
         slot_names = ",".join(s.name for s in slots)
-        self.store.start_attempt(job.id, n, run_id, str(run_dir), why, slot_names,
-                                 ",".join(devices) if devices else None)
+        try:
+            self.store.start_attempt(job.id, n, run_id, str(run_dir), why, slot_names,
+                                     ",".join(devices) if devices else None)
+        except BaseException:
+            with contextlib.suppress(OSError):  # not recorded: no empty directory left
+                run_dir.rmdir()
+            raise
+        _fault("after_commit_attempt")
         info = {"job": job.id, "name": job.name, "attempt": n, "why": why,
                 "resumed_from_step": resume_from, "slot": slot_names,
-                "devices": list(devices) if devices is not None else None}
+                "devices": list(devices) if devices is not None else None,
+                # what rebuilds the job's row should the database be lost
+                "run_id": run_id, "spec": stores.spec_data(job.spec),
+                "created": job.created}
         try:
             process = await anyio.to_thread.run_sync(
                 spawn_supervisor, run_dir, text, info, job.spec.cwd,
-                child_environment(devices))
+                child_environment(devices), self._child_umask)
         except OSError as exc:
+            if stores.unavailable(exc) is not None:
+                # A full disk: not the job's fault. The attempt never started: queued again.
+                log.error("spawn_failed", job=job.id, error=str(exc), action="queued again")
+                await self._retry(self.store.end_attempt, job.id, n, None, None,
+                                  f"never started: {exc}", {"state": "queued",
+                                                            "reason": f"re-queued: {exc}"})
+                return
             log.error("spawn_failed", job=job.id, error=str(exc))
             self.store.end_attempt(job.id, n, "usage", 2, f"could not start lorasup: {exc}",
                                    {"state": "failed", "outcome": "usage",
@@ -330,17 +571,21 @@ class Daemon:
             self._final(job.id)
             return
         identity = Identity.of(process.pid)
-        self.store.set_process(job.id, n, identity.pid, identity.start_time, identity.boot_id)
+        _fault("after_spawn")
         # The exit is collected through the pidfd and waitpid by _watch. A Popen dropped
         # while "running" would be queued for subprocess' own reaping (stealing the status),
         # so it is marked as collected here.
         process.returncode = 0
         run = Running(job.id, n, run_dir, slots, job.spec.grace, identity, own_child=True,
-                      follower=EventsFollower(run_dir / "events.jsonl"))
+                      follower=EventsFollower(run_dir / "events.jsonl", run_id, identity.pid))
         self.running[job.id] = run
         log.info("run_started", job=job.id, name=job.name, attempt=n, pid=identity.pid,
                  run_dir=str(run_dir), slot=slot_names, why=why)
         self._tg.start_soon(self._watch, run)
+        # Followed from here on, whatever the database does; the pid is on record once
+        # it takes it (a restart finds the process by its run directory meanwhile).
+        await self._retry(self.store.set_process, job.id, n, identity.pid,
+                          identity.start_time, identity.boot_id)
         # A cancel or a stop of the daemon that came while the process was being started.
         latest = self.store.job(job.id)
         run.stop_request = latest.stop_request if latest else None
@@ -377,11 +622,15 @@ class Daemon:
             codes.append(await wait_exit(identity, run.own_child))
             exited.set()
 
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(wait)
-            async with anyio.create_task_group() as following:
-                following.start_soon(self._follow, run, exited, following.cancel_scope)
-            await self._settle(run, codes[0] if codes else None)
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(wait)
+                async with anyio.create_task_group() as following:
+                    following.start_soon(self._follow, run, exited, following.cancel_scope)
+                await self._settle(run, codes[0] if codes else None)
+        except Exception as exc:
+            if self.running.get(run.job_id) is run:
+                await self._internal_failure(run.job_id, run.n, exc, "following its run")
 
     async def _kill_leftovers(self, run: Running) -> None:
         """A supervisor that died without an outcome (SIGKILL, OOM) leaves its trainer: the
@@ -400,7 +649,14 @@ class Daemon:
                 await anyio.sleep(0.05)
 
     async def _settle(self, run: Running, returncode: int | None) -> None:
-        """The attempt ended: record it and decide the job's next state, in one commit."""
+        """The attempt ended: record it and decide the job's next state, in one commit. An
+        error of lorasup's own while doing so fails this job alone."""
+        try:
+            await self._settle_one(run, returncode)
+        except Exception as exc:
+            await self._internal_failure(run.job_id, run.n, exc, "settling its run")
+
+    async def _settle_one(self, run: Running, returncode: int | None) -> None:
         assert self.store is not None
         await anyio.to_thread.run_sync(run.follower.drain)
         p = run.progress
@@ -410,6 +666,9 @@ class Daemon:
         if not isinstance(outcome, str):
             outcome = None
             await self._kill_leftovers(run)
+        if p.foreign is not None:
+            log.error("foreign_run_ignored", job=run.job_id, attempt=run.n,
+                      run_dir=str(run.run_dir), events_of=p.foreign)
         if outcome is None and returncode == USAGE_EXIT and p.trainer_pid is None:
             # `lorasup start` refused the job before starting anything (something changed
             # since it was submitted, e.g. the trainer program is gone): its one-line error.
@@ -433,8 +692,9 @@ class Daemon:
             retries=job.spec.retries, backoff_base=self.config.retry_backoff, now=time.time())
         fields.update(end.fields())
         done_here = (p.step - p.offset) if p.step is not None else 0
-        self.store.end_attempt(run.job_id, run.n, outcome, exit_code if isinstance(
-            exit_code, int) else None, fields.get("reason") or "", fields, steps=done_here)
+        await self._retry(self.store.end_attempt, run.job_id, run.n, outcome,
+                          exit_code if isinstance(exit_code, int) else None,
+                          fields.get("reason") or "", fields, steps=done_here)
         self.running.pop(run.job_id, None)
         run.done.set()
         log.info("run_ended", job=run.job_id, attempt=run.n, outcome=outcome,
@@ -445,7 +705,14 @@ class Daemon:
         self._update_status()
 
     def _final(self, job_id: int) -> None:
-        """A job reached a final state: webhooks (per job and daemon-wide)."""
+        """A job reached a final state: webhooks (per job and daemon-wide). A failure here
+        is logged; it never changes the state already recorded."""
+        try:
+            self._final_hooks(job_id)
+        except Exception as exc:
+            log.error("webhook_not_queued", job=job_id, error=internal_reason(exc))
+
+    def _final_hooks(self, job_id: int) -> None:
         assert self.store is not None
         job = self.store.job(job_id)
         if job is None:
@@ -582,7 +849,8 @@ class Daemon:
             rate = p.rate
         return {
             "id": job.id, "name": job.name, "state": job.state, "priority": job.priority,
-            "trainer": job.spec.trainer, "step": step, "steps": total,
+            "trainer": None if job.broken else job.spec.trainer, "step": step,
+            "steps": None if job.broken else total,
             "loss": _json_number(loss), "steps_per_second": _json_number(rate),
             "outcome": job.outcome, "reason": job.reason,
             "waiting": job.waiting, "attempt": job.attempts, "retries": job.spec.retries,
@@ -647,7 +915,10 @@ class Daemon:
         return self.describe(self._job(job_id))
 
     def health(self) -> dict[str, Any]:
-        return {"ok": True, "pid": os.getpid(), "running": len(self.running),
+        assert self.store is not None
+        return {"ok": self.storage_problem is None,
+                "pid": os.getpid(), "running": len(self.running),
                 "accepting": self.accepting, "slots": len(self.slots),
+                "storage": self.storage_problem, "incidents": list(self.store.incidents),
                 "uptime_s": round(time.time() - self.started, 3),
                 "start_time": start_time(os.getpid())}

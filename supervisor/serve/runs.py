@@ -21,6 +21,7 @@ from typing import Any
 import anyio
 
 from lorasup.supervisor.events import read_number
+from lorasup.supervisor.safefs import open_append
 from lorasup.supervisor.serve.procid import Identity
 
 #: bytes of events.jsonl read per poll; a longer backlog is read over several polls
@@ -53,6 +54,10 @@ class Progress:
     checkpoint_step: int = 0
     sigkill_sent: bool = False
     trainer_returncode: int | None = None
+    #: the ``started`` record of this file names another run: nothing here is ours
+    foreign: str | None = None
+    #: the ``started`` record was read (the run did start)
+    started_seen: bool = False
     problems: deque[str] = field(default_factory=lambda: deque(maxlen=PROBLEMS_KEPT))
     _first: tuple[float, int] | None = None
 
@@ -80,6 +85,7 @@ class Progress:
                     elif t > self._first[0] and step > self._first[1]:
                         self.rate = (step - self._first[1]) / (t - self._first[0])
         elif kind == "started":
+            self.started_seen = True
             pid, steps = record.get("pid"), record.get("steps_requested")
             self.trainer_pid = pid if isinstance(pid, int) else None
             self.requested = steps if isinstance(steps, int) else None
@@ -108,8 +114,13 @@ class Progress:
 class EventsFollower:
     """Reads new lines of one events.jsonl; call ``poll`` (blocking I/O) from a thread."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, run_id: str | None = None,
+                 supervisor_pid: int | None = None) -> None:
         self.path = path
+        #: the run this file must be of (the id and pid the daemon recorded); a file of any
+        #: other run is not read, so its outcome never becomes this attempt's
+        self.run_id = run_id
+        self.supervisor_pid = supervisor_pid
         self.position = 0
         self._partial = b""
         self._skipping = False
@@ -140,9 +151,25 @@ class EventsFollower:
                 record = json.loads(line)
             except ValueError:
                 continue
-            if isinstance(record, dict):
+            if isinstance(record, dict) and self._ours(record):
                 self.progress.add(record)
         return len(data) == limit
+
+    def _ours(self, record: dict[str, Any]) -> bool:
+        if self.progress.foreign is not None:
+            return False
+        if record.get("kind") != "started":
+            return True
+        run_id, pid = record.get("run_id"), record.get("supervisor_pid")
+        if self.run_id is not None and run_id != self.run_id:
+            self.progress.foreign = f"run {str(run_id)[:100]!r}, not {self.run_id!r}"
+        elif self.supervisor_pid is not None and isinstance(pid, int) \
+                and pid != self.supervisor_pid:
+            self.progress.foreign = f"supervisor pid {pid}, not {self.supervisor_pid}"
+        if self.progress.foreign is not None:
+            self.progress = Progress(foreign=self.progress.foreign)
+            return False
+        return True
 
     def drain(self) -> None:
         while self.poll():
@@ -157,20 +184,47 @@ def child_environment(devices: tuple[str, ...] | None) -> dict[str, str]:
     return env
 
 
+class RunDirTaken(Exception):
+    """The run directory holds another run already."""
+
+
+def claim_run_dir(run_dir: Path, exclusive: bool) -> None:
+    """Make the attempt's run directory (0700). ``exclusive``: a name of the daemon's own,
+    which must not exist yet (``mkdir`` is the claim: of two daemons on one logs directory
+    exactly one gets it); else the job's own ``run_dir``, which may exist but must not hold
+    a run (``lorasup start`` claims its events.jsonl with O_EXCL). Blocking: a thread."""
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir(mode=0o700)
+    except FileExistsError:
+        if exclusive:
+            raise RunDirTaken(f"{run_dir} exists already") from None
+        if os.path.lexists(run_dir / "events.jsonl"):
+            raise RunDirTaken(f"{run_dir} already holds a run (events.jsonl); "
+                              "choose another run_dir") from None
+        return
+    os.chmod(run_dir, 0o700)  # whatever the umask
+
+
 def spawn_supervisor(run_dir: Path, job_file_text: str, attempt_info: dict[str, Any],
-                     cwd: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
-    """Start ``lorasup start`` for one attempt, in its own session, logging into the run
-    directory (blocking: call from a worker thread)."""
-    run_dir.mkdir(parents=True, exist_ok=True)
+                     cwd: str, env: dict[str, str], umask: int = -1
+                     ) -> subprocess.Popen[bytes]:
+    """Start ``lorasup start`` for one attempt (its run directory claimed), in its own
+    session, logging into the run directory (blocking: call from a worker thread).
+    ``umask``: the one the run gets (the user's, not the daemon's own 077)."""
     (run_dir / JOB_FILE).write_text(job_file_text, encoding="utf-8")
     (run_dir / ATTEMPT_FILE).write_text(json.dumps(attempt_info, indent=1) + "\n",
                                         encoding="utf-8")
     argv = [sys.executable, "-m", "lorasup", "start", "--config", str(run_dir / JOB_FILE),
             "--run-dir", str(run_dir), "--log-format", "json"]
-    with (run_dir / LOG_NAME).open("ab") as log_file:
-        return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_file,
+    log_fd = open_append(run_dir / LOG_NAME, 0o600)  # the README's promise, any umask
+    try:
+        os.fchmod(log_fd, 0o600)
+        return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_fd,
                                 stderr=subprocess.STDOUT, cwd=cwd, env=env,
-                                start_new_session=True)
+                                start_new_session=True, umask=umask)
+    finally:
+        os.close(log_fd)
 
 
 def _reap(pid: int) -> int | None:

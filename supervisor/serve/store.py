@@ -8,14 +8,30 @@ event loop's thread.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
+import os
+import shutil
 import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import structlog
+
 from lorasup.supervisor.serve.jobspec import JobSpec
+
+log = structlog.get_logger("lorasup.serve")
+
+#: a write waits this long for a lock held by another process before the store says busy
+#: (short: the event loop's thread waits with it; the callers retry with a backoff)
+BUSY_MS = 200
+#: below this much free space in the state directory new jobs are refused (507)
+MIN_FREE = 1 << 20
+#: the database files: the main file and SQLite's WAL and shared-memory index
+SIDE_FILES = ("-wal", "-shm")
 
 #: states a job can be in; the last four are final
 STATES = ("queued", "running", "completed", "failed", "cancelled", "lost")
@@ -88,6 +104,17 @@ class JobRow:
     waiting: str | None
     created: float
     updated: float
+    #: why the stored spec could not be loaded (the job is failed, ``spec`` is a stand-in)
+    broken: str | None = None
+
+
+def internal_reason(exc: BaseException, doing: str | None = None) -> str:
+    """``internal: <ExcType>: <message>``, one bounded line: a job's own failure reason."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    where = f"{doing}: " if doing else ""
+    text = f"internal: {where}{type(exc).__name__}: {exc}"
+    return " ".join(text.split())[:500]
 
 
 @dataclass
@@ -110,16 +137,183 @@ class AttemptRow:
     steps: int | None
 
 
+class StoreUnavailable(Exception):
+    """The database cannot be written now (locked by another process, disk full, replaced):
+    the API answers ``status`` with ``Retry-After``, the daemon retries with a backoff."""
+
+    def __init__(self, status: int, message: str, retry_after: int = 1) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.retry_after = retry_after
+
+
+def unavailable(exc: BaseException) -> StoreUnavailable | None:
+    """What a storage fault means for the user; None for an error that is not one (a bug,
+    a bad value: those stay errors of the one job concerned)."""
+    if isinstance(exc, StoreUnavailable):
+        return exc
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return StoreUnavailable(507, "no space left in the state directory; new jobs are "
+                                     "refused until space returns", 5)
+    if not isinstance(exc, sqlite3.DatabaseError):
+        return None
+    text = str(exc).lower()
+    if "malformed" in text or "not a database" in text:
+        return StoreUnavailable(503, f"the job database is damaged ({exc}); restart the "
+                                     "daemon to move it aside and rebuild it", 30)
+    if not isinstance(exc, sqlite3.OperationalError):
+        return None
+    if "locked" in text or "busy" in text:
+        return StoreUnavailable(503, "the job database is locked by another process; "
+                                     "try again", 1)
+    if "full" in text:
+        return StoreUnavailable(507, "no space left in the state directory; new jobs are "
+                                     "refused until space returns", 5)
+    if "i/o" in text or "readonly" in text or "unable to open" in text:
+        return StoreUnavailable(503, f"the job database cannot be written: {exc}", 5)
+    return None
+
+
+class GuardedConnection(sqlite3.Connection):
+    """A connection whose ``with`` block is one real transaction (``BEGIN IMMEDIATE``: in
+    autocommit mode Python's own ``with`` commits nothing) and whose storage faults surface
+    as :class:`StoreUnavailable`. ``fault``: the last one, until a write commits again."""
+
+    fault: StoreUnavailable | None = None
+
+    def execute(self, *args: Any, **kwargs: Any) -> sqlite3.Cursor:  # type: ignore[override]
+        try:
+            return super().execute(*args, **kwargs)
+        except sqlite3.DatabaseError as exc:
+            fault = unavailable(exc)
+            if fault is None:
+                raise
+            self.fault = fault
+            raise fault from exc
+
+    def __enter__(self) -> GuardedConnection:
+        self.execute("BEGIN IMMEDIATE")
+        return self
+
+    def __exit__(self, kind: Any, value: Any, tb: Any) -> bool:  # type: ignore[override]
+        if kind is None:
+            try:
+                super().execute("COMMIT")
+                self.fault = None
+                return False
+            except sqlite3.OperationalError as exc:
+                with contextlib.suppress(sqlite3.Error):
+                    super().execute("ROLLBACK")
+                fault = unavailable(exc)
+                if fault is None:
+                    raise
+                self.fault = fault
+                raise fault from exc
+        with contextlib.suppress(sqlite3.Error):
+            super().execute("ROLLBACK")
+        return False
+
+
+def _utc_stamp() -> str:
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+
+
+def move_aside(path: Path, label: str) -> Path:
+    """``path`` and its -wal/-shm renamed to ``<name>.<label>-<UTC time>``; the new name."""
+    target = path.with_name(f"{path.name}.{label}-{_utc_stamp()}")
+    n = 1
+    while target.exists():
+        n += 1
+        target = path.with_name(f"{path.name}.{label}-{_utc_stamp()}.{n}")
+    for suffix in ("", *SIDE_FILES):
+        with contextlib.suppress(FileNotFoundError):
+            os.replace(f"{path}{suffix}", f"{target}{suffix}")
+    return target
+
+
+def damage(path: Path) -> str | None:
+    """What is wrong with the database file (``PRAGMA quick_check``); None if it is sound
+    or absent."""
+    if not path.exists():
+        return None
+    try:
+        with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as db:
+            rows = [r[0] for r in db.execute("PRAGMA quick_check").fetchall()]
+            if rows != ["ok"]:
+                return "; ".join(map(str, rows[:3]))[:300]
+            db.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+    except sqlite3.OperationalError as exc:
+        text = str(exc).lower()
+        if "malformed" in text or "not a database" in text or "corrupt" in text:
+            return f"{type(exc).__name__}: {exc}"
+        return None  # busy, unreadable, no space: not damage; the open itself says what
+    except sqlite3.DatabaseError as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
 def _spec_json(spec: JobSpec) -> str:
     data = dict(spec.__dict__)
     data["output_dirs"] = list(spec.output_dirs)
     return json.dumps(data)
 
 
+def spec_data(spec: JobSpec) -> dict[str, Any]:
+    """The spec as stored (JSON-ready): also written into each run's attempt.json."""
+    return dict(json.loads(_spec_json(spec)))
+
+
+def load_spec(text: str) -> JobSpec:
+    """A stored spec, type-checked (raises on anything else)."""
+    return _spec(text)
+
+
 def _spec(text: str) -> JobSpec:
     data = json.loads(text)
     data["output_dirs"] = tuple(data.get("output_dirs") or ())
-    return JobSpec(**data)
+    spec = JobSpec(**data)
+    # A row written by another version or by hand: the fields the loop does arithmetic
+    # and comparisons with must have their types, or this one job fails, not the daemon.
+    for name in ("priority", "gpus", "retries", "steps"):
+        value = getattr(spec, name)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} is {type(value).__name__}, not a whole number")
+    if isinstance(spec.grace, bool) or not isinstance(spec.grace, int | float):
+        raise TypeError(f"grace is {type(spec.grace).__name__}, not a number")
+    if not isinstance(spec.values, dict) or not isinstance(spec.notify, dict):
+        raise TypeError("values and notify must be tables")
+    return spec
+
+
+#: columns of ``jobs`` the loop computes with, and the types they must hold
+_NUMBERS = {"priority": int, "retries_used": int, "attempts": int, "saved_step": int,
+            "not_before": (int, float), "created": (int, float), "updated": (int, float)}
+_OPTIONAL = {"target_step": int, "steps_done": int, "last_loss": (int, float)}
+
+
+def _check_columns(data: dict[str, Any]) -> None:
+    """SQLite keeps whatever was written into a column (a hand-edited row, another
+    version): a value of the wrong type fails its job, not the scheduler's arithmetic."""
+    for name, kind in (*_NUMBERS.items(), *_OPTIONAL.items()):
+        value = data.get(name)
+        if value is None and name in _OPTIONAL:
+            continue
+        if isinstance(value, bool) or not isinstance(value, kind):
+            raise TypeError(f"column {name} holds {type(value).__name__} {str(value)[:40]!r}")
+    if data.get("state") not in STATES:
+        raise ValueError(f"unknown state {str(data.get('state'))[:40]!r}")
+
+
+def broken_spec(row: sqlite3.Row) -> JobSpec:
+    """What a job whose stored spec cannot be loaded still shows (its own columns)."""
+    def number(name: str) -> int:
+        value = row[name]
+        return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+    return JobSpec(values={}, name=str(row["name"]), priority=number("priority"),
+                   gpus=number("gpus"), cwd="", retries=number("retries"), notify={},
+                   trainer="", steps=0, grace=0.0, run_dir=None, logs_dir=None)
 
 
 class Store:
@@ -127,25 +321,107 @@ class Store:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        self.db.row_factory = sqlite3.Row
-        self.db.execute("PRAGMA journal_mode=WAL")
-        # NORMAL in WAL: a commit survives a crash of this process (not a power cut of the
-        # last few): what a restart of the daemon needs, without an fsync per change.
-        self.db.execute("PRAGMA synchronous=NORMAL")
-        self.db.execute("PRAGMA busy_timeout=5000")
-        self.db.executescript(SCHEMA)
+        #: (st_dev, st_ino) of the file this connection opened: a file deleted or replaced
+        #: under the daemon is told by a different pair at ``path``
+        self.identity: tuple[int, int] | None = None
+        #: storage incidents since the start, newest last (the health endpoint shows them)
+        self.incidents: list[str] = []
+        self.db = self._connect()
+
+    def _connect(self) -> GuardedConnection:
+        """Open (creating it 0600, whatever the umask) and set up the database."""
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            os.fchmod(fd, 0o600)
+            st = os.fstat(fd)
+        finally:
+            os.close(fd)
+        for suffix in SIDE_FILES:  # an older daemon's files, created under a loose umask
+            with contextlib.suppress(FileNotFoundError):
+                os.chmod(f"{self.path}{suffix}", 0o600)
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
+                             factory=GuardedConnection)
+        try:
+            db.row_factory = sqlite3.Row
+            db.execute(f"PRAGMA busy_timeout={BUSY_MS}")
+            db.execute("PRAGMA journal_mode=WAL")
+            # NORMAL in WAL: a commit survives a crash of this process (not a power cut of
+            # the last few): what a restart of the daemon needs, without an fsync per change.
+            db.execute("PRAGMA synchronous=NORMAL")
+            with db:
+                for statement in SCHEMA.split(";"):
+                    if statement.strip():
+                        db.execute(statement)
+        except BaseException:
+            db.close()
+            raise
+        self.identity = (st.st_dev, st.st_ino)
+        return db
 
     def close(self) -> None:
         self.db.close()
 
+    def check_file(self) -> None:
+        """Notice a database file deleted or replaced under the daemon, and carry on with
+        a new file at the path holding everything this connection still sees (the jobs are
+        never silently forgotten); a file that replaced ours is kept aside, not used."""
+        try:
+            st = os.stat(self.path)
+            here: tuple[int, int] | None = (st.st_dev, st.st_ino)
+        except FileNotFoundError:
+            here = None
+        if here == self.identity:
+            return
+        what = "deleted" if here is None else "replaced by another file"
+        kept = None
+        if here is not None:
+            kept = Path(f"{self.path}.replaced-{_utc_stamp()}")
+            os.replace(self.path, kept)
+        tmp = self.path.with_name(f".{self.path.name}.rebuild")
+        for suffix in ("", *SIDE_FILES):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(f"{tmp}{suffix}")
+        try:
+            copy = sqlite3.connect(tmp)
+            try:
+                self.db.backup(copy)  # read through the open (possibly unlinked) file
+            finally:
+                copy.close()
+            os.chmod(tmp, 0o600)
+        except (sqlite3.Error, OSError) as exc:
+            raise unavailable(exc) or StoreUnavailable(
+                503, f"lorasup.db was {what} and cannot be recreated: {exc}", 5) from exc
+        # The old connection goes first: closing it removes its -wal/-shm by name.
+        with contextlib.suppress(sqlite3.Error):
+            self.db.close()
+        os.replace(tmp, self.path)
+        self.db = self._connect()
+        jobs = self.db.execute("SELECT COUNT(*) FROM jobs").fetchone()[0]
+        note = (f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} {self.path.name} was "
+                f"{what} under the running daemon; recreated from its open copy ({jobs} jobs)"
+                + (f"; the other file was kept as {kept.name}" if kept else ""))
+        self.incidents = [*self.incidents[-9:], note]
+        log.error("state_db_replaced", path=str(self.path), what=what, jobs=jobs,
+                  kept=str(kept) if kept else None)
+
     def _write(self, sql: str, args: tuple[Any, ...] = ()) -> sqlite3.Cursor:
+        self.check_file()
         with self.db:  # one transaction, committed on leaving
             return self.db.execute(sql, args)
+
+    def free_space_ok(self) -> bool:
+        """Enough free space in the state directory for new jobs and their runs."""
+        try:
+            return shutil.disk_usage(self.path.parent).free >= MIN_FREE
+        except OSError:
+            return False
 
     # -- jobs ------------------------------------------------------------------------------
 
     def add_job(self, spec: JobSpec) -> int:
+        if not self.free_space_ok():
+            raise StoreUnavailable(507, "no space left in the state directory; new jobs are "
+                                        "refused until space returns", 5)
         now = time.time()
         cur = self._write(
             "INSERT INTO jobs (name, priority, state, spec, gpus, retries, created, updated)"
@@ -168,7 +444,7 @@ class Store:
         if limit:
             sql += " LIMIT ?"
             args.append(limit)
-        rows = [self._job(r) for r in self.db.execute(sql, args)]
+        rows = [self._job(r) for r in self.db.execute(sql, args).fetchall()]
         rows.reverse()
         return rows
 
@@ -201,8 +477,39 @@ class Store:
         data = dict(row)
         data.pop("gpus")
         data.pop("retries")
-        data["spec"] = _spec(data["spec"])
+        try:
+            _check_columns(data)
+            data["spec"] = _spec(data["spec"])
+        except Exception as exc:  # one unreadable row fails its own job, nothing else
+            data["spec"] = broken_spec(row)
+            data["broken"] = internal_reason(exc, "cannot load the job")
+            if data["state"] in ACTIVE:
+                log.error("job_unreadable", job=data["id"], error=data["broken"])
+                data.update(state="failed", outcome="internal_error", reason=data["broken"])
+                with contextlib.suppress(Exception):  # shown failed; written when it can be
+                    self._write("UPDATE jobs SET state = 'failed', outcome = 'internal_error',"
+                                " reason = ?, updated = ? WHERE id = ? AND state IN "
+                                "('queued', 'running')", (data["broken"], time.time(),
+                                                          data["id"]))
         return JobRow(**data)
+
+    def restore_job(self, job_id: int, spec: JobSpec, state: str, outcome: str | None,
+                    reason: str | None, attempts: int, steps_done: int | None,
+                    last_loss: float | None, created: float) -> None:
+        """A job rebuilt from its run directories (after a damaged database was moved
+        aside), under its old id."""
+        self._write(
+            "INSERT INTO jobs (id, name, priority, state, outcome, reason, spec, gpus, retries,"
+            " attempts, steps_done, last_loss, created, updated)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (job_id, spec.name, spec.priority, state, outcome, reason, _spec_json(spec),
+             spec.gpus, spec.retries, attempts, steps_done, last_loss, created, time.time()))
+
+    def restore_attempt(self, row: AttemptRow) -> None:
+        fields = dict(row.__dict__)
+        names = ", ".join(fields)
+        self._write(f"INSERT INTO attempts ({names}) VALUES ({','.join('?' * len(fields))})",
+                    tuple(fields.values()))
 
     # -- attempts --------------------------------------------------------------------------
 
@@ -210,6 +517,7 @@ class Store:
                       slot: str | None, devices: str | None) -> None:
         """The job is running from here on: committed before its process is spawned."""
         now = time.time()
+        self.check_file()
         with self.db:
             self.db.execute(
                 "INSERT INTO attempts (job_id, n, run_id, run_dir, why, slot, devices, started)"
@@ -231,6 +539,7 @@ class Store:
         now = time.time()
         job_fields = {**job_fields, "updated": now}
         names = ", ".join(f"{k} = ?" for k in job_fields)
+        self.check_file()
         with self.db:
             self.db.execute(
                 "UPDATE attempts SET ended = ?, outcome = ?, exit_code = ?, end_reason = ?, "
