@@ -370,7 +370,8 @@ class Supervisor:
             self._signalled_at = now
             log.warning("lorasup_signalled", signal=sig.name)
             self.request_stop("interrupted")
-        elif sig in REPEATABLE_SIGNALS and now - self._signalled_at < REPEATED_SIGNAL_SECONDS:
+        elif (sig in REPEATABLE_SIGNALS and self.interrupt_signal in REPEATABLE_SIGNALS
+              and now - self._signalled_at < REPEATED_SIGNAL_SECONDS):
             log.warning("lorasup_signalled_again", signal=sig.name,
                         action="the same stop request: the grace goes on")
         else:

@@ -310,19 +310,23 @@ def test_sigterm_to_every_process_of_the_job_is_one_graceful_stop(tmp_path: Path
         kill_all(pids)
 
 
-@pytest.mark.parametrize("later", [False, True])
-def test_a_repeated_sigterm_within_two_seconds_is_the_same_request(tmp_path: Path,
-                                                                  later: bool) -> None:
+@pytest.mark.parametrize(("first", "later", "escalates"), [
+    (signal.SIGTERM, False, False),  # a scheduler and a wrapper script both forwarding
+    (signal.SIGTERM, True, True),  # asked again, later: SIGKILL now, as before
+    (signal.SIGINT, False, True),  # a Ctrl-C, then a SIGTERM: not a repeat
+])
+def test_a_repeated_sigterm_within_two_seconds_is_the_same_request(
+        tmp_path: Path, first: signal.Signals, later: bool, escalates: bool) -> None:
     run_dir = tmp_path / "run"
     pidfile = tmp_path / "pids"
     marker = tmp_path / "saved"
-    save = 8 if later else 3
+    save = 8 if escalates else 3
     proc = start(run_dir, *native("--pids", str(pidfile), "--hold", "--save-seconds",
                                   str(save), "--marker", str(marker), grace=30))
     pids = tree_pids(pidfile)
     try:
         began = time.monotonic()
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(first)
         # The first one was handled (the ladder's SIGINT is out) before the second is sent.
         assert wait_for(lambda: "SIGINT" in sent(run_dir), 20)
         if later:
@@ -330,12 +334,12 @@ def test_a_repeated_sigterm_within_two_seconds_is_the_same_request(tmp_path: Pat
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=60)
         took = time.monotonic() - began
-        assert proc.returncode == 143, err[-2000:]
+        assert proc.returncode == 128 + first, err[-2000:]
         assert read_json(run_dir / "report.json")["outcome"] == "interrupted"
         again = [json.loads(line) for line in out.splitlines()
                  if '"lorasup_signalled_again"' in line]
         assert len(again) == 1  # lorasup did see the second SIGTERM
-        if later:
+        if escalates:
             assert sent(run_dir)[-1] == "SIGKILL"
             assert not marker.exists()
             assert took < save  # the grace (30 s) and the save were cut short
