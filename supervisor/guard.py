@@ -31,8 +31,9 @@ of lorasup's environment or site-packages can break it.
 
     python -I -S guard.py CONTROL_FD [--then JSON] -- ARGV...
 
-JSON: ``{"argv": [...], "cwd": "...", "owner": [PID, START]}``: the command to run after an
-orphaned kill, run only once lorasup (PID with that start time) is surely gone.
+JSON: ``{"argv": [...], "cwd": "...", "owner": [PID, START], "deadline": SECONDS}``: the
+command to run after an orphaned kill, run only once lorasup (PID with that start time) is
+surely gone, and killed with whatever it started after ``deadline`` (at most 30 s).
 """
 
 from __future__ import annotations
@@ -254,25 +255,37 @@ class Guard:
         cwd = self.then.get("cwd")
         if not isinstance(argv, list) or not all(isinstance(a, str) for a in argv):
             return
-        try:
-            proc = subprocess.Popen(argv, cwd=cwd if isinstance(cwd, str) else None,
-                                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                    stderr=subprocess.DEVNULL, start_new_session=True,
-                                    close_fds=True, preexec_fn=_trainer_defaults)
-        except (OSError, subprocess.SubprocessError):
+        proc: subprocess.Popen[bytes] | None = None
+        # lorasup's working directory (where it found its own package), else this one's.
+        for where in dict.fromkeys([cwd if isinstance(cwd, str) else None, None]):
+            try:
+                proc = subprocess.Popen(argv, cwd=where, stdin=subprocess.DEVNULL,
+                                        stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.DEVNULL, start_new_session=True,
+                                        close_fds=True, preexec_fn=_trainer_defaults)
+                break
+            except (OSError, subprocess.SubprocessError):
+                continue
+        if proc is None:
             return
         self.helper = proc.pid
-        deadline = time.monotonic() + THEN_DEADLINE_SECONDS
-        while time.monotonic() < deadline:
-            with contextlib.suppress(ChildProcessError):
+        limit = self.then.get("deadline")
+        if not isinstance(limit, (int, float)) or isinstance(limit, bool) or not limit > 0:
+            limit = THEN_DEADLINE_SECONDS
+        deadline = time.monotonic() + min(float(limit), THEN_DEADLINE_SECONDS)
+        while True:
+            try:
                 if os.waitpid(proc.pid, os.WNOHANG)[0] == proc.pid:
                     break
+            except ChildProcessError:
+                break
+            if time.monotonic() >= deadline:
+                with contextlib.suppress(OSError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(proc.pid, 0)
+                break
             time.sleep(0.05)
-        else:
-            with contextlib.suppress(OSError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(proc.pid, 0)
         # Whatever it left (its own children, orphaned to this subreaper) goes too.
         self.helper = None
         self.known.update(_descendants(os.getpid()))

@@ -12,6 +12,7 @@ import ctypes.util
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -177,6 +178,54 @@ def test_guard_arguments_carry_the_command_for_after() -> None:
     assert guard._parse(["7", "--", "a"]) == (7, None, ["a"])
     assert guard._parse(["7", "--then", "{not json", "--", "a"]) is None
     assert guard._parse(["7", "--"]) is None
+
+
+HANGING_REPORT = """
+import os, sys, time
+if os.fork() == 0:
+    os.setsid()  # a child of its own session, which a group kill would miss
+    time.sleep(600)
+    os._exit(0)
+with open(sys.argv[1], "w") as fh:
+    fh.write(str(os.getpid()))
+time.sleep(600)
+"""
+
+
+def test_the_command_after_an_orphaned_kill_runs_and_never_outlives_its_deadline(
+        tmp_path: Path) -> None:
+    pidfile = tmp_path / "pids"
+    ran = tmp_path / "ran"
+    ours, theirs = socket.socketpair()
+    then = {"argv": [sys.executable, "-c", HANGING_REPORT, str(ran)], "cwd": str(tmp_path),
+            "owner": [os.getpid(), -1],  # a start time no process has: the owner is gone
+            "deadline": 1.0}
+    with ours:
+        keeper = subprocess.Popen(
+            [sys.executable, "-I", "-S", guard.__file__, str(theirs.fileno()),
+             "--then", json.dumps(then), "--", sys.executable, str(TREE), "--pids",
+             str(pidfile), "--workers", "2", "--hold"],
+            pass_fds=(theirs.fileno(),), stdout=subprocess.DEVNULL, start_new_session=True)
+        theirs.close()
+        pids = tree_pids(pidfile)
+    # Our end closed without "done": for the guard, lorasup is gone.
+    try:
+        began = time.monotonic()
+        assert keeper.wait(timeout=30) == 1
+        took = time.monotonic() - began
+        assert ran.exists()  # the command ran: the kill loop did not take it for the tree's
+        helper = int(ran.read_text())
+        assert gone(helper)
+        assert [pid for pid in pids if not gone(pid)] == []
+        # 1 s of SIGTERM grace, the command's 1 s deadline, and a loaded machine's slack.
+        assert took < 10, took
+        family = [p.pid for p in psutil.process_iter(["cmdline"])
+                  if str(ran) in " ".join(p.info["cmdline"] or [])]
+        assert family == []  # its own-session child is gone too
+    finally:
+        kill_all(pids)
+        keeper.kill()
+        keeper.wait()
 
 
 # -- item 2: a stopped or frozen guard -----------------------------------------------------
