@@ -198,8 +198,17 @@ class Guard:
                 self.say(f"exit {self.leader_code}")
 
     def track(self) -> None:
-        """Record every live descendant (the trainer's tree) in the kill set."""
-        self.known.update(_descendants(os.getpid(), skip=self.helper))
+        """Record every live descendant (the trainer's tree) in the kill set.
+
+        Recorded processes that died are dropped (a trainer that forks thousands of short
+        helpers must not grow the set); one that lives on outside this guard's subtree
+        (no subreaper here) stays recorded.
+        """
+        found = _descendants(os.getpid(), skip=self.helper)
+        for pid, start in self.known.items():
+            if pid not in found and _start_time(pid) == start:
+                found[pid] = start
+        self.known = found
 
     def alive(self) -> dict[int, int]:
         """The recorded processes still alive: same pid *and* same start time."""
