@@ -23,8 +23,9 @@ a new session (a group kill of lorasup's group does not reach it), and the guard
   said ``done`` first: lorasup is gone, nobody watches the run any more. SIGTERM to the
   trainer's group and every process of the kill set, one second, then SIGKILL and rescan
   until no recorded process is alive: the guard never exits before that. Then, given
-  ``--then``, it runs that command (lorasup's ``report``, so the run has a report.json that
-  says ``lost``) with its output on /dev/null, and kills it should it outlive a deadline.
+  ``--then``, a forked reporter runs that command (lorasup's ``report``, so the run has a
+  report.json that says ``lost``) with its output on /dev/null, and kills it should it
+  outlive a deadline; the guard itself exits at once.
 
 It is a stdlib-only script run with ``python -I -S`` (about 10 ms to start), so nothing
 of lorasup's environment or site-packages can break it.
@@ -133,6 +134,9 @@ def _trainer_defaults() -> None:
 
 
 class Guard:
+    """One trainer's guard: starts it, tells lorasup its pid and exit, and keeps the kill
+    set that it empties when lorasup is gone (or says ``done``)."""
+
     def __init__(self, control: socket.socket, argv: list[str],
                  then: dict[str, object] | None = None) -> None:
         self.control = control
@@ -141,7 +145,8 @@ class Guard:
         self.leader: int | None = None
         self.leader_start: int | None = None
         self.leader_code: int | None = None
-        #: the kill set: every process of the trainer's tree ever seen, pid → start time
+        #: the kill set: every process of the trainer's tree seen and not known to have
+        #: died, pid → start time
         self.known: dict[int, int] = {}
         #: the command run after an orphaned kill: never part of the kill set
         self.helper: int | None = None
@@ -256,6 +261,24 @@ class Guard:
     def owner_gone(self) -> bool:
         return self.owner_start is None or _start_time(self.owner) != self.owner_start
 
+    def report_after(self) -> None:
+        """Run ``--then`` in a forked reporter, so the guard itself ends as soon as the
+        tree is gone (its job is done); the reporter holds the command's deadline."""
+        if not self.then or not self.owner_gone():
+            return
+        try:
+            if os.fork() != 0:
+                return
+        except OSError:
+            return
+        try:  # the reporter: re-parented to init once the guard exits
+            _become_subreaper()  # not inherited: the command's orphans must stay findable
+            self.known = {}
+            self.leader = None
+            self.run_then()
+        finally:
+            os._exit(0)
+
     def run_then(self) -> None:
         """The command lorasup left for after its death (its report), bounded in time."""
         if not self.then or not self.owner_gone():
@@ -329,7 +352,7 @@ class Guard:
             if not data:
                 # lorasup is gone without a word: nobody watches this run any more.
                 self.kill_tree(graceful=True)
-                self.run_then()
+                self.report_after()
                 return 1
             buffer = (buffer + data)[-64:]
             if b"done" in buffer:
