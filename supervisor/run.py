@@ -103,6 +103,11 @@ SERVICE_ENVIRONMENT = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN
 PARSER_ERRORS_LOGGED = 5
 #: stop reasons that mean "hung": the tree's stacks are taken before it is stopped
 STACKS_BEFORE_STOP = ("stalled", "no_progress")
+#: a SIGTERM or SIGHUP this soon after the first stop signal is the same request (a
+#: scheduler and a wrapper script both forwarding it), not a reason to skip the grace
+REPEATED_SIGNAL_SECONDS = 2.0
+#: stop signals a scheduler or service manager may repeat (a second SIGINT is a person's)
+REPEATABLE_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 
 
 def _supersedes(new: Step, old: Step) -> bool:
@@ -192,6 +197,7 @@ class Supervisor:
         self.stop_done = anyio.Event()
         self.exited = False
         self.interrupt_signal: signal.Signals | None = None
+        self._signalled_at = 0.0
         self.finished_marker = False
         self._force = False
         self._grace_scope: anyio.CancelScope | None = None
@@ -360,10 +366,16 @@ class Supervisor:
             self._on_signal(signal.Signals(signum))
 
     def _on_signal(self, sig: signal.Signals) -> None:
+        now = time.monotonic()
         if self.interrupt_signal is None:
             self.interrupt_signal = sig
+            self._signalled_at = now
             log.warning("lorasup_signalled", signal=sig.name)
             self.request_stop("interrupted")
+        elif (sig in REPEATABLE_SIGNALS and self.interrupt_signal in REPEATABLE_SIGNALS
+              and now - self._signalled_at < REPEATED_SIGNAL_SECONDS):
+            log.warning("lorasup_signalled_again", signal=sig.name,
+                        action="the same stop request: the grace goes on")
         else:
             log.warning("lorasup_signalled_again", signal=sig.name,
                         action="skipping the grace period")
@@ -832,7 +844,8 @@ class Supervisor:
             if note is not None:
                 await self._emit(send, [(self.now(), note)])
         try:
-            self.tree = await spawn(plan.argv, self._environment(), cwd=str(plan.cwd))
+            self.tree = await spawn(plan.argv, self._environment(), cwd=str(plan.cwd),
+                                    then=self._report_command())
         except OSError as exc:
             # Checked before, but the file system can change in between (or exec fails).
             self.spawn_error = f"could not start the trainer: {exc.strerror or exc}"
@@ -863,9 +876,8 @@ class Supervisor:
             tg.start_soon(self.notifier.keep_alive)
             if self.follower is not None:
                 tg.start_soon(self._follow_tensorboard, send.clone())
-            returncode = await self.tree.wait()
+            returncode = await self._trainer_exit(send)
             self.exited = True
-            await self._emit(send, [(self.now(), Exited(returncode=returncode))])
             log.info("trainer_exited", returncode=returncode, step=self.gate.last)
             if self.stop_requested.is_set():
                 await self.stop_done.wait()
@@ -885,6 +897,23 @@ class Supervisor:
                         "the report uses the console series only"))])
         return returncode
 
+    def _report_command(self) -> list[str]:
+        """What the guard runs after it killed the tree because lorasup died: the report
+        of this run (outcome ``lost``), so that it exists without anyone asking."""
+        return [sys.executable, "-m", "lorasup", "report", str(self.plan.run_dir.absolute())]
+
+    async def _trainer_exit(self, send: ObjectSendStream[Batch]) -> int | None:
+        """The trainer's exit status from its guard; None when the guard would not tell
+        it (stopped, frozen: see ``ProcessTree.wait_exit``), noted in the report."""
+        assert self.tree is not None
+        returncode = await self.tree.wait_exit()
+        batch: list[tuple[float, Event]] = [
+            (self.now(), Note(message=note)) for note in self.tree.guard_notes]
+        if returncode is not None:
+            batch.append((self.now(), Exited(returncode=returncode)))
+        await self._emit(send, batch)
+        return returncode
+
     async def _leftovers(self) -> list[int]:
         """Processes of the tree still running after the trainer itself exited."""
         assert self.tree is not None
@@ -899,8 +928,13 @@ class Supervisor:
         if returncode is None and reason == "interrupted" and self.tree is None:
             sig = self.interrupt_signal or signal.SIGINT
             return "interrupted", 128 + int(sig), f"lorasup received {sig.name} before the start"
-        if returncode is None:
+        guard_fault = self.tree.guard_fault if self.tree is not None else None
+        if returncode is None and guard_fault is None:
             return "usage", EXIT_CODES["usage"], self.spawn_error or "trainer not started"
+        if returncode is None and reason is None:
+            # The trainer ended by itself, and how is unknown: never guessed as completed.
+            return "internal_error", EXIT_CODES["internal_error"], (
+                f"{guard_fault}; the trainer's exit status is unknown")
         done = self.gate.last >= self.gate.final_step
         if reason == "interrupted":
             sig = self.interrupt_signal or signal.SIGINT
