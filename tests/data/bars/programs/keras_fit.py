@@ -4,8 +4,8 @@ import os
 
 os.environ.setdefault("KERAS_BACKEND", "torch")
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
+import keras
+import numpy as np
 
 rng = np.random.default_rng(0)
 x = rng.normal(size=(160, 8)).astype("float32")
