@@ -22,6 +22,7 @@ from lorasup.trainers import bars
 from lorasup.trainers.bars import BarTracker, Frame, dict_step, read_frame
 from lorasup.trainers.base import TrainerJob
 from lorasup.trainers.command import CommandAdapter
+from tests.test_parser_properties import cut, final_values
 
 # line: (count, total, loss, lr)
 FRAMES = {
@@ -357,3 +358,45 @@ def test_dict_lines_round_trip(step: int, loss: float, json_form: bool) -> None:
     q = '"' if json_form else "'"
     event = dict_step(f"{{{q}loss{q}: {loss}, {q}step{q}: {step}}}")
     assert event is not None and (event.step, event.loss) == (step, loss)
+
+
+# ------------------------------------------------------------- chunking, as the engine reads
+
+N = 20  # tests.test_parser_properties builds its adapters with this N
+
+
+def _tqdm_iterable(steps: int, values: list[str]) -> str:
+    """``for x in tqdm(...): ...; bar.set_postfix(loss=...)``: each value is drawn first
+    with the count before its step."""
+    out = "\rT:   0%|          | 0/20 [00:00<?, ?it/s]"
+    for k in range(1, steps + 1):
+        for count in (k - 1, k):
+            out += (f"\rT: {k * 5:3d}%|#         | {count}/20 [00:01<00:01, 1.0it/s, "
+                    f"loss={values[k - 1]}]")
+    return out
+
+
+def _rich(steps: int, values: list[str]) -> str:
+    return "".join(f"\r\x1b[2KTraining \x1b[91m━━━━\x1b[0m\x1b[90m━━━━\x1b[0m \x1b[32m{k:>2}/20"
+                   f"\x1b[0m \x1b[33m0:00:01\x1b[0m loss={values[k - 1]}"
+                   for k in range(1, steps + 1))
+
+
+def _keras3(steps: int, values: list[str]) -> str:
+    return "".join("\b" * 40 + f"\r{k:>2}/20 ━━━━━━━━━━ 0s 3ms/step - loss: {values[k - 1]}"
+                   for k in range(1, steps + 1))
+
+
+@pytest.mark.parametrize("stream", [_tqdm_iterable, _rich, _keras3])
+@given(values=st.lists(st.sampled_from(["0.5", "1.25", "nan", "1e400", "0.0001", "7"]),
+                       min_size=N, max_size=N),
+       steps=st.integers(1, N), cuts=st.lists(st.integers(0, 10**6), min_size=1, max_size=30))
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_steps_and_losses_do_not_depend_on_chunking(stream, values: list[str], steps: int,
+                                                    cuts: list[int]) -> None:
+    data = stream(steps, values).encode()
+    whole = final_values("command", [data])
+    assert sorted(whole) == list(range(1, steps + 1))
+    for k, (_total, loss, *_rest) in whole.items():
+        assert loss == repr(float(values[k - 1]))  # each step has its own loss
+    assert final_values("command", cut(data, cuts)) == whole
