@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 
 from lorasup.supervisor.events import Step
 from lorasup.supervisor.numbers import read_count, read_float, read_step
@@ -96,6 +97,7 @@ def _values(text: str) -> tuple[float | None, float | None]:
     return (read_float(loss["v"]) if loss else None, read_float(lr["v"]) if lr else None)
 
 
+@lru_cache(maxsize=256)
 def _key(text: str) -> str:
     """A bar's identity: its description, digits left out (``Epoch 2`` is ``Epoch 1``'s)."""
     text = text.strip().rstrip(":").strip()
@@ -145,14 +147,16 @@ def rich_frame(line: str) -> Frame | None:
     bar = _RICH_BAR.search(line)
     if bar is None:
         return None
-    best = None
-    distance = 0
-    for match in _COUNT.finditer(line):
-        gap = bar.start() - match.end() if match.end() <= bar.start() else match.start() - bar.end()
-        if best is None or gap <= distance:
-            best, distance = match, gap
-    if best is None:
+    # the count nearest the bar: rich puts it after (``desc ━━━ 40/100``), Keras before
+    after = _COUNT.search(line, bar.end())
+    before = _COUNT.search(line, 0, bar.start())
+    if after is None and before is None:
         return None
+    if after is not None and (before is None
+                              or after.start() - bar.end() <= bar.start() - before.end()):
+        best = after
+    else:
+        best = before
     count, total = read_step(best[1]), read_count(best[2])
     if count is None or total is None or count > total:
         return None  # a total cut short (a partial read) or no count at all
