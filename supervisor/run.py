@@ -921,10 +921,11 @@ class Supervisor:
         if reason == "no_progress":
             return "stalled", EXIT_CODES["stalled"], (
                 f"no new step for {self.plan.no_progress_timeout:g}s "
-                f"(last new step: {self.gate.last})" + self._nothing_read())
+                f"(last new step: {self.gate.last})")
         if reason in ("timeout", "stalled", "diverged"):
             return reason, EXIT_CODES[reason], {
-                "timeout": f"total time limit of {self.plan.timeout:g}s passed",
+                "timeout": f"total time limit of {self.plan.timeout:g}s passed"
+                + self._nothing_read(),
                 "stalled": self._silence_reason
                 or f"no output for {self.plan.no_output_timeout:g}s",
                 "diverged": f"non-finite loss at {self.divergence.nonfinite} step(s)",

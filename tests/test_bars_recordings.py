@@ -109,3 +109,17 @@ def test_rich_is_told_to_draw_live_under_the_command_adapter_only(tmp_path: Path
     for name in ("kohya", "diffusers", "hf", "native", "builtin"):
         # their rich log layout (kohya's records) must not change
         assert "TTY_COMPATIBLE" not in get_adapter(name).environment()
+
+
+def test_a_run_stopped_by_its_time_limit_with_nothing_read_says_why(tmp_path: Path) -> None:
+    program = ("import time\n"
+               "for i in range(1000):\n"
+               "    print(f'epoch=1 batch={i} L=0.5', flush=True)\n"
+               "    time.sleep(0.05)\n")
+    finished = run_lorasup(tmp_path / "run", "--trainer", "command", "--steps", "10",
+                           "--timeout", "1.5", "--grace", "5", "--",
+                           sys.executable, "-c", program)
+    report = finished.report
+    assert report["outcome"] == "timeout"
+    assert report["reason"].startswith("total time limit of 1.5s passed: no step read in ")
+    assert "the first: 'epoch=1 batch=0 L=0.5', 'epoch=1 batch=1 L=0.5'" in report["reason"]
