@@ -163,6 +163,13 @@ def test_nested_per_epoch_bars_count_on() -> None:
     assert [s for s, _ in steps(BarTracker(6), lines)] == [1, 2, 3, 4, 5, 6]
 
 
+def test_a_round_whose_last_frame_was_not_drawn_counts_as_complete() -> None:
+    # rich resets a per-epoch task between two refreshes: 5/6, then 0/6 of the next epoch
+    lines = ["Epochs ━━━━━━━━━━ 0/2", *[f"Steps ━━━━━━━━━━ {k}/6" for k in range(6)],
+             "Epochs ━━━━━━━━━━ 1/2", *[f"Steps ━━━━━━━━━━ {k}/6" for k in range(3)]]
+    assert [s for s, _ in steps(BarTracker(12), lines)] == [1, 2, 3, 4, 5, 7, 8]
+
+
 def test_an_evaluation_bar_inside_training_is_not_read() -> None:
     lines = [tqdm("", k, 100) for k in range(1, 4)]
     lines += [tqdm("Evaluating", k, 50) for k in range(0, 51)]

@@ -38,6 +38,9 @@ CASES = {
     "rich_tty_compatible": (20, 4, {k: _fixed(k) for k in range(1, 21)}),
     # rich into a plain pipe: nothing until the last frame, printed at exit
     "rich_pipe": (20, 4, {20: 0.05}),
+    # two tasks, the steps task reset each epoch right after its 6th step: 6/6 and 12/12
+    # are never drawn, the next epoch counts on from 6 and 12
+    "rich_two_tasks": (18, 4, {k: _fixed(k) for k in range(1, 19) if k not in (6, 12)}),
     # Keras 3 redraws every 0.05 s at most: batches 1, 4, 10 of each 10-batch epoch
     "keras_fit": (20, 20, {1: 2.2235, 4: 2.4328, 10: 1.8248, 11: 0.7555, 20: 1.4271}),
     "dict_lines": (20, 2, {k: round(2 / k, 5) for k in range(1, 21)}),

@@ -26,9 +26,12 @@ stop a run:
    it is complete (at its total) and the other shows a higher step (a "Loading" bar before
    the training bar), never while it is open (an evaluation bar inside training, or the
    per-epoch bar inside an epoch bar: the inner one was read from its first step);
-3. a bar that reaches its total and starts again from a lower count (a per-epoch bar, a
-   new bar of the same description; Keras) counts on: step = the totals of the earlier
-   rounds + its count;
+3. a bar that goes back to a lower count with the same total (a per-epoch bar, a new bar of
+   the same description, a rich task ``reset``; Keras) starts a new round and counts on:
+   step = the totals of the earlier rounds + its count. The earlier round counts as
+   complete even when its last frame was not drawn (rich resets a task between two
+   refreshes; tqdm's ``leave=False`` clears the bar instead of drawing its end); a loop
+   that leaves a round early and starts another is over-counted;
 4. a bar never read at a step in 1..N gives no step past N (a ``Map: 500/500`` that jumps
    from 0 to its end is not the training).
 
@@ -248,9 +251,11 @@ class BarTracker:
                 return None
             bar = self._bars[frame.key] = _Bar()
         count, previous = frame.count, bar.count
-        if (bar.total is not None and previous == bar.total and count < previous
-                and frame.total == bar.total):
-            bar.offset += bar.total  # a new round of a per-epoch bar
+        if bar.total is not None and frame.total == bar.total and count < previous:
+            # A new round of a per-epoch bar. Its last frame is often not drawn (rich resets
+            # a task between two refreshes; tqdm's leave=False clears instead of drawing the
+            # end): the round that ended counts as complete.
+            bar.offset += bar.total
         same_count = count == previous
         bar.count, bar.total = count, frame.total
         if bar.early is None and (frame.loss is not None or frame.lr is not None):
