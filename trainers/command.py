@@ -36,8 +36,8 @@ class CommandAdapter:
     accepts_parse_table = True
 
     def __init__(self) -> None:
-        self.needles: tuple[str, ...] = (PREFIX, "steps:", "Steps:", *NEEDLES, *bars.NEEDLES,
-                                         *PYTHON_PROBLEM_NEEDLES)
+        self.needles: tuple[str, ...] = tuple(dict.fromkeys((
+            PREFIX, "steps:", "Steps:", *NEEDLES, *bars.NEEDLES, *PYTHON_PROBLEM_NEEDLES)))
         self._table: ParseTable | None = None
         #: which of the bars on screen counts the steps (N known once ``command`` ran)
         self._bars = bars.BarTracker()
