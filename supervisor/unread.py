@@ -67,7 +67,8 @@ class Unread:
         first: list[str] = []
         for sample in self.streams:
             first.extend(sample.first_lines()[:SHOWN])
-        shown = ", ".join(repr(redact_text(_cut(line))) for line in first[:SHOWN])
+        # masked before cutting: a token cut in half may no longer look like one
+        shown = ", ".join(repr(_cut(redact_text(line))) for line in first[:SHOWN])
         text = f"no step read in {self.lines} line(s) of output (0 matched)"
         if shown:
             text += f"; the first: {shown}"
