@@ -38,7 +38,9 @@ stop a run:
 tqdm's postfix belongs to the count it is drawn with, except when the first postfix of a bar
 is drawn at count 0: then the program sets it at the end of each iteration of ``for x in
 tqdm(...)`` (before tqdm counts the iteration), and a redraw at the same count shows the
-next step's value; only the first frame of each count is read for such a bar.
+next step's value; only the first frame of each count is read for such a bar. (A program
+that sets a postfix before its loop and then calls ``update(1); set_postfix(...)`` looks the
+same at the start and has each loss read one step late: the output cannot tell them apart.)
 """
 
 from __future__ import annotations
