@@ -407,3 +407,21 @@ def test_steps_and_losses_do_not_depend_on_chunking(stream, values: list[str], s
     for k, (_total, loss, *_rest) in whole.items():
         assert loss == repr(float(values[k - 1]))  # each step has its own loss
     assert final_values("command", cut(data, cuts)) == whole
+
+
+def test_a_parse_table_reads_the_update_then_postfix_order_with_an_initial_postfix() -> None:
+    """The order the tracker cannot tell from the iterable one: a [parse] step regex takes
+    the last frame of each count, which is right for it."""
+    adapter = CommandAdapter()
+    adapter.command(TrainerJob(steps=5, argv=("x",), run_dir="/tmp/r", parse=(
+        ("step", r"\| (?P<step>\d+)/\d+ \["), ("loss", r"loss=(?P<loss>[\d.]+)"))))
+    lines = [tqdm("T", 0, 5), tqdm("T", 0, 5, 9.0), tqdm("T", 1, 5, 9.0), tqdm("T", 1, 5, 1.0),
+             tqdm("T", 2, 5, 1.0), tqdm("T", 2, 5, 0.5)]
+    gate = StepGate(5, stop_at_limit=True, on_stop=lambda _r: None, on_limit=lambda: None)
+    final = {}
+    for line in lines:
+        for event in adapter.parse(line):
+            admitted = gate.admit(event) if isinstance(event, Step) else None
+            if isinstance(admitted, Step):
+                final[admitted.step] = admitted.loss
+    assert final == {1: 1.0, 2: 0.5}
