@@ -210,6 +210,16 @@ def test_a_postfix_set_after_the_count_is_the_later_frame() -> None:
     assert final == {1: 1.0, 2: 0.5}
 
 
+def test_steps_count_from_a_resume_point() -> None:
+    adapter = CommandAdapter()
+    adapter.command(TrainerJob(steps=10, argv=("x",), run_dir="/tmp/r"))
+    assert [e.kind for e in adapter.parse('{"lorasup":1,"kind":"resume","step":100}')] == [
+        "resumed"]
+    got = [e.step for k in (100, 101, 102) for e in adapter.parse(tqdm("T", k, 1000))
+           if isinstance(e, Step)]
+    assert got == [101, 102]  # N = 10 counts from 100: 101..110 are in range
+
+
 def test_bars_beyond_the_memory_bound_are_ignored() -> None:
     tracker = BarTracker(10)
     for i in range(bars.MAX_BARS + 5):

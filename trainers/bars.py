@@ -241,8 +241,19 @@ class BarTracker:
         self._bars: dict[str, _Bar] = {}
         self._current: str | None = None
         self._locked = False
+        #: the step the trainer resumed after (a protocol ``resume`` line): N counts from it
+        self.base = 0
         #: the highest step read so far
         self.last = 0
+
+    def resume(self, step: int) -> None:
+        """The trainer continues after ``step`` (as the gate's ``resume``)."""
+        if self.last == 0:
+            self.base = step
+
+    def _in_range(self, step: int) -> bool:
+        """A step in 1..N (after the resume point)."""
+        return self.limit is None or self.base < step <= self.base + self.limit
 
     def step(self, frame: Frame) -> Step | None:
         """The step this frame shows, or None when it is not the step bar's or says nothing
@@ -263,16 +274,17 @@ class BarTracker:
         if bar.early is None and (frame.loss is not None or frame.lr is not None):
             bar.early = count == 0
         limit = self.limit
-        if limit is not None and frame.total == limit and bar.offset == 0 and not self._locked:
+        if (limit is not None and frame.total in (limit, self.base + limit) and bar.offset == 0
+                and not self._locked):
             self._locked, self._current = True, frame.key
         if frame.key != self._current and not self._take_over(frame, bar, previous):
             return None
         if count == 0:
             return None  # before the first step of a round: nothing new to show
         step = bar.offset + count
-        if limit is not None and step > limit and not bar.low:
-            return None
-        if limit is None or step <= limit:
+        if not bar.low:
+            if not self._in_range(step):
+                return None  # past N from a bar never read below it, or before the resume
             bar.low = True
         if bar.early and same_count:
             return None
@@ -284,9 +296,9 @@ class BarTracker:
         """Whether an advancing bar other than the step bar becomes the step bar."""
         if self._locked or frame.count <= previous:
             return False
-        step = bar.offset + frame.count
-        if self.limit is not None and not 1 <= step <= self.limit:
+        if not self._in_range(bar.offset + frame.count):
             return False
+        step = bar.offset + frame.count
         current = self._bars.get(self._current) if self._current is not None else None
         if current is not None and (current.total is None or current.count < current.total
                                     or step <= self.last):

@@ -15,7 +15,7 @@ import os
 import signal
 from collections.abc import Iterable, Sequence
 
-from lorasup.supervisor.events import Event, Step
+from lorasup.supervisor.events import Event, Resumed, Step
 from lorasup.trainers import bars, diffusers, kohya
 from lorasup.trainers.base import (
     PYTHON_PROBLEM_NEEDLES,
@@ -68,7 +68,11 @@ class CommandAdapter:
 
     def parse(self, line: str) -> Iterable[Event]:
         if line.startswith(PREFIX):
-            return parse_protocol_line(line)
+            events = parse_protocol_line(line)
+            for event in events:
+                if type(event) is Resumed:
+                    self._bars.resume(event.step)
+            return events
         return parse_bar_line(line, self._step_line, python_problems)
 
     def _step_line(self, line: str) -> tuple[Step, str] | None:
