@@ -4,13 +4,19 @@ the moment its line is parsed.
 Trainers redraw the same step several times (kohya draws two frames per step, and a
 provisional line may come back whole); the gate passes a step again only when it carries
 new values, so a step is never counted twice.
+
+Bars skip numbers (tqdm with ``miniters``, a postfix set with ``refresh=False``, Keras'
+redraw interval): the output may go from 37 to 41 with N = 40. The first step past the last
+one that lands beyond N counts as reaching N: the stop is asked for there, with a note
+saying where it came and why; step 41 is not recorded (the record never holds a step past
+N), and steps up to 37 are what the run shows.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-from lorasup.supervisor.events import Rejected, Step
+from lorasup.supervisor.events import Note, Rejected, Step
 
 
 def _same(a: Step, b: Step | None) -> bool:
@@ -39,6 +45,8 @@ class StepGate:
         self._on_stop = on_stop
         self._on_limit = on_limit
         self.reached = False
+        #: (last step, first step seen past N) when the output jumped over N
+        self.jumped: tuple[int, int] | None = None
 
     @property
     def final_step(self) -> int:
@@ -50,10 +58,13 @@ class StepGate:
             self.offset = step
             self.last = step
 
-    def admit(self, event: Step) -> Step | Rejected | None:
-        """The event to record, a Rejected for a step past N, or None for a mere redraw."""
+    def admit(self, event: Step) -> Step | Rejected | Note | None:
+        """The event to record, a Rejected for a step past N, a Note when the output jumped
+        over N, or None for a mere redraw."""
         step = event.step
         if step > self.final_step:
+            if not self.reached and self.last > self.offset:
+                return self._jump(step)
             self._on_stop("overshoot")
             if step > self._max_rejected:
                 self._max_rejected = step
@@ -80,6 +91,21 @@ class StepGate:
                 if self._stop_at_limit or self.plans_more(event):
                     self._on_stop("step_limit")
         return event
+
+    def _jump(self, step: int) -> Note:
+        """The output went from a step below N straight past it: N counts as reached.
+
+        Only after a step was admitted: a first step beyond N (a bar of something else,
+        a trainer that resumed without saying so) is an overshoot, not progress.
+        """
+        self.jumped = (self.last, step)
+        self.reached = True
+        self._max_rejected = step  # its redraws are not steps past N either
+        self._on_limit()
+        self._on_stop("step_limit")
+        return Note(message=f"stopped at step {step}: the output jumped from {self.last} to "
+                            f"{step}, past the limit of {self.final_step} (steps after "
+                            f"{self.last} are not in the record)")
 
     def plans_more(self, event: Step) -> bool:
         """The trainer's own progress total says it will run past N (it ignored the limit)."""

@@ -59,6 +59,7 @@ from lorasup.supervisor.signals import STOP_SIGNALS
 from lorasup.supervisor.sink import Batch, ReportSink
 from lorasup.supervisor.stacks import evidence, take_stacks
 from lorasup.supervisor.streams import LineSplitter
+from lorasup.supervisor.unread import Unread
 from lorasup.supervisor.watchdogs import (
     DivergenceWatch,
     ProgressWatchdog,
@@ -206,6 +207,8 @@ class Supervisor:
         self.gate = StepGate(plan.steps, stop_at_limit=not adapter.stops_by_itself,
                              on_stop=self.request_stop, on_limit=self._on_limit)
         self.divergence = DivergenceWatch(plan.nan_patience)
+        #: what the trainer printed while no step was read (the reason of a 0-step run)
+        self.unread = Unread()
         self.silence = SilenceWatchdog(plan.no_output_timeout, plan.startup_timeout)
         self.progress_watch = (ProgressWatchdog(plan.no_progress_timeout)
                                if plan.no_progress_timeout is not None else None)
@@ -394,6 +397,7 @@ class Supervisor:
 
     async def _read(self, stream: ByteReceiveStream, send: ObjectSendStream[Batch]) -> None:
         splitter = LineSplitter()
+        sample = self.unread.stream()
         async with send:
             try:
                 while True:
@@ -403,6 +407,8 @@ class Supervisor:
                             anyio.BrokenResourceError):
                         break
                     self.silence.touch()
+                    if self.gate.last == self.gate.offset:
+                        sample.feed(chunk)
                     if self._fast is not None:
                         lines = splitter.feed_fast(chunk, self._needles, self._fast)
                     else:
@@ -920,6 +926,13 @@ class Supervisor:
         self.tree.remember(await anyio.to_thread.run_sync(self.tree.discover))
         return self.tree.survivors()
 
+    def _nothing_read(self) -> str:
+        """``: no step read in 523 line(s) of output ...`` when no step was read, else ""."""
+        if self.gate.last != self.gate.offset:
+            return ""
+        hint = bool(getattr(self.adapter, "accepts_parse_table", False))
+        return ": " + self.unread.explain(parse_hint=hint)
+
     def _decide(self, returncode: int | None) -> tuple[str, int, str]:
         reason = self.stop_reason
         if self.crash_stopped or (self.internal_error and returncode is None):
@@ -935,7 +948,7 @@ class Supervisor:
             # The trainer ended by itself, and how is unknown: never guessed as completed.
             return "internal_error", EXIT_CODES["internal_error"], (
                 f"{guard_fault}; the trainer's exit status is unknown")
-        done = self.gate.last >= self.gate.final_step
+        done = self.gate.last >= self.gate.final_step or self.gate.jumped is not None
         if reason == "interrupted":
             sig = self.interrupt_signal or signal.SIGINT
             return "interrupted", 128 + int(sig), f"lorasup received {sig.name}"
@@ -945,7 +958,8 @@ class Supervisor:
                 f"(last new step: {self.gate.last})")
         if reason in ("timeout", "stalled", "diverged"):
             return reason, EXIT_CODES[reason], {
-                "timeout": f"total time limit of {self.plan.timeout:g}s passed",
+                "timeout": f"total time limit of {self.plan.timeout:g}s passed"
+                + self._nothing_read(),
                 "stalled": self._silence_reason
                 or f"no output for {self.plan.no_output_timeout:g}s",
                 "diverged": f"non-finite loss at {self.divergence.nonfinite} step(s)",
@@ -956,6 +970,11 @@ class Supervisor:
             return "timeout", EXIT_CODES["timeout"], (
                 f"trainer did not finish within {self.plan.finish_timeout:g}s after the last step")
         if reason in ("step_limit", "overshoot"):
+            if self.gate.jumped is not None:
+                before, after = self.gate.jumped
+                return "completed", 0, (
+                    f"stopped at step {after}: the output jumped from {before} to {after}, "
+                    f"past the limit of {self.gate.final_step}")
             if done:
                 return "completed", 0, f"stopped at step {self.gate.final_step}"
             return "trainer_failed", 1, "trainer went past the step limit without reaching it"
@@ -964,5 +983,5 @@ class Supervisor:
         if not done:
             return "trainer_failed", 1, (
                 f"trainer exited 0 after {self.gate.last - self.gate.offset} of "
-                f"{self.plan.steps} steps")
+                f"{self.plan.steps} steps" + self._nothing_read())
         return "completed", 0, "trainer finished all steps"

@@ -196,6 +196,14 @@ def _templates(k: str, n: str, x: str, y: str, z: str) -> list[str]:
         f"Epoch {z}, Step {k}/{n}, Loss: {x}",
         f"Step {k} of {n} | loss: {x} | lr: {y}",
         f"RuntimeError: CUDA out of memory at step {k}",
+        # generic bars and dict lines (trainers/bars.py)
+        f"Training:  40%|████      | {k}/{n} [00:10<00:15,  {x}it/s, loss={y}, lr={z}]",
+        f"train: {k}it [00:10,  {x}s/it, loss: {y}]",
+        f"Training ━━━━━━━━━━━━━━━━━━━━ {k}/{n} 0:00:10 loss={x}",
+        f"{k}/{n} ━━━━━━━━━━━━━━━━━━━━ 1s 10ms/step - loss: {x}\b\b\b",
+        f"{k}/{n} [=====>........] - ETA: 15s - loss: {x} - lr: {y}",
+        f"{{'loss': {x}, 'lr': {y}, 'step': {k}, 'epoch': {z}}}",
+        f'{{"loss": "{x}", "step": "{k}"}}',
     ]
 
 

@@ -142,6 +142,8 @@ def test_gate_records_late_values_without_counting_the_step_again() -> None:
     assert gate.last == 3
     assert gate.admit(Step(step=3, avg_loss=float("nan"))) is not None
     assert gate.admit(Step(step=3, avg_loss=float("nan"))) is None  # a NaN redraw
+    # (3 straight to 6 would jump over N, which reaches it: tests/test_gate_jump.py)
+    assert gate.admit(Step(step=5)) is not None
     assert gate.admit(Step(step=6)).kind == "rejected"
     assert stops == ["overshoot"] and gate.rejected == 1
 

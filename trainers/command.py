@@ -11,11 +11,12 @@ lines are always read) and whose ``loss``/``lr``/... regexes fill values in the 
 
 from __future__ import annotations
 
+import os
 import signal
 from collections.abc import Iterable, Sequence
 
-from lorasup.supervisor.events import Event, Step
-from lorasup.trainers import diffusers, kohya
+from lorasup.supervisor.events import Event, Resumed, Step
+from lorasup.trainers import bars, diffusers, kohya
 from lorasup.trainers.base import (
     PYTHON_PROBLEM_NEEDLES,
     TrainerJob,
@@ -35,9 +36,11 @@ class CommandAdapter:
     accepts_parse_table = True
 
     def __init__(self) -> None:
-        self.needles: tuple[str, ...] = (PREFIX, "steps:", "Steps:", *NEEDLES,
-                                         *PYTHON_PROBLEM_NEEDLES)
+        self.needles: tuple[str, ...] = tuple(dict.fromkeys((
+            PREFIX, "steps:", "Steps:", *NEEDLES, *bars.NEEDLES, *PYTHON_PROBLEM_NEEDLES)))
         self._table: ParseTable | None = None
+        #: which of the bars on screen counts the steps (N known once ``command`` ran)
+        self._bars = bars.BarTracker()
 
     def resolve_steps(self, steps: int | None, argv: Sequence[str]) -> int:
         if not argv:
@@ -47,6 +50,7 @@ class CommandAdapter:
         return steps
 
     def command(self, job: TrainerJob) -> list[str]:
+        self._bars = bars.BarTracker(job.steps)
         if job.parse:
             self._table = compile_table(dict(job.parse))
             # The user's regexes may match anything: every line must reach parse.
@@ -54,31 +58,48 @@ class CommandAdapter:
         return list(job.argv)
 
     def environment(self) -> dict[str, str]:
-        return {}
+        # rich (14+) draws its live progress only on a terminal; into a pipe it prints the
+        # last frame at exit. TTY_COMPATIBLE=1 makes it draw live (with colours and cursor
+        # moves, which the reader strips). Only here: the kohya/diffusers adapters keep
+        # rich's plain log layout. A user's own setting wins.
+        if "TTY_COMPATIBLE" in os.environ:
+            return {}
+        return {"TTY_COMPATIBLE": "1"}
 
     def parse(self, line: str) -> Iterable[Event]:
         if line.startswith(PREFIX):
-            return parse_protocol_line(line)
+            events = parse_protocol_line(line)
+            for event in events:
+                if type(event) is Resumed:
+                    self._bars.resume(event.step)
+            return events
         return parse_bar_line(line, self._step_line, python_problems)
 
     def _step_line(self, line: str) -> tuple[Step, str] | None:
         """The step a line shows, and the text glued after a bar frame (scanned for problems)."""
         table = self._table
         if table is None:
-            return _builtin_step(line)
+            return _builtin_step(line, self._bars)
         if table.step is not None:
             event = table.match_step(line)
             found = (event, "") if event is not None else None
         else:
-            found = _builtin_step(line)
+            found = _builtin_step(line, self._bars)
         if found is None:
             return None
         return table.fill(found[0], line), found[1]
 
 
-def _builtin_step(line: str) -> tuple[Step, str] | None:
+def _builtin_step(line: str, tracker: bars.BarTracker) -> tuple[Step, str] | None:
+    """The step of a line in lorasup's own forms: kohya/diffusers bars, any tqdm/rich/Keras
+    bar (the one ``tracker`` says counts the training), a dict line, a plain line."""
     bar = kohya.parse_bar(line) or diffusers.parse_bar(line)
     if bar is not None:
         return bar
-    event = plain_step(line)
+    frame = bars.read_frame(line)
+    if frame is not None:
+        # a frame of another bar is no step, whatever words it holds ("Step 1:  40%|...")
+        step = tracker.step(frame)
+        return (step, frame.rest) if step is not None else None
+    event = bars.dict_step(line) or plain_step(line)
     return (event, "") if event is not None else None
