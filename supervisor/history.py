@@ -1,6 +1,6 @@
 """The curves of the run a resumed run continues, so that its report shows the whole history.
 
-When a trainer says it resumes at step K (``--continue`` of the builtin trainer), the run
+When a trainer says it resumes at step K (a ``resumed`` event, e.g. a protocol line), the run
 it continues is looked for among its neighbours in the logs folder: the newest earlier run
 of the same trainer whose report ends at step K. Its sampled series (and the history it
 carried itself) are copied, at most :data:`MAX_POINTS` points, into a ``history`` event of

@@ -23,7 +23,7 @@ REDACTED = "***"
 # A name (flag, env variable, log field, header) is split into words on ``-``, ``_``, ``.``
 # and camelCase; it names a secret when its LAST word is a secret noun. So ``--hf_token``,
 # ``--wandb_api_key``, ``HUGGING_FACE_HUB_TOKEN``, ``--db-password``, ``apiKey`` are secret,
-# and kohya's ``--max_token_length``, ``--token_warmup_step``, ``--keep_tokens``,
+# and trainers' ``--max_token_length``, ``--token_warmup_step``, ``--keep_tokens``,
 # ``--tokenizer_cache_dir`` are not (the secret word is not what the flag names). ``token``
 # and ``key`` are also vocabulary or data words: ``--placeholder_token``, ``--eos_token``,
 # ``--caption_key`` name no secret.
@@ -218,11 +218,6 @@ def redact_value(value: Any, key: str = "", depth: int = 0) -> Any:
         return {k: redact_value(v, k if isinstance(k, str) else "", depth + 1)
                 for k, v in value.items()}
     return value
-
-
-def redact_mapping(values: dict[str, str]) -> dict[str, str]:
-    """A mapping (environment, options) with secret-named values and credentials masked."""
-    return {k: redact_value(v, k) for k, v in values.items()}
 
 
 def _redact_event(_logger: Any, _name: str, event_dict: dict[str, Any]) -> dict[str, Any]:

@@ -18,7 +18,6 @@ from lorasup.supervisor.logs import (
     REDACTED,
     is_secret_name,
     redact_argv,
-    redact_mapping,
     redact_text,
     redact_value,
 )
@@ -127,13 +126,13 @@ def test_a_boolean_secret_flag_does_not_hide_the_next_flag() -> None:
 def test_secret_environment_items(name: str) -> None:
     assert redact_argv(["env", f"{name}={VALUE}", "python"]) == ["env", f"{name}={REDACTED}",
                                                                "python"]
-    assert redact_mapping({name: VALUE}) == {name: REDACTED}
+    assert redact_value(VALUE, name) == REDACTED
 
 
 @pytest.mark.parametrize("name", PLAIN_ENV)
 def test_plain_environment_items(name: str) -> None:
     assert redact_argv([f"{name}=0,1"]) == [f"{name}=0,1"]
-    assert redact_mapping({name: "0,1"}) == {name: "0,1"}
+    assert redact_value("0,1", name) == "0,1"
 
 
 # text: (what must be gone, what must stay)

@@ -607,7 +607,7 @@ def test_follower_ignores_files_older_than_the_run(tmp_path: Path) -> None:
 
 
 def test_run_reads_a_backlog_in_batches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(tensorboard, "SWEEP_RECORDS", 7)
+    monkeypatch.setattr(tensorboard.follow, "SWEEP_RECORDS", 7)
     write_steps(tmp_path / "events.out.tfevents.1.host", range(1, 51))
     batches: list[list[Scalar]] = []
 
