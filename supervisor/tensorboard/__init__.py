@@ -32,8 +32,8 @@ Damage handling (files of a killed trainer, torn writes, bit rot), per file:
   not re-read: event files are append-only, and reading it again would duplicate scalars.
 
 The modules, one job each: ``crc`` (CRC-32C), ``records`` (TFRecord framing and damage,
-one file), ``proto`` (the Event protobuf, as far as its scalars), ``follow`` (a folder,
-followed in the event loop).
+one file), ``wire`` (the protobuf wire format), ``proto`` (the Event protobuf, as far as its
+scalars), ``follow`` (a folder, followed in the event loop).
 
 Use in the engine (supervisor/run.py): ``EventFileFollower(logging_dir,
 not_before=start_time)``; ``follower.run(emit, interval=1.0, on_error=...)`` in the run's

@@ -10,13 +10,20 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
+from lorasup.supervisor.tensorboard.wire import (
+    F32,
+    F64,
+    DecodeError,
+    check_end,
+    length_delimited,
+    packed_or_single,
+    signed64,
+    skip_field,
+    varint,
+)
 
-class DecodeError(ValueError):
-    """The record passed its CRC but is not a well-formed ``Event`` protobuf."""
+__all__ = ["DecodeError", "DecodedEvent", "decode_event", "decode_record"]
 
-
-_F32 = struct.Struct("<f")
-_F64 = struct.Struct("<d")
 
 # TensorFlow DataType numbers of the scalar kinds a summary tensor can carry.
 DT_FLOAT, DT_DOUBLE, DT_INT32, DT_INT64, DT_BFLOAT16, DT_HALF = 1, 2, 3, 9, 14, 19
@@ -29,139 +36,39 @@ _CONTENT_FORMATS = {
 }
 
 
-def _varint(buf: bytes, pos: int) -> tuple[int, int]:
-    """Decode a base-128 varint at ``pos``; returns (value, position after it)."""
-    byte = buf[pos]
-    if byte < 0x80:
-        return byte, pos + 1
-    result = byte & 0x7F
-    shift = 7
-    pos += 1
-    while True:
-        byte = buf[pos]
-        pos += 1
-        result |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return result, pos
-        shift += 7
-        if shift >= 70:
-            raise DecodeError("varint longer than 10 bytes")
-
-
-def _check_end(pos: int, end: int) -> None:
-    """A varint may run past its message's end; that message is malformed."""
-    if pos != end:
-        raise DecodeError("last field runs past the end of its message")
-
-
-def _signed64(value: int) -> int:
-    """int32/int64 fields hold two's complement in 64 bits (negative numbers: 10 bytes)."""
-    value &= 0xFFFFFFFFFFFFFFFF
-    return value - (1 << 64) if value >= 1 << 63 else value
-
-
-def _skip_field(buf: bytes, pos: int, end: int, key: int) -> int:
-    """Skip the value of an unknown field; returns the position after it."""
-    wire_type = key & 7
-    if wire_type == 0:
-        _, pos = _varint(buf, pos)
-    elif wire_type == 1:
-        pos += 8
-    elif wire_type == 2:
-        length, pos = _varint(buf, pos)
-        pos += length
-    elif wire_type == 5:
-        pos += 4
-    elif wire_type == 3:  # deprecated group: skip fields up to its matching END_GROUP
-        field = key >> 3
-        while True:
-            if pos >= end:
-                raise DecodeError("unterminated group")
-            inner, pos = _varint(buf, pos)
-            if inner & 7 == 4:
-                if inner >> 3 != field:
-                    raise DecodeError("mismatched end of group")
-                break
-            pos = _skip_field(buf, pos, end, inner)
-    else:  # 4 (END_GROUP without a start) and the unused 6, 7
-        raise DecodeError(f"unexpected wire type {wire_type}")
-    if pos > end:
-        raise DecodeError("field runs past the end of its message")
-    return pos
-
-
-def _length_delimited(buf: bytes, pos: int, end: int) -> tuple[int, int]:
-    """Return (start, stop) of a length-delimited field's payload, checked against end."""
-    length, pos = _varint(buf, pos)
-    stop = pos + length
-    if stop > end:
-        raise DecodeError("length-delimited field runs past the end of its message")
-    return pos, stop
-
-
-def _packed_or_single(
-    buf: bytes, pos: int, end: int, key: int, fixed: struct.Struct | None, out: list[float]
-) -> int:
-    """Append the values of a repeated numeric field (packed or one element) to ``out``."""
-    wire_type = key & 7
-    if wire_type == 2:
-        start, stop = _length_delimited(buf, pos, end)
-        if fixed is None:
-            while start < stop:
-                value, start = _varint(buf, start)
-                out.append(_signed64(value))
-            if start != stop:
-                raise DecodeError("packed varints run past their field")
-        else:
-            if (stop - start) % fixed.size:
-                raise DecodeError("packed fixed-width field has a partial element")
-            out.extend(v for (v,) in fixed.iter_unpack(buf[start:stop]))
-        return stop
-    if fixed is None and wire_type == 0:
-        value, pos = _varint(buf, pos)
-        out.append(_signed64(value))
-        return pos
-    if fixed is not None and wire_type == (5 if fixed.size == 4 else 1):
-        if pos + fixed.size > end:
-            raise DecodeError("fixed-width field runs past the end of its message")
-        out.append(fixed.unpack_from(buf, pos)[0])
-        return pos + fixed.size
-    return _skip_field(buf, pos, end, key)
-
-
 def _num_elements(buf: bytes, pos: int, end: int) -> int | None:
     """Elements of a ``TensorShapeProto``; None when a size or the rank is unknown."""
     count = 1
     while pos < end:
-        key, pos = _varint(buf, pos)
+        key, pos = varint(buf, pos)
         if key == 0x12:  # dim (2), a Dim message
-            start, pos = _length_delimited(buf, pos, end)
+            start, pos = length_delimited(buf, pos, end)
             size = 0  # proto3 default: an omitted size is 0
             while start < pos:
-                dkey, start = _varint(buf, start)
+                dkey, start = varint(buf, start)
                 if dkey == 0x08:  # size (1), int64
-                    raw, start = _varint(buf, start)
-                    size = _signed64(raw)
+                    raw, start = varint(buf, start)
+                    size = signed64(raw)
                 else:
-                    start = _skip_field(buf, start, pos, dkey)
-            _check_end(start, pos)
+                    start = skip_field(buf, start, pos, dkey)
+            check_end(start, pos)
             if size < 0:
                 return None
             count *= size
         elif key == 0x18:  # unknown_rank (3), bool
-            flag, pos = _varint(buf, pos)
+            flag, pos = varint(buf, pos)
             if flag:
                 return None
         else:
-            pos = _skip_field(buf, pos, end, key)
-    _check_end(pos, end)
+            pos = skip_field(buf, pos, end, key)
+    check_end(pos, end)
     return count
 
 
 def _half_from_bits(bits: int, dtype: int) -> float:
     bits &= 0xFFFF
     if dtype == DT_BFLOAT16:  # the top half of a float32
-        return _F32.unpack(struct.pack("<I", bits << 16))[0]
+        return F32.unpack(struct.pack("<I", bits << 16))[0]
     return struct.unpack("<e", struct.pack("<H", bits))[0]
 
 
@@ -177,25 +84,25 @@ def _tensor_scalar(buf: bytes, pos: int, end: int) -> float | None:
     content: bytes | None = None
     values: dict[int, list[float]] = {}
     while pos < end:
-        key, pos = _varint(buf, pos)
+        key, pos = varint(buf, pos)
         field = key >> 3
         if key == 0x08:  # dtype (1)
-            dtype, pos = _varint(buf, pos)
+            dtype, pos = varint(buf, pos)
         elif key == 0x12:  # tensor_shape (2)
-            start, pos = _length_delimited(buf, pos, end)
+            start, pos = length_delimited(buf, pos, end)
             elements = _num_elements(buf, start, pos)
         elif key == 0x22:  # tensor_content (4)
-            start, pos = _length_delimited(buf, pos, end)
+            start, pos = length_delimited(buf, pos, end)
             content = buf[start:pos]
         elif field == 5:  # float_val
-            pos = _packed_or_single(buf, pos, end, key, _F32, values.setdefault(5, []))
+            pos = packed_or_single(buf, pos, end, key, F32, values.setdefault(5, []))
         elif field == 6:  # double_val
-            pos = _packed_or_single(buf, pos, end, key, _F64, values.setdefault(6, []))
+            pos = packed_or_single(buf, pos, end, key, F64, values.setdefault(6, []))
         elif field in (7, 10, 13):  # int_val, int64_val, half_val (16-bit patterns)
-            pos = _packed_or_single(buf, pos, end, key, None, values.setdefault(field, []))
+            pos = packed_or_single(buf, pos, end, key, None, values.setdefault(field, []))
         else:
-            pos = _skip_field(buf, pos, end, key)
-    _check_end(pos, end)
+            pos = skip_field(buf, pos, end, key)
+    check_end(pos, end)
     if elements != 1:
         return None
     if dtype == DT_BFLOAT16 and content is not None:
@@ -222,20 +129,20 @@ def _plugin_name(buf: bytes, pos: int, end: int) -> str:
     """``SummaryMetadata.plugin_data.plugin_name``, or "" when absent."""
     name = ""
     while pos < end:
-        key, pos = _varint(buf, pos)
+        key, pos = varint(buf, pos)
         if key == 0x0A:  # plugin_data (1)
-            start, pos = _length_delimited(buf, pos, end)
+            start, pos = length_delimited(buf, pos, end)
             while start < pos:
-                pkey, start = _varint(buf, start)
+                pkey, start = varint(buf, start)
                 if pkey == 0x0A:  # plugin_name (1)
-                    s, start = _length_delimited(buf, start, pos)
+                    s, start = length_delimited(buf, start, pos)
                     name = buf[s:start].decode("utf-8", "replace")
                 else:
-                    start = _skip_field(buf, start, pos, pkey)
-            _check_end(start, pos)
+                    start = skip_field(buf, start, pos, pkey)
+            check_end(start, pos)
         else:
-            pos = _skip_field(buf, pos, end, key)
-    _check_end(pos, end)
+            pos = skip_field(buf, pos, end, key)
+    check_end(pos, end)
     return name
 
 
@@ -247,29 +154,29 @@ def _summary_value(buf: bytes, pos: int, end: int) -> tuple[str, float] | None:
     metadata: tuple[int, int] | None = None
     kind = 0  # the member of the ``value`` oneof seen last (protobuf: last one wins)
     while pos < end:
-        key, pos = _varint(buf, pos)
+        key, pos = varint(buf, pos)
         if key == 0x0A:  # tag (1)
-            start, pos = _length_delimited(buf, pos, end)
+            start, pos = length_delimited(buf, pos, end)
             tag = buf[start:pos].decode("utf-8", "replace")
         elif key == 0x15:  # simple_value (2), float32
             if pos + 4 > end:
                 raise DecodeError("simple_value runs past the end of its message")
-            simple = _F32.unpack_from(buf, pos)[0]
+            simple = F32.unpack_from(buf, pos)[0]
             pos += 4
             kind = 2
         elif key == 0x42:  # tensor (8)
-            tensor = _length_delimited(buf, pos, end)
+            tensor = length_delimited(buf, pos, end)
             pos = tensor[1]
             kind = 8
         elif key == 0x4A:  # metadata (9)
-            metadata = _length_delimited(buf, pos, end)
+            metadata = length_delimited(buf, pos, end)
             pos = metadata[1]
         else:
             field = key >> 3
             if 3 <= field <= 6 and key & 7 == 2:  # histo, image, audio: other oneof members
                 kind = field
-            pos = _skip_field(buf, pos, end, key)
-    _check_end(pos, end)
+            pos = skip_field(buf, pos, end, key)
+    check_end(pos, end)
     if kind == 2 and simple is not None:
         return tag, simple
     if kind == 8 and tensor is not None:
@@ -313,10 +220,10 @@ def _decode_simple_event(buf: bytes) -> DecodedEvent | None:
     step = buf[10]
     pos = 11
     if step >= 0x80:
-        step, pos = _varint(buf, 10)
+        step, pos = varint(buf, 10)
         if pos + 13 > n:
             return None
-        step = _signed64(step)
+        step = signed64(step)
     if buf[pos] != 0x2A or buf[pos + 2] != 0x0A or buf[pos + 4] != 0x0A:
         return None
     l1, l2, l3 = buf[pos + 1], buf[pos + 3], buf[pos + 5]
@@ -324,8 +231,8 @@ def _decode_simple_event(buf: bytes) -> DecodedEvent | None:
     if l1 >= 0x80 or pos + 2 + l1 != n or l2 != l1 - 2 or l3 != l2 - 7 or buf[tag_end] != 0x15:
         return None
     tag = buf[pos + 6 : tag_end].decode("utf-8", "replace")
-    return DecodedEvent(_F64.unpack_from(buf, 1)[0], step, None,
-                        ((tag, _F32.unpack_from(buf, tag_end + 1)[0]),))
+    return DecodedEvent(F64.unpack_from(buf, 1)[0], step, None,
+                        ((tag, F32.unpack_from(buf, tag_end + 1)[0]),))
 
 
 def decode_record(buf: bytes) -> DecodedEvent:
@@ -341,31 +248,31 @@ def decode_record(buf: bytes) -> DecodedEvent:
     pos = 0
     end = len(buf)
     while pos < end:
-        key, pos = _varint(buf, pos)
+        key, pos = varint(buf, pos)
         if key == 0x09:  # wall_time (1), double
             if pos + 8 > end:
                 raise DecodeError("wall_time runs past the end of the event")
-            wall_time = _F64.unpack_from(buf, pos)[0]
+            wall_time = F64.unpack_from(buf, pos)[0]
             pos += 8
         elif key == 0x10:  # step (2), int64
-            raw, pos = _varint(buf, pos)
-            step = _signed64(raw)
+            raw, pos = varint(buf, pos)
+            step = signed64(raw)
         elif key == 0x1A:  # file_version (3)
-            start, pos = _length_delimited(buf, pos, end)
+            start, pos = length_delimited(buf, pos, end)
             file_version = buf[start:pos].decode("utf-8", "replace")
         elif key == 0x2A:  # summary (5)
-            start, pos = _length_delimited(buf, pos, end)
+            start, pos = length_delimited(buf, pos, end)
             while start < pos:  # Summary: value (1) repeated
-                skey, start = _varint(buf, start)
+                skey, start = varint(buf, start)
                 if skey == 0x0A:
-                    vstart, start = _length_delimited(buf, start, pos)
+                    vstart, start = length_delimited(buf, start, pos)
                     pair = _summary_value(buf, vstart, start)
                     if pair is not None:
                         scalars.append(pair)
                 else:
-                    start = _skip_field(buf, start, pos, skey)
-            _check_end(start, pos)
+                    start = skip_field(buf, start, pos, skey)
+            check_end(start, pos)
         else:
-            pos = _skip_field(buf, pos, end, key)
-    _check_end(pos, end)
+            pos = skip_field(buf, pos, end, key)
+    check_end(pos, end)
     return DecodedEvent(wall_time, step, file_version, tuple(scalars))
