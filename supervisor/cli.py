@@ -258,7 +258,7 @@ def report(
     as_json: Annotated[bool, typer.Option("--json", help=_JSON_HELP)] = False,
 ) -> None:
     from lorasup.supervisor import logs
-    from lorasup.supervisor.report import rebuild
+    from lorasup.supervisor.report.read import rebuild
     from lorasup.supervisor.show import RunSummary, round_floats, status_text
 
     logs.configure(_format(log_format), stream=sys.stderr)

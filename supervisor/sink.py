@@ -26,7 +26,8 @@ from lorasup.supervisor.events import Artifacts, Event, Note, Step, step_json
 from lorasup.supervisor.fastbars import StepBlock
 from lorasup.supervisor.history import find_history
 from lorasup.supervisor.plotchild import PlotChild
-from lorasup.supervisor.report import ReportBuilder, write_all, write_report_json
+from lorasup.supervisor.report.builder import ReportBuilder
+from lorasup.supervisor.report.files import write_all, write_report_json
 from lorasup.supervisor.rundir import EVENTS_JSONL, LOSSES_CSV, REPORT_JSON
 from lorasup.supervisor.safefs import WriteFaults, open_append, open_new, write_all_fd
 
