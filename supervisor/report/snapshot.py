@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from lorasup.supervisor.report import series as series_of
-from lorasup.supervisor.report import story
+from lorasup.supervisor.report.series import buckets, every_step, first_step
+from lorasup.supervisor.report.story import avg_resets, bounds_notes, missing, notes_of
 from lorasup.supervisor.report.values import BUCKETS, EMA_ALPHA, SCHEMA, iso, spell
 from lorasup.supervisor.summary import Stats
 
@@ -19,7 +19,7 @@ def snapshot(b: ReportBuilder) -> dict[str, Any]:
     summary, rows = window.snapshot_fold()
     pace_points = summary.close()
     lo, hi = b.range()
-    notes = story.notes(b, summary, lo, hi)
+    notes = notes_of(b, summary, lo, hi)
     src = {p: ("tensorboard+console" if tb and c else "tensorboard" if tb
                else "console" if c else None) for p, (tb, c) in summary.sources.items()}
     loss_src, avg_src, lr_src = src["loss"], src["avg"], src["lr"]
@@ -36,14 +36,14 @@ def snapshot(b: ReportBuilder) -> dict[str, Any]:
         set(summary.tag_present) | set(window.tags))
     one_epoch = b.epochs.one_epoch()
     if not window.folded and summary.rows <= BUCKETS:
-        series = series_of.every_step(rows, basis, tags, pace_points, one_epoch)
+        series = every_step(rows, basis, tags, pace_points, one_epoch)
     else:
-        series = series_of.buckets(summary, basis, tags, one_epoch)
+        series = buckets(summary, basis, tags, one_epoch)
     sources: dict[str, str | None] = {"loss": loss_src, "avg_loss": avg_src, "lr": lr_src}
     sources.update({tag: window.tag_sources.get(tag) for tag in tags})
     sources["ema_loss"] = "lorasup" if basis else None
     sources["s_per_step"] = "lorasup" if summary.pace.n else None
-    notes.extend(story.bounds_notes(b, summary, len(b.csv.late_tags)))
+    notes.extend(bounds_notes(b, summary, len(b.csv.late_tags)))
 
     sparse = b.sparse
     epochs = b.epochs.table(summary, basis == "loss", loss_src, sparse.epoch_loss,
@@ -60,10 +60,10 @@ def snapshot(b: ReportBuilder) -> dict[str, Any]:
     series.update({
         "sources": sources,
         "history": dict(b.ledger.history) if b.ledger.history is not None else None,
-        "avg_loss_resets": story.avg_resets(summary, src["avg"] is not None,
+        "avg_loss_resets": avg_resets(summary, src["avg"] is not None,
                                             src["loss"] is not None),
     })
-    series["missing"], series["explanation"] = story.missing(
+    series["missing"], series["explanation"] = missing(
         series, sources, tags, basis, b.trainer, b.adapter, b.argv)
     return {
         "schema": SCHEMA,
@@ -81,7 +81,7 @@ def snapshot(b: ReportBuilder) -> dict[str, Any]:
         "steps": {
             "requested": b.steps_requested,
             "resumed_from": b.resumed_from,
-            "first": series_of.first_step(summary),
+            "first": first_step(summary),
             "last": summary.buckets.step[max(summary.buckets.used(), default=0)]
             if summary.rows else None,
             "recorded": summary.rows,

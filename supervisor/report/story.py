@@ -94,7 +94,7 @@ def why_missing(name: str, who: str, adapter: AdapterBase, argv: Sequence[str] |
     return f"{who} reported no {SERIES_LABELS[name]} (console or TensorBoard)"
 
 
-def notes(b: ReportBuilder, summary: Folded, lo: int, hi: int | None) -> list[str]:
+def notes_of(b: ReportBuilder, summary: Folded, lo: int, hi: int | None) -> list[str]:
     """The notes of the report: what was left out or could not be read, and why."""
     out = list(b.ledger.notes)
     if summary.outside:
