@@ -18,11 +18,11 @@ __all__ = ["MODEL_SUFFIXES", "find_artifacts", "is_model_file"]
 
 MODEL_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 #: training state that sits next to the weights but is no model: optimizer and scheduler
-#: state, the RNG, the Trainer's arguments (transformers, accelerate, diffusers)
+#: state, the RNG, the trainer's arguments (as the common training libraries save them)
 _STATE_FILE = re.compile(
     r"^(?:optimizer|scheduler|scaler|rng_state|random_states|training_args|trainer_state)"
     r"(?:[._-].*)?\.(?:pt|pth|bin|pkl|json|safetensors)$")
-#: a checkpoint folder of the transformers Trainer / accelerate / diffusers
+#: a checkpoint folder (``checkpoint-<step>``, the common libraries' layout)
 _CHECKPOINT_DIR = re.compile(r"^checkpoint-\d+$")
 
 

@@ -41,7 +41,8 @@ TRAINER_ARGV = "[-- TRAINER_ARGV...]"
 
 
 def _for(option: str) -> str:
-    """``builtin:`` / ``diffusers, hf:``: which trainers read a trainer option."""
+    """``<trainer>, <trainer>:``: which trainers read a trainer option (the registry's
+    ``OPTIONS``)."""
     return ", ".join(sorted(t for t, keys in OPTIONS.items() if option in keys)) + ":"
 
 
@@ -118,8 +119,8 @@ def start(
         help=f"the trainer program: {', '.join(sorted(REGISTRY))} "
              f"{_default(DEFAULT_TRAINER)}")] = None,
     steps: Annotated[int | None, typer.Option(
-        metavar="N", help="optimizer steps to run, exactly (kohya, diffusers, hf: else their "
-                          "own step flag)")] = None,
+        metavar="N", help="optimizer steps to run, exactly (else the trainer's own step "
+                          "flag, where it takes one)")] = None,
     run_dir: Annotated[Path | None, typer.Option(
         metavar="DIR", help="the run directory, exactly (refused if it holds a run)")] = None,
     logs_dir: Annotated[Path | None, typer.Option(
@@ -173,7 +174,7 @@ def start(
     signals.hold()
     if new and continue_:
         raise _fail("--new and --continue exclude each other")
-    from lorasup.supervisor.plot import PlotChild
+    from lorasup.supervisor.plotchild import PlotChild
 
     # The plot child first: its matplotlib import (at idle priority) overlaps lorasup's own
     # imports and checks below, not only the training; a refused job kills it.
@@ -257,7 +258,7 @@ def report(
     as_json: Annotated[bool, typer.Option("--json", help=_JSON_HELP)] = False,
 ) -> None:
     from lorasup.supervisor import logs
-    from lorasup.supervisor.report import rebuild
+    from lorasup.supervisor.report.read import rebuild
     from lorasup.supervisor.show import RunSummary, round_floats, status_text
 
     logs.configure(_format(log_format), stream=sys.stderr)

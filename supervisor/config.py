@@ -23,6 +23,7 @@ from lorasup.supervisor.defaults import (
     DEFAULT_LOGS_DIR,
     DEFAULT_NO_OUTPUT_TIMEOUT,
     DEFAULT_SECONDS_PER_STEP_LIMIT,
+    DEFAULT_TRAINER,
 )
 from lorasup.trainers import OPTIONS, REGISTRY
 
@@ -43,14 +44,15 @@ class Options(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
-    #: builtin: ``new`` (the default: start fresh, an earlier LoRA kept as a backup) or
+    # Which trainer reads which option: lorasup.trainers.OPTIONS.
+    #: ``new`` (the default: start fresh, an earlier LoRA kept as a backup) or
     #: ``continue`` (resume and run ``steps`` more)
     mode: Literal["new", "continue"] | None = None
-    #: builtin: the dataset folder (kohya layout)
+    #: the dataset folder
     dataset: str | None = None
-    #: builtin: where the LoRA and its resume state go
+    #: where the LoRA and its resume state go
     output_dir: str | None = None
-    #: diffusers, hf: make the script write TensorBoard files into the run directory
+    #: make the script write TensorBoard files into the run directory
     tensorboard: bool | None = None
 
     def as_pairs(self) -> tuple[tuple[str, str], ...]:
@@ -73,7 +75,7 @@ class Job(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
-    trainer: str = "builtin"
+    trainer: str = DEFAULT_TRAINER
     steps: int | None = Field(default=None, gt=0)
     trainer_argv: tuple[str, ...] = Field(default=(), strict=False)
     run_dir: Path | None = Field(default=None, strict=False)
@@ -93,7 +95,7 @@ class Job(BaseModel):
     #: non-finite losses tolerated before the run counts as diverged (0: the first stops it)
     nan_patience: int = Field(default=0, ge=0)
     log_format: Literal["auto", "json", "console"] = "auto"
-    #: trainer-specific options (builtin: mode, dataset, output_dir; diffusers, hf: tensorboard)
+    #: trainer-specific options (which trainer reads which: lorasup.trainers.OPTIONS)
     options: Options = Field(default_factory=Options)
     #: the job file's ``[parse]`` table: regexes that read steps and values from a program's
     #: lines (``--trainer command``); the adapter checks the keys and compiles them

@@ -130,7 +130,7 @@ class Checkpoint(Event):
 
 @dataclass(frozen=True, slots=True)
 class Finished(Event):
-    """The trainer printed its completion marker (e.g. kohya's ``model saved.``)."""
+    """The trainer printed its completion marker (its adapter knows it: ``model saved.``)."""
 
     kind: ClassVar[str] = "finished"
     marker: str
@@ -248,9 +248,3 @@ def step_json(t: float, event: Step) -> str:
         out += f',"epoch":{event.epoch}'
     return out + "}"
 
-
-EVENT_TYPES: dict[str, type[Event]] = {
-    cls.kind: cls
-    for cls in (Started, Step, Resumed, Scalar, Epoch, Checkpoint, Finished, Problem, Rejected,
-                SignalSent, Exited, Note, Stacks, Artifacts, History, Outcome)
-}

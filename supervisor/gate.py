@@ -1,7 +1,7 @@
 """The exact-step gate: steps 1..N are recorded, nothing beyond, and reaching N is noticed
 the moment its line is parsed.
 
-Trainers redraw the same step several times (kohya draws two frames per step, and a
+Trainers redraw the same step several times (a tqdm bar may draw two frames per step, and a
 provisional line may come back whole); the gate passes a step again only when it carries
 new values, so a step is never counted twice.
 

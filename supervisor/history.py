@@ -1,6 +1,6 @@
 """The curves of the run a resumed run continues, so that its report shows the whole history.
 
-When a trainer says it resumes at step K (``--continue`` of the builtin trainer), the run
+When a trainer says it resumes at step K (a ``resumed`` event, e.g. a protocol line), the run
 it continues is looked for among its neighbours in the logs folder: the newest earlier run
 of the same trainer whose report ends at step K. Its sampled series (and the history it
 carried itself) are copied, at most :data:`MAX_POINTS` points, into a ``history`` event of
@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from lorasup.supervisor.events import History
+from lorasup.supervisor.rundir import REPORT_JSON
 
 __all__ = ["MAX_POINTS", "find_history", "merge_history"]
 
@@ -87,9 +88,9 @@ def find_history(run_dir: Path, trainer: str | None, resumed_from: int) -> Histo
             if entry == run_dir or not entry.is_dir():
                 continue
             with contextlib.suppress(OSError):
-                candidates.append(((entry / "report.json").stat().st_mtime, entry))
+                candidates.append(((entry / REPORT_JSON).stat().st_mtime, entry))
     for _, folder in sorted(candidates, reverse=True)[:MAX_CANDIDATES]:
-        report = _read_report(folder / "report.json")
+        report = _read_report(folder / REPORT_JSON)
         if report is None or report.get("trainer") != trainer:
             continue
         if (report.get("steps") or {}).get("last") != resumed_from:

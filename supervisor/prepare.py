@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import stat
 from pathlib import Path
 
 from lorasup.supervisor.config import Job
 from lorasup.supervisor.run import RunPlan, new_run_id
+from lorasup.supervisor.rundir import claim_run_dir
 from lorasup.trainers import get_adapter
 from lorasup.trainers.base import Adapter, TrainerJob, UsageError
 
@@ -36,39 +36,12 @@ def _run_dir_path(job: Job, run_id: str, cwd: Path) -> Path:
     return run_dir if run_dir.is_absolute() else cwd / run_dir
 
 
-def _refuse_foreign_symlink(path: Path) -> None:
-    """A run directory that is someone else's symlink (a shared /tmp) is not followed."""
-    try:
-        st = os.lstat(path)
-    except OSError:
-        return
-    if stat.S_ISLNK(st.st_mode) and st.st_uid != os.getuid():
-        raise UsageError(f"{path} is a symlink owned by another user; refusing to follow it")
-
-
-def claim_run_dir(run_dir: Path) -> None:
-    """Make the run directory ours alone: ``events.jsonl`` created with O_EXCL (0600, never
-    through a symlink), so of two starts on one directory exactly one gets it."""
-    _refuse_foreign_symlink(run_dir)
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(run_dir / "events.jsonl",
-                     os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    except FileExistsError:
-        raise UsageError(f"{run_dir} already holds a run (events.jsonl); "
-                         "choose another --run-dir") from None
-    except OSError as exc:
-        reason = exc.strerror or exc
-        raise UsageError(f"cannot write the run directory {run_dir}: {reason}") from exc
-    os.close(fd)
-
-
 def plan_run(job: Job, *, progress_tty: bool = False) -> tuple[RunPlan, Adapter]:
     """Resolve the job; raises UsageError (nothing started, nothing written) when it can't run."""
     adapter = get_adapter(job.trainer)
     cwd = (job.cwd or Path.cwd()).resolve()
     steps = adapter.resolve_steps(job.steps, list(job.trainer_argv))
-    if job.parse and not getattr(adapter, "accepts_parse_table", False):
+    if job.parse and not adapter.accepts_parse_table:
         raise UsageError(f"a [parse] table is read by --trainer command only; --trainer "
                          f"{job.trainer} reads its own output")
     generated = job.run_id is None and job.run_dir is None
@@ -83,21 +56,17 @@ def plan_run(job: Job, *, progress_tty: bool = False) -> tuple[RunPlan, Adapter]
                                  run_dir=str(run_dir),
                                  options=job.options.as_pairs(),
                                  parse=tuple(job.parse.items()))
-        argv = adapter.command(trainer_job)
+        argv = adapter.argv_for(trainer_job)
         if not argv:
             raise UsageError("the trainer command is empty")
         _check_program(argv, cwd)
-        preflight = getattr(adapter, "preflight", None)
-        if preflight is not None:
-            preflight(trainer_job, cwd)  # the trainer's inputs; raises UsageError
+        adapter.preflight(trainer_job, cwd)  # the trainer's inputs; raises UsageError
         # Claimed last: a job refused above leaves nothing behind.
         claim_run_dir(run_dir)
         break
     else:
         raise UsageError(f"could not find a free run id under {job.logs_dir}")
-    output_dirs = getattr(adapter, "output_dirs", None)
-    tensorboard_dir = getattr(adapter, "tensorboard_dir", None)
-    tb_dir = tensorboard_dir(trainer_job) if tensorboard_dir else None
+    tb_dir = adapter.tensorboard_dir(trainer_job)
     plan = RunPlan(
         run_id=run_id,
         run_dir=run_dir,
@@ -112,7 +81,7 @@ def plan_run(job: Job, *, progress_tty: bool = False) -> tuple[RunPlan, Adapter]
         finish_timeout=job.finish_timeout,
         nan_patience=job.nan_patience,
         cwd=cwd,
-        output_dirs=tuple(Path(p) for p in output_dirs(trainer_job)) if output_dirs else (),
+        output_dirs=tuple(Path(p) for p in adapter.output_dirs(trainer_job)),
         progress_tty=progress_tty,
         tensorboard_dir=Path(tb_dir) if tb_dir else None,
     )

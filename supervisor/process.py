@@ -58,15 +58,6 @@ def become_subreaper() -> bool:
         return False
 
 
-#: lorasup's own helper processes (the plot child): never part of a trainer's tree
-_EXCLUDED: set[int] = set()
-
-
-def exclude_from_tree(pid: int) -> None:
-    """Keep one of lorasup's own children out of every trainer tree (never signalled)."""
-    _EXCLUDED.add(pid)
-
-
 def _reap(pid: int) -> None:
     """Collect an adopted orphan's exit status so it does not linger as a zombie."""
     with contextlib.suppress(ChildProcessError):
@@ -201,8 +192,7 @@ class ProcessTree:
         for root in roots:
             try:
                 for child in root.children(recursive=True):
-                    if (child.pid != self.pid and child.pid not in self.seen
-                            and child.pid not in _EXCLUDED):
+                    if child.pid != self.pid and child.pid not in self.seen:
                         found.setdefault(child.pid, child)
             except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
                 continue

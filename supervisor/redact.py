@@ -20,7 +20,7 @@ REDACTED = "***"
 # A name (flag, env variable, log field, header) is split into words on ``-``, ``_``, ``.``
 # and camelCase; it names a secret when its LAST word is a secret noun. So ``--hf_token``,
 # ``--wandb_api_key``, ``HUGGING_FACE_HUB_TOKEN``, ``--db-password``, ``apiKey`` are secret,
-# and kohya's ``--max_token_length``, ``--token_warmup_step``, ``--keep_tokens``,
+# and trainers' ``--max_token_length``, ``--token_warmup_step``, ``--keep_tokens``,
 # ``--tokenizer_cache_dir`` are not (the secret word is not what the flag names). ``token``
 # and ``key`` are also vocabulary or data words: ``--placeholder_token``, ``--eos_token``,
 # ``--caption_key`` name no secret.

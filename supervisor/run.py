@@ -9,12 +9,13 @@ the outcome; the report is written whatever happens.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import secrets
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from itertools import compress, pairwise
 from operator import ne
@@ -66,6 +67,7 @@ from lorasup.supervisor.watchdogs import (
     SilenceWatchdog,
     total_timeout,
 )
+from lorasup.trainers import scalar_tags
 from lorasup.trainers.base import Adapter
 
 if TYPE_CHECKING:
@@ -615,8 +617,8 @@ class Supervisor:
 
     def _log_problem(self, problem: Problem) -> None:
         """The first few problems go to the log; all of them go to events.jsonl."""
-        if self._sigint_sent and (problem.problem == "traceback" or (
-                problem.problem == "exception" and problem.line.startswith("KeyboardInterrupt"))):
+        if self._sigint_sent and self.adapter.expected_exit(problem.problem,
+                                                            problem.line) is not False:
             # our SIGINT's traceback (its exception line says which; others stay warnings)
             log.info("trainer_stopping", problem=problem.problem, line=problem.line[:200])
             return
@@ -628,37 +630,41 @@ class Supervisor:
                         message="further problems are in events.jsonl and the report only")
 
     async def _follow_tensorboard(self, send: ObjectSendStream[Batch]) -> None:
-        """Full-precision scalars from the trainer's event files, at a modest interval."""
+        """Full-precision scalars from the trainer's event files: the follower's own loop
+        (tensorboard/follow.py) at a modest interval until the run's task group ends, then
+        its final sweep (shielded), so records written just before the exit count."""
         assert self.follower is not None
         async with send:
-            while True:
-                await anyio.sleep(TENSORBOARD_POLL_SECONDS)
-                await self._read_tensorboard(send)
+            # which tags are per-epoch means: the adapters say (imported off the loop)
+            kinds = await anyio.to_thread.run_sync(scalar_tags, self.plan.trainer)
+            await self.follower.run(functools.partial(self._emit_scalars, send, kinds),
+                                    interval=TENSORBOARD_POLL_SECONDS,
+                                    on_error=self._tensorboard_failed)
 
-    async def _read_tensorboard(self, send: ObjectSendStream[Batch]) -> None:
-        if self.follower is None:
-            return
-        try:
-            scalars = await anyio.to_thread.run_sync(self.follower.poll)
-        except Exception as exc:  # odd event files must not end the run
-            self.parser_errors += 1
-            if self.parser_errors <= PARSER_ERRORS_LOGGED:
-                log.warning("tensorboard.read_failed", error=f"{type(exc).__name__}: {exc}")
-            return
-        if scalars:
-            batch = self._handle_scalars(scalars)
-            if batch:
-                await self._emit(send, batch)
+    def _tensorboard_failed(self, exc: Exception) -> None:
+        """Odd event files must not end the run: counted with the parser's errors."""
+        self.parser_errors += 1
+        if self.parser_errors <= PARSER_ERRORS_LOGGED:
+            log.warning("tensorboard.read_failed", error=f"{type(exc).__name__}: {exc}")
 
-    def _handle_scalars(self, scalars: list[Scalar]) -> list[tuple[float, Event]]:
-        """Scalars within the requested steps; a non-finite loss among them is divergence."""
+    async def _emit_scalars(self, send: ObjectSendStream[Batch], kinds: Mapping[str, str],
+                            scalars: list[Scalar]) -> None:
+        batch = self._handle_scalars(scalars, kinds)
+        if batch:
+            await self._emit(send, batch)
+
+    def _handle_scalars(self, scalars: list[Scalar],
+                        kinds: Mapping[str, str]) -> list[tuple[float, Event]]:
+        """Scalars within the requested steps; a non-finite loss among them is divergence.
+        A per-epoch mean (its step is the epoch number) is kept whatever its step."""
         t = self.now()
         final = self.gate.final_step
         batch: list[tuple[float, Event]] = []
         for scalar in scalars:
-            if scalar.step > final and not scalar.tag.endswith("epoch_average"):
+            per_epoch = kinds.get(scalar.tag) == "epoch_loss"
+            if scalar.step > final and not per_epoch:
                 continue
-            key = ("epoch", scalar.step) if scalar.tag.endswith("epoch_average") else scalar.step
+            key = ("epoch", scalar.step) if per_epoch else scalar.step
             if "loss" in scalar.tag and self.divergence.observe(key, scalar.value):
                 self.request_stop("diverged")
             batch.append((t, scalar))
@@ -894,9 +900,7 @@ class Supervisor:
                     await self._escalate("cleanup", send)
             with anyio.move_on_after(READER_DRAIN_SECONDS):
                 await self._readers_done.wait()
-            tg.cancel_scope.cancel()
-        # The last records the trainer wrote before it exited.
-        await self._read_tensorboard(send)
+            tg.cancel_scope.cancel()  # the TensorBoard follower makes its final sweep
         if self.follower is not None and not self.follower.files:
             await self._emit(send, [(self.now(), Note(
                 message=f"no TensorBoard event files appeared under {self.follower.root}; "

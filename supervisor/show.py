@@ -17,10 +17,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from lorasup.supervisor.report import load
+from lorasup.supervisor.report.read import load
+from lorasup.supervisor.rundir import EVENTS_JSONL as EVENTS
+from lorasup.supervisor.rundir import REPORT_JSON as REPORT
 
-EVENTS = "events.jsonl"
-REPORT = "report.json"
 #: significant digits of floats in JSON answers (a loss of 0.123456789 is 0.123457)
 JSON_DIGITS = 6
 #: significant digits of a loss in a line for people

@@ -25,14 +25,10 @@ from anyio.abc import ObjectReceiveStream
 from lorasup.supervisor.events import Artifacts, Event, Note, Step, step_json
 from lorasup.supervisor.fastbars import StepBlock
 from lorasup.supervisor.history import find_history
-from lorasup.supervisor.plot import PlotChild
-from lorasup.supervisor.report import (
-    EVENTS_JSONL,
-    LOSSES_CSV,
-    ReportBuilder,
-    write_all,
-    write_report_json,
-)
+from lorasup.supervisor.plotchild import PlotChild
+from lorasup.supervisor.report.builder import ReportBuilder
+from lorasup.supervisor.report.files import write_all, write_report_json
+from lorasup.supervisor.rundir import EVENTS_JSONL, LOSSES_CSV, REPORT_JSON
 from lorasup.supervisor.safefs import WriteFaults, open_append, open_new, write_all_fd
 
 log = structlog.get_logger(__name__)
@@ -65,10 +61,6 @@ class ReportSink:
         self._plot = plot
         self.report: dict[str, Any] | None = None
         self._history_sought = False
-
-    @property
-    def write_errors(self) -> int:
-        return sum(self.faults.counts.values())
 
     @property
     def unwritten(self) -> list[str]:
@@ -169,7 +161,7 @@ class ReportSink:
         try:
             write_report_json(self.run_dir, report)
         except OSError as exc:
-            self._fault("report.json", exc)
+            self._fault(REPORT_JSON, exc)
 
     async def finish(self) -> None:
         """CSV and PNG first (in a worker thread, the PNG in a child process), then report.json."""

@@ -94,8 +94,8 @@ class ProgressWatchdog:
 class DivergenceWatch:
     """Counts *steps* with a non-finite loss; diverged once more than ``patience`` had one.
 
-    One bad step shows up many times (two bar frames, the running average, TensorBoard's
-    ``loss/current`` and ``loss/average``); it is still one step.
+    One bad step shows up many times (two bar frames, the running average, the loss and
+    its average in TensorBoard's files); it is still one step.
     """
 
     def __init__(self, patience: int = 0) -> None:

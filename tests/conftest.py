@@ -14,6 +14,17 @@ settings.register_profile("ci", derandomize=True)
 settings.register_profile("explore", derandomize=False)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
+# Most tests do not look at loss_curves.png: no matplotlib for them (every lorasup they
+# start inherits this), only a placeholder PNG. Tests that check the drawing use the
+# ``real_plot`` fixture; LORASUP_NO_PLOT=0 in the environment draws everywhere.
+os.environ.setdefault("LORASUP_NO_PLOT", "1")
+
+
+@pytest.fixture
+def real_plot(monkeypatch: pytest.MonkeyPatch) -> None:
+    """This test checks the drawn PNG: matplotlib draws it (here and in the children)."""
+    monkeypatch.delenv("LORASUP_NO_PLOT", raising=False)
+
 
 @pytest.fixture
 def run_dir(tmp_path: Path) -> Path:

@@ -17,7 +17,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from lorasup.supervisor.config import ConfigError, build_job, load_toml
-from lorasup.supervisor.report import ReportBuilder, read_events
+from lorasup.supervisor.report import ReportBuilder, read_into
 from lorasup.supervisor.stacks import (
     Frame,
     ProcessStack,
@@ -103,8 +103,7 @@ def test_a_stall_is_killed_after_the_stacks_name_the_functions(run_dir: Path, pt
     assert len(pids) == 2 and all(gone(pid) for pid in pids)
     # The report is a function of events.jsonl alone.
     builder = ReportBuilder()
-    for record in read_events(run_dir / "events.jsonl"):
-        builder.add(record)
+    read_into(builder, run_dir / "events.jsonl")
     again = builder.snapshot()
     assert again["stacks"] == report["stacks"] and again["timing"] == report["timing"]
     assert report["timing"]["finish_s"] >= 0.5  # from the last step through the hang and stop

@@ -23,6 +23,7 @@ def _start(run_dir: Path, state: Path, steps: int, *extra: str):
     return result
 
 
+@pytest.mark.usefixtures("real_plot")
 def test_continued_run_carries_the_earlier_curves_and_ema(tmp_path: Path) -> None:
     logs, state = tmp_path / "logs", tmp_path / "state"
     logs.mkdir()

@@ -27,6 +27,9 @@ from lorasup.supervisor.plot import (
 )
 from tests.support import child_env, lorasup_argv
 
+# every test here checks the drawing itself
+pytestmark = pytest.mark.usefixtures("real_plot")
+
 SIZE = (int(FIGSIZE[0] * DPI), int(FIGSIZE[1] * DPI))
 
 

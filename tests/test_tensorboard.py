@@ -607,7 +607,7 @@ def test_follower_ignores_files_older_than_the_run(tmp_path: Path) -> None:
 
 
 def test_run_reads_a_backlog_in_batches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(tensorboard, "SWEEP_RECORDS", 7)
+    monkeypatch.setattr(tensorboard.follow, "SWEEP_RECORDS", 7)
     write_steps(tmp_path / "events.out.tfevents.1.host", range(1, 51))
     batches: list[list[Scalar]] = []
 
@@ -624,3 +624,62 @@ def test_run_reads_a_backlog_in_batches(tmp_path: Path, monkeypatch: pytest.Monk
     anyio.run(main)
     assert [s.step for batch in batches for s in batch] == list(range(1, 51))
     assert max(map(len, batches)) == 7
+
+
+class _FailingOnce(EventFileFollower):
+    """A poll that fails once (as an odd file could make it), then reads on."""
+
+    failed = False
+
+    def poll(self, max_records_per_file: int | None = None) -> list[Scalar]:
+        if not self.failed:
+            self.failed = True
+            self.more_pending = True  # must not make the final sweep loop forever
+            raise ValueError("odd file")
+        return super().poll(max_records_per_file)
+
+
+def test_run_awaits_an_async_emit_and_goes_on_after_an_error(tmp_path: Path) -> None:
+    """The engine's use: ``emit`` is async (a bounded stream's send, awaited), and a poll
+    that raises is reported to ``on_error`` without ending the follower."""
+    write_steps(tmp_path / "events.out.tfevents.1.host", range(1, 4))
+    follower = _FailingOnce(tmp_path)
+    errors: list[Exception] = []
+    got: list[int] = []
+
+    async def main() -> None:
+        send, receive = anyio.create_memory_object_stream[list[Scalar]](1)
+
+        async def emit(scalars: list[Scalar]) -> None:
+            await send.send(scalars)  # blocks until the consumer takes it
+
+        async def consume() -> None:
+            async with receive:
+                async for batch in receive:
+                    got.extend(s.step for s in batch)
+
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(consume)
+                async with anyio.create_task_group() as inner:
+                    inner.start_soon(partial(follower.run, emit, interval=0.05,
+                                             on_error=errors.append))
+                    while len(got) < 3:
+                        await anyio.sleep(0.01)
+                    write_steps(tmp_path / "events.out.tfevents.2.host", range(4, 6))
+                    inner.cancel_scope.cancel()  # the final sweep reads the new file
+                await send.aclose()
+
+    anyio.run(main)
+    assert [str(e) for e in errors] == ["odd file"]
+    assert got == [1, 2, 3, 4, 5]
+
+
+def test_run_without_on_error_raises() -> None:
+    follower = _FailingOnce(Path("/nonexistent"))
+
+    async def main() -> None:
+        await follower.run(lambda scalars: None, interval=0.05)
+
+    with pytest.raises(ValueError, match="odd file"):
+        anyio.run(main)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Mapping
 from importlib import import_module
+from types import MappingProxyType
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -39,3 +42,28 @@ def get_adapter(name: str) -> Adapter:
         raise UsageError(f"unknown trainer {name!r} (known: {known})") from None
     module_name, class_name = target.split(":")
     return getattr(import_module(module_name), class_name)()
+
+
+def recorded_adapter(name: object) -> Adapter:
+    """The adapter of a recorded run (the trainer named in its ``started`` record), for what
+    the report must know of it; the base's defaults for a name lorasup does not know."""
+    from lorasup.trainers.base import AdapterBase
+
+    if isinstance(name, str) and name in REGISTRY:
+        try:
+            return get_adapter(name)
+        except Exception:  # a broken adapter module must not cost the report
+            pass
+    return AdapterBase()
+
+
+@functools.lru_cache(maxsize=32)
+def scalar_tags(name: str | None) -> Mapping[str, str]:
+    """TensorBoard tag -> series for a run of trainer ``name``: its adapter's tags over
+    every known adapter's (a program run as ``--trainer command``, or a run whose start
+    was not recorded, may be any of them)."""
+    tags: dict[str, str] = {}
+    for known in sorted(REGISTRY):
+        tags.update(recorded_adapter(known).scalar_tags)
+    tags.update(recorded_adapter(name).scalar_tags)
+    return MappingProxyType(tags)

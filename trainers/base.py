@@ -1,17 +1,20 @@
 """The adapter protocol: everything lorasup knows about one trainer program.
 
-The engine drives any trainer through this surface only: the argv to run (with the
+The engine drives any trainer through :class:`AdapterBase` only: the argv to run (with the
 step limit injected), how to read its lines, whether it stops by itself at the limit,
-and which signals stop it gracefully.
+which signals stop it gracefully, and what its TensorBoard tags and missing series mean.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import signal
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from pathlib import Path
+from types import MappingProxyType
+from typing import ClassVar
 
 from lorasup.supervisor.events import Event, Problem, Step
 from lorasup.supervisor.numbers import read_count, read_float, read_step
@@ -37,37 +40,106 @@ class TrainerJob:
         return dict(self.options).get(name, default)
 
 
-class Adapter(Protocol):
-    name: str
+#: the series a TensorBoard scalar tag can feed (``scalar_tags`` values)
+SERIES_KINDS = frozenset({"loss", "avg_loss", "epoch_loss", "lr"})
+
+
+class AdapterBase:
+    """What the engine must know of one trainer program, declared by its adapter.
+
+    The engine asks the adapter and never names a trainer: the argv with the step limit
+    (and a resume point) injected, how to read its lines, whether it stops by itself, its
+    graceful stop signals, which TensorBoard tags hold which series, what to tell a user
+    about a series it leaves out, and which lines after lorasup's own SIGINT are the stop.
+    Subclass it; override ``resolve_steps``, ``command`` and ``parse`` at least.
+    """
+
+    name: ClassVar[str] = ""
     #: whether the program ends by itself at the injected step limit (then lorasup waits
     #: for its final save instead of stopping it at step N)
-    stops_by_itself: bool
+    stops_by_itself: ClassVar[bool] = False
     #: the graceful ladder before SIGKILL, in order
-    stop_signals: tuple[signal.Signals, ...]
+    stop_signals: tuple[signal.Signals, ...] = (signal.SIGINT, signal.SIGTERM)
+    #: substrings at least one of which is in every line ``parse`` gets anything from; lets
+    #: the reader skip whole chunks of chatter. () = every line matters
+    needles: tuple[str, ...] = ()
+    #: bar frames starting with this are redrawn whole: only the last of a run counts
+    redraw_prefix: ClassVar[str | None] = None
+    #: a bytes pattern for whole bar-frame lines (supervisor/fastbars.py), or None
+    fast_bar: ClassVar[re.Pattern[bytes] | None] = None
+    #: True when the adapter reads the user's regexes (``TrainerJob.parse``, a job file's
+    #: ``[parse]`` table); a ``[parse]`` table for any other adapter is refused
+    accepts_parse_table: ClassVar[bool] = False
+    #: TensorBoard scalar tag -> the series it feeds (one of :data:`SERIES_KINDS`); a tag
+    #: ``lr/<group>`` is always a learning rate per group
+    scalar_tags: ClassVar[Mapping[str, str]] = MappingProxyType({})
+    #: series name ("loss", "avg_loss", "lr") -> what a person needs to know when this
+    #: trainer leaves it out (e.g. where the trainer writes it instead)
+    missing_hints: ClassVar[Mapping[str, str]] = MappingProxyType({})
 
     def resolve_steps(self, steps: int | None, argv: Sequence[str]) -> int:
         """The step count to enforce; raise UsageError when none can be known."""
+        raise NotImplementedError
 
     def command(self, job: TrainerJob) -> list[str]:
         """The argv to spawn (never a shell string), step limit injected."""
-
-    def environment(self) -> dict[str, str]:
-        """Extra environment for the child (on top of lorasup's own)."""
+        raise NotImplementedError
 
     def parse(self, line: str) -> Iterable[Event]:
         """One decoded line in, zero or more events out. Pure, fast, never raises."""
+        raise NotImplementedError
 
-    # Optional: ``needles: tuple[str, ...]``, substrings at least one of which is in every
-    # line ``parse`` gets anything from; lets the reader skip whole chunks of chatter.
-    # Optional: ``accepts_parse_table: bool``, True when the adapter reads the user's regexes
-    # (``TrainerJob.parse``, a job file's ``[parse]`` table); a job with a ``[parse]`` table
-    # for any other adapter is refused before anything starts.
+    def environment(self) -> dict[str, str]:
+        """Extra environment for the child (on top of lorasup's own)."""
+        return {}
 
-    # Optional: ``preflight(job: TrainerJob, cwd: Path) -> None``: check the trainer's
-    # inputs (dataset, output folder, resume state) before anything is started, raising
-    # UsageError with one line for the user. ``cwd`` is where the trainer will run (relative
-    # paths are taken from there). Called by ``prepare.plan_run`` after ``command`` and before
-    # the run directory is made; must not write anything.
+    def argv_for(self, job: TrainerJob, steps: int | None = None,
+                 resume: str | None = None) -> list[str]:
+        """The argv to spawn for ``job``, with ``steps`` (default: the job's) as the step
+        limit and ``resume`` (a checkpoint the trainer continues from) injected."""
+        if steps is not None and steps != job.steps:
+            job = dataclasses.replace(job, steps=steps)
+        if resume is not None:
+            job = dataclasses.replace(job, argv=tuple(self.resume_argv(job.argv, resume)))
+        return self.command(job)
+
+    def resume_argv(self, argv: Sequence[str], resume: str) -> list[str]:
+        """The trainer's own argv continuing from ``resume``; UsageError when it can't."""
+        raise UsageError(f"--trainer {self.name or 'this trainer'} cannot resume from a "
+                         "checkpoint")
+
+    def preflight(self, job: TrainerJob, cwd: Path) -> None:
+        """Check the trainer's inputs (dataset, output folder, resume state) before anything
+        is started, raising UsageError with one line for the user. ``cwd`` is where the
+        trainer will run. Called after ``command`` and before the run directory is made;
+        must not write anything."""
+
+    def output_dirs(self, job: TrainerJob) -> list[str]:
+        """The folders the trainer writes its model files to (looked up after the run)."""
+        return []
+
+    def tensorboard_dir(self, job: TrainerJob) -> str | None:
+        """Where the trainer writes TensorBoard event files, or None when it writes none."""
+        return None
+
+    def expected_exit(self, problem: str, line: str) -> bool | None:
+        """After lorasup's own SIGINT, is this problem line the trainer being stopped?
+
+        True: yes (a Python trainer's ``KeyboardInterrupt``); None: cannot tell yet (a
+        traceback's first line: its exception line will say); False: a problem. The one
+        rule for the live log (supervisor/run.py) and the report (report/problems.py).
+        """
+        if problem == "traceback":
+            return None
+        return problem == "exception" and line.startswith("KeyboardInterrupt")
+
+    def missing_hint(self, series: str, argv: Sequence[str] | None) -> str | None:
+        """What to tell a user about ``series`` missing from a run of ``argv``, or None."""
+        return self.missing_hints.get(series)
+
+
+#: the adapter type the engine holds
+Adapter = AdapterBase
 
 
 @dataclass(frozen=True, slots=True)

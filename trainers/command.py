@@ -19,6 +19,7 @@ from lorasup.supervisor.events import Event, Resumed, Step
 from lorasup.trainers import bars, diffusers, kohya
 from lorasup.trainers.base import (
     PYTHON_PROBLEM_NEEDLES,
+    AdapterBase,
     TrainerJob,
     UsageError,
     parse_bar_line,
@@ -28,7 +29,7 @@ from lorasup.trainers.native import PREFIX, parse_protocol_line
 from lorasup.trainers.text_steps import NEEDLES, ParseTable, compile_table, plain_step
 
 
-class CommandAdapter:
+class CommandAdapter(AdapterBase):
     name = "command"
     stops_by_itself = False
     stop_signals = (signal.SIGINT, signal.SIGTERM)

@@ -19,11 +19,13 @@ import os
 import re
 import signal
 from collections.abc import Iterable, Sequence
+from types import MappingProxyType
 
 from lorasup.supervisor.events import Checkpoint, Event, Finished, Step
 from lorasup.supervisor.fastbars import NUMBER
 from lorasup.trainers.base import (
     PYTHON_PROBLEM_NEEDLES,
+    AdapterBase,
     TrainerJob,
     UsageError,
     checkpoint_path,
@@ -60,13 +62,15 @@ def parse_bar(line: str) -> tuple[Step, str] | None:
                 lr=postfix_value(info, "lr=")), rest
 
 
-class DiffusersAdapter:
+class DiffusersAdapter(AdapterBase):
     name = "diffusers"
     stops_by_itself = True
     # SIGINT raises KeyboardInterrupt (finally blocks run); SIGTERM ends Python at once.
     stop_signals = (signal.SIGINT, signal.SIGTERM)
     redraw_prefix = "Steps:"
     fast_bar = FAST_BAR
+    #: ``accelerator.log({"train_loss": ...})`` each step; some scripts log ``lr`` too
+    scalar_tags = MappingProxyType({"train_loss": "loss", "lr": "lr"})
     needles = ("Steps:", _SAVED, *PYTHON_PROBLEM_NEEDLES)
 
     def resolve_steps(self, steps: int | None, argv: Sequence[str]) -> int:

@@ -83,14 +83,17 @@ import re
 import signal
 from collections import deque
 from collections.abc import Iterable, Sequence
+from types import MappingProxyType
 
 from lorasup.supervisor.events import Checkpoint, Event, Problem, Scalar, Step
 from lorasup.supervisor.numbers import MAX_COUNT, read_count, read_float, read_step
 from lorasup.trainers.base import (
     PYTHON_PROBLEM_NEEDLES,
+    AdapterBase,
     TrainerJob,
     UsageError,
     checkpoint_path,
+    drop_flag,
     flag_value,
     python_problems,
     replace_flag,
@@ -101,6 +104,7 @@ STEPS_FLAG = "--max_steps"
 OUTPUT_FLAG = "--output_dir"
 LOGGING_FLAG = "--logging_dir"
 REPORT_FLAG = "--report_to"
+RESUME_FLAG = "--resume_from_checkpoint"
 #: transformers 5 reads the TensorBoard folder from here (``--logging_dir`` is kept, unused)
 TB_ENV = "TENSORBOARD_LOGGING_DIR"
 
@@ -217,12 +221,15 @@ def _reports_tensorboard(values: Sequence[str]) -> bool:
     return any("tensorboard" in v or v == "all" for v in values)
 
 
-class HfAdapter:
+class HfAdapter(AdapterBase):
     name = "hf"
     stops_by_itself = True
     # SIGINT raises KeyboardInterrupt (finally blocks and atexit run); SIGTERM ends Python
     # at once. The Trainer saves only at its save steps, never on a signal.
     stop_signals = (signal.SIGINT, signal.SIGTERM)
+    #: the Trainer's TensorBoard tags (transformers 4 and 5 spellings)
+    scalar_tags = MappingProxyType({"loss": "loss", "train/loss": "loss", "learning_rate": "lr",
+                                    "train/learning_rate": "lr"})
     needles = ("\r", "it/s]", "s/it]", "'epoch'", _SAVING, *PYTHON_PROBLEM_NEEDLES)
 
     def __init__(self, steps: int | None = None) -> None:
@@ -261,6 +268,10 @@ class HfAdapter:
                 argv = [*rest, REPORT_FLAG, "tensorboard"]
             argv = replace_flag(argv, LOGGING_FLAG, self._tb_dir, style=" ")
         return argv
+
+    def resume_argv(self, argv: Sequence[str], resume: str) -> list[str]:
+        """``--resume_from_checkpoint <checkpoint-N folder>``: the Trainer counts on from it."""
+        return [*drop_flag(argv, RESUME_FLAG), RESUME_FLAG, resume]
 
     def tensorboard_dir(self, job: TrainerJob) -> str | None:
         """Where the Trainer writes event files, or None when it writes none (or we can't know)."""

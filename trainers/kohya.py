@@ -22,6 +22,7 @@ from __future__ import annotations
 import re
 import signal
 from collections.abc import Iterable, Sequence
+from types import MappingProxyType
 
 from lorasup.supervisor.events import Checkpoint, Epoch, Event, Finished, Step
 from lorasup.supervisor.fastbars import NUMBER
@@ -29,6 +30,7 @@ from lorasup.supervisor.numbers import read_count
 from lorasup.trainers.base import (
     PYTHON_PROBLEM_NEEDLES,
     PYTHON_PROBLEMS,
+    AdapterBase,
     ProblemPattern,
     TrainerJob,
     UsageError,
@@ -72,7 +74,21 @@ def parse_bar(line: str) -> tuple[Step, str] | None:
     return Step(step=step, total=total, avg_loss=postfix_value(info, "avr_loss=")), rest
 
 
-class KohyaAdapter:
+#: kohya's TensorBoard tags (with --logging_dir): the per-step loss, its running average,
+#: the per-epoch mean (logged with step = the epoch number); ``lr/<group>`` per group
+SCALAR_TAGS = MappingProxyType({"loss/current": "loss", "loss/average": "avg_loss",
+                                "loss/epoch_average": "epoch_loss"})
+#: the series kohya's console leaves out, and where they are instead
+MISSING_HINTS = MappingProxyType({
+    "loss": "kohya's console shows only its running average (avr_loss); the per-step loss "
+            "is in its TensorBoard files (loss/current, needs --logging_dir)",
+    "lr": "kohya's console shows no learning rate; it is in its TensorBoard files (lr/*, "
+          "needs --logging_dir)",
+})
+RESUME_FLAG = "--resume"
+
+
+class KohyaAdapter(AdapterBase):
     name = "kohya"
     stops_by_itself = True
     # SIGINT raises KeyboardInterrupt (finally blocks and atexit run); SIGTERM ends Python
@@ -80,6 +96,8 @@ class KohyaAdapter:
     stop_signals = (signal.SIGINT, signal.SIGTERM)
     redraw_prefix = "steps:"
     fast_bar = FAST_BAR
+    scalar_tags = SCALAR_TAGS
+    missing_hints = MISSING_HINTS
     needles = ("steps:", "epoch ", "saving checkpoint: ", "model saved.",
                *PYTHON_PROBLEM_NEEDLES)
 
@@ -98,6 +116,20 @@ class KohyaAdapter:
             # kohya writes its per-step loss and lr only to TensorBoard: make it write them.
             argv.append(f"{LOGGING_FLAG}={self.tensorboard_dir(job)}")
         return argv
+
+    def resume_argv(self, argv: Sequence[str], resume: str) -> list[str]:
+        """``--resume=<state folder>`` (kohya saves one with ``--save_state``)."""
+        return [*drop_flag(argv, RESUME_FLAG), f"{RESUME_FLAG}={resume}"]
+
+    def missing_hint(self, series: str, argv: Sequence[str] | None) -> str | None:
+        """The hint, or, when a --logging_dir was given (lorasup injects one), that the
+        TensorBoard files were looked for there and held none of the series."""
+        hint = self.missing_hints.get(series)
+        logging_dir = flag_value(argv or (), LOGGING_FLAG)
+        if hint is None or logging_dir is None:
+            return hint
+        what = {"loss": "loss/current", "lr": "lr/*"}.get(series, series)
+        return hint.split("(", 1)[0].rstrip() + f" ({what}); none was read from {logging_dir}"
 
     def tensorboard_dir(self, job: TrainerJob) -> str | None:
         """Where kohya's event files will be: the user's --logging_dir, else ours."""

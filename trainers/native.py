@@ -32,6 +32,7 @@ from lorasup.supervisor.events import (
 from lorasup.supervisor.numbers import read_count, read_float, read_step
 from lorasup.trainers.base import (
     PYTHON_PROBLEM_NEEDLES,
+    AdapterBase,
     TrainerJob,
     UsageError,
     checkpoint_path,
@@ -86,7 +87,7 @@ def parse_protocol_line(line: str) -> list[Event]:
     return []
 
 
-class NativeAdapter:
+class NativeAdapter(AdapterBase):
     """A program given after ``--`` that speaks the protocol; lorasup injects ``--steps N``."""
 
     name = "native"

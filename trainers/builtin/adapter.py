@@ -55,6 +55,11 @@ class BuiltinAdapter(NativeAdapter):
                 mapped += [flag, value]
         return ["--steps", str(job.steps), *mapped, *drop_flag(job.argv, "--steps")]
 
+    def resume_argv(self, argv: Sequence[str], resume: str) -> list[str]:
+        """``--continue``: the trainer resumes from the state it saved in its output folder
+        (``resume`` names that save; the trainer finds it itself)."""
+        return [*(a for a in argv if a not in MODES.values()), MODES["continue"]]
+
     def preflight(self, job: TrainerJob, cwd: Path) -> None:
         """A missing or empty dataset, an unreadable image, an output folder that cannot be
         written, ``--continue`` without a saved state: one line, before anything starts."""
