@@ -283,9 +283,12 @@ def test_a_run_supervisor_is_found_by_its_run_directory(tmp_path: Path) -> None:
 def test_last_event_id_parser_never_raises(text) -> None:
     from lorasup.supervisor.serve.api import _position
 
-    index, offset = _position(text)
-    assert index >= 0 and offset >= 0
-    assert _position("3:120") == (2, 120) and _position("junk") == (0, 0)
+    position = _position(text)
+    assert position is None or (position[0] >= 0 and position[1] >= 0)
+    assert _position("3:120") == (2, 120) and _position(None) == (0, 0)
+    # malformed: refused (400), never read as "from the start"
+    for bad in ("junk", "²:1", "1:" + "9" * 30, "1:2:3", " 1:2", "-1:5"):
+        assert _position(bad) is None
 
 
 @given(st.binary(max_size=60))

@@ -88,7 +88,8 @@ def serve(
 
     from lorasup.supervisor import logs
     from lorasup.supervisor.serve import paths
-    from lorasup.supervisor.serve.daemon import ApiError, Daemon, DaemonConfig
+    from lorasup.supervisor.serve.daemon import Daemon, DaemonConfig
+    from lorasup.supervisor.serve.errors import ApiError
     from lorasup.supervisor.serve.gpus import GpuSpecError
 
     if log_format not in ("auto", "json", "console"):
