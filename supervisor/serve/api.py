@@ -259,7 +259,7 @@ def make_app(daemon: JobsApi, token: str | None = None) -> Any:
 
     async def api_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, ApiError)
-        return json_response({"error": exc.message}, exc.status)
+        return json_response({"error": exc.message}, exc.status, close=exc.status == 413)
 
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
@@ -285,16 +285,18 @@ def make_app(daemon: JobsApi, token: str | None = None) -> Any:
     return Guard(app if token is None else BearerAuth(app, token))
 
 
-def json_response(content: Any, status: int = 200) -> Any:
+def json_response(content: Any, status: int = 200, close: bool = False) -> Any:
     """A JSON response that any value the API holds can be written as: text that is not
-    valid Unicode (a lone surrogate from a ``\\ud800`` escape) is sent escaped."""
+    valid Unicode (a lone surrogate from a ``\\ud800`` escape) is sent escaped. ``close``:
+    the connection ends after it (a refused body is not read to its end first)."""
     from starlette.responses import Response
 
     try:
         body = json.dumps(content, ensure_ascii=False, separators=(",", ":")).encode()
     except UnicodeEncodeError:
         body = json.dumps(content, separators=(",", ":")).encode()
-    return Response(body, status_code=status, media_type="application/json")
+    return Response(body, status_code=status, media_type="application/json",
+                    headers={"Connection": "close"} if close else None)
 
 
 def _internal(exc: BaseException) -> str:
@@ -304,9 +306,12 @@ def _internal(exc: BaseException) -> str:
 
 
 async def _send_json(send: Any, status: int, content: dict[str, Any]) -> None:
+    """A JSON answer written by Guard itself; the connection is closed after it (a body may
+    be left unread)."""
     body = json.dumps(content).encode()
     await send({"type": "http.response.start", "status": status, "headers": [
-        (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+        (b"connection", b"close")]})
     await send({"type": "http.response.body", "body": body})
 
 
