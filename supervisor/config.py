@@ -189,6 +189,10 @@ def _describe(error: ErrorDetails) -> str:
         return error["msg"].removeprefix("Value error, ")
     ctx = error.get("ctx", {})
     expected = _EXPECTED.get(error["type"])
+    given = error.get("input")
+    if error["type"] == "float_type" and isinstance(given, int) and not isinstance(given, bool):
+        # a whole number too large to be a float: every float field is a duration
+        expected = f"a number of at most {MAX_SECONDS} (ten years in seconds)"
     if expected is None and "expected" in ctx:
         expected = str(ctx["expected"])
     elif expected is None and "gt" in ctx:

@@ -323,3 +323,19 @@ def test_job_from_the_request_body() -> None:
                          ({"toml": "job = 3"}, r"\[job\] must be a table")):
         with pytest.raises(jobspec.JobError, match=message):
             jobspec.values_from_payload(bad)
+
+
+@given(st.text(max_size=30))
+def test_a_job_name_is_text_without_control_characters(name: str) -> None:
+    import unicodedata
+
+    try:
+        assert jobspec.check_name(name) == name
+    except jobspec.JobError as exc:
+        assert str(exc).startswith("invalid name: ") and "\n" not in str(exc)
+        assert any(unicodedata.category(c) in ("Cc", "Cs", "Zl", "Zp") for c in name)
+        return
+    assert not any(unicodedata.category(c) in ("Cc", "Cs", "Zl", "Zp") for c in name)
+    for bad in ("a\x00", "a\nb", "\x1b[31mred", "\x9b", "\ud800"):
+        with pytest.raises(jobspec.JobError):
+            jobspec.check_name(bad)
