@@ -48,6 +48,8 @@ MAX_NAN_PATIENCE = 10**9
 PRIORITY_RANGE = (-1_000_000, 1_000_000)
 RETRIES_RANGE = (0, 100)
 GPUS_RANGE = (0, 64)
+#: ``lorasup serve --slots``: runs at once without GPUs
+SLOTS_RANGE = (1, 1024)
 
 
 class Options(BaseModel):

@@ -514,3 +514,16 @@ def test_an_unexpected_fault_is_a_json_500_and_logged(tmp_path: Path) -> None:
     response = anyio.run(main)
     assert response.status_code == 500
     assert response.json() == {"error": "internal: RuntimeError: boom"}
+
+
+def test_serve_flags_are_bounded(tmp_path: Path) -> None:
+    config = tmp_path / "daemon.toml"
+    config.write_text("retry_backoff = inf\n")
+    for args, word in ((("--slots", "100000"), "--slots"), (("--slots", "0"), "--slots"),
+                       (("--retry-backoff", "nan"), "--retry-backoff"),
+                       (("--retry-backoff", "1e300"), "--retry-backoff"),
+                       (("--config", str(config)), "retry_backoff")):
+        out = cli(tmp_path, tmp_path / "state", "serve", "--gpus", "none", *args, timeout=60)
+        assert out.returncode == 2, (args, out.stderr)
+        assert out.stderr.count("\n") == 1 and "Traceback" not in out.stderr
+        assert word in out.stderr, out.stderr
