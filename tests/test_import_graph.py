@@ -120,3 +120,18 @@ def test_the_graph_is_read_from_real_imports() -> None:
 def test_no_import_cycle_in_the_supervisor() -> None:
     cycle = find_cycle(graph())
     assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
+
+
+def test_the_daemon_offers_what_the_api_asks() -> None:
+    """The API is handed a JobsApi; the daemon is one (same methods, same parameters)."""
+    import inspect
+
+    from lorasup.supervisor.serve.daemon import Daemon
+    from lorasup.supervisor.serve.errors import JobsApi
+
+    asked = [name for name, member in vars(JobsApi).items()
+             if callable(member) and not name.startswith("_")]
+    assert {"submit", "show", "cancel", "run_dirs", "is_final", "metrics"} <= set(asked)
+    for name in asked:
+        offered = inspect.signature(getattr(Daemon, name)).parameters
+        assert list(offered) == list(inspect.signature(getattr(JobsApi, name)).parameters), name

@@ -361,6 +361,12 @@ class Guard:
             if not started:
                 await _send_json(send, exc.status, {"error": exc.message})
         except Exception as exc:
+            from starlette.requests import ClientDisconnect
+
+            if isinstance(exc, ClientDisconnect):  # the client left before its body came
+                log.info("api_client_gone", method=scope.get("method"),
+                         path=ascii(str(scope.get("path", ""))[:200]))
+                return
             log.error("api_internal_error", method=scope.get("method"),
                       path=ascii(str(scope.get("path", ""))[:200]), error=_internal(exc),
                       exc_info=exc)
