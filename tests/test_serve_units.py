@@ -339,3 +339,31 @@ def test_a_job_name_is_text_without_control_characters(name: str) -> None:
     for bad in ("a\x00", "a\nb", "\x1b[31mred", "\x9b", "\ud800"):
         with pytest.raises(jobspec.JobError):
             jobspec.check_name(bad)
+
+
+def test_a_submit_key_names_one_job_for_24_hours(tmp_path: Path) -> None:
+    import contextlib
+    import sqlite3
+    import time
+
+    from lorasup.supervisor.serve.store import SUBMIT_KEY_SECONDS, Store
+
+    store = Store(tmp_path / "lorasup.db")
+    try:
+        first, new = store.add_job_once(_spec(), "k1")
+        assert new and store.submitted("k1") == first
+        assert store.add_job_once(_spec(), "k1") == (first, False)
+        assert len(store.jobs()) == 1
+        # the key went in with the job: there is no job without its key
+        with contextlib.closing(sqlite3.connect(tmp_path / "lorasup.db")) as other:
+            assert other.execute("SELECT job_id FROM submits WHERE key = 'k1'").fetchone() == (
+                first,)
+        # 24 h later the key is forgotten (and purged by the next keyed submit)
+        later = time.time() + SUBMIT_KEY_SECONDS + 1
+        assert store.submitted("k1", now=later) is None
+        store.db.execute("UPDATE submits SET created = created - ?", (SUBMIT_KEY_SECONDS + 1,))
+        second, new = store.add_job_once(_spec(), "k1")
+        assert new and second != first and len(store.jobs()) == 2
+        assert store.db.execute("SELECT COUNT(*) FROM submits").fetchone()[0] == 1
+    finally:
+        store.close()
