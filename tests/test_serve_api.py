@@ -192,6 +192,18 @@ def test_a_body_over_the_limit_is_refused_unread(daemons, tmp_path: Path) -> Non
     assert d.http is not None and d.http.get("/healthz").json()["ok"] is True
 
 
+def test_unparseable_http_gets_a_json_400(daemons, tmp_path: Path) -> None:
+    d = daemons().start()
+    sock = d.state / "lorasup.sock"
+    for data in (b"GARBAGE\r\n\r\n", b"GET /jobs HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n",
+                 b"GET /jobs HTTP/1.1\r\nHost: x\r\nX: " + b"a" * 2_000_000 + b"\r\n\r\n",
+                 b"POST /jobs HTTP/1.1\r\nHost: x\r\nContent-Length: x1\r\n\r\n"):
+        status, headers, body = raw_request(sock, data)
+        assert status == 400 and headers["content-type"] == "application/json", (data[:40], body)
+        assert json.loads(body)["error"].startswith("bad HTTP request")
+    assert d.http is not None and d.http.get("/healthz").json()["ok"] is True
+
+
 # -- idempotent submits --------------------------------------------------------------------
 
 

@@ -422,5 +422,31 @@ def make_server(daemon: JobsApi, token: str | None = None) -> Any:
 
     config = uvicorn.Config(make_app(daemon, token), lifespan="off", log_config=None,
                             access_log=False, ws="none", timeout_graceful_shutdown=1,
-                            log_level="warning")
+                            log_level="warning", http=_json_400_protocol())
     return Server(config)
+
+
+def _json_400_protocol() -> Any:
+    """uvicorn's h11 protocol, answering a request it cannot parse (a malformed request
+    line or header) in JSON like every other error. Plain "h11" where uvicorn's internals
+    differ from what this was written against."""
+    try:
+        import h11
+        from uvicorn.protocols.http.h11_impl import H11Protocol
+    except ImportError:  # pragma: no cover - uvicorn without h11
+        return "auto"
+    if not hasattr(H11Protocol, "send_400_response"):  # pragma: no cover
+        return "h11"
+
+    class JsonErrorsH11(H11Protocol):  # type: ignore[misc]
+        def send_400_response(self, msg: str) -> None:
+            body = json.dumps({"error": f"bad HTTP request: {msg}"}).encode()
+            for event in (
+                    h11.Response(status_code=400, reason=b"Bad Request", headers=[
+                        (b"content-type", b"application/json"), (b"connection", b"close"),
+                        (b"content-length", str(len(body)).encode())]),
+                    h11.Data(data=body), h11.EndOfMessage()):
+                self.transport.write(self.conn.send(event))
+            self.transport.close()
+
+    return JsonErrorsH11
