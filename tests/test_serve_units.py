@@ -367,3 +367,24 @@ def test_a_submit_key_names_one_job_for_24_hours(tmp_path: Path) -> None:
         assert store.db.execute("SELECT COUNT(*) FROM submits").fetchone()[0] == 1
     finally:
         store.close()
+
+
+@given(st.one_of(
+    st.binary(max_size=80),
+    st.recursive(st.one_of(st.none(), st.integers(), st.text(max_size=5)),
+                 lambda inner: st.one_of(st.lists(inner, max_size=2),
+                                         st.dictionaries(st.text(max_size=3), inner,
+                                                         max_size=2)),
+                 max_leaves=8).map(lambda v: json.dumps({"job": v}).encode()),
+    st.integers(1, 3000).map(lambda n: b'{"a":' + b"[" * n + b"]" * n + b"}"),
+    st.integers(4290, 4310).map(lambda n: b'{"steps":' + b"9" * n + b"}")))
+def test_request_body_parser_gives_an_object_or_a_400(body: bytes) -> None:
+    from lorasup.supervisor.serve.api import MAX_DEPTH, _depth, parse_body
+    from lorasup.supervisor.serve.errors import ApiError
+
+    try:
+        payload = parse_body(body)
+    except ApiError as exc:
+        assert exc.status == 400 and exc.message and "\n" not in exc.message
+        return
+    assert isinstance(payload, dict) and _depth(payload) <= MAX_DEPTH

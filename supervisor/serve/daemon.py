@@ -585,7 +585,9 @@ class Daemon:
         if key is None:
             job_id = self.store.add_job(spec)
         else:
-            job_id, _new = self.store.add_job_once(spec, key)
+            job_id, new = self.store.add_job_once(spec, key)
+            if not new:
+                return self.describe(self._job(job_id)), False
         log.info("job_queued", job=job_id, name=spec.name, priority=spec.priority,
                  trainer=spec.trainer, steps=spec.steps)
         self.wake()
