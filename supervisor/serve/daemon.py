@@ -457,8 +457,13 @@ class Daemon:
         """A job reads final only once its report can be read: the run writes report.json
         after its outcome event (the CSV and the plot first). Wait for a report with an
         outcome, or for the run's supervisor to be gone (nothing more will come), at most
-        REPORT_WAIT; the trainer is gone already, so only the slot waits."""
+        REPORT_WAIT. The trainer is gone already: its slot is free for the next job meanwhile
+        (as it was before this wait), so a slow plot costs no GPU time."""
         path = run.run_dir / "report.json"
+        if await anyio.to_thread.run_sync(_has_outcome, path):
+            return
+        run.slots = ()
+        self.wake()
         with anyio.move_on_after(REPORT_WAIT):
             while not await anyio.to_thread.run_sync(_has_outcome, path):
                 if run.identity is None or not await anyio.to_thread.run_sync(
