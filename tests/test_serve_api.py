@@ -470,6 +470,12 @@ _body = st.one_of(
     st.integers(1, 300).map(lambda n: b'{"job":' + b"[" * n + b"]" * n + b"}"),
     st.integers(4000, 5000).map(lambda n: b'{"job":{"steps":' + b"7" * n + b"}}"),
     st.text(max_size=60).map(lambda t: json.dumps({"toml": t}).encode()),
+    # a job that is valid but for one number: the bounds, through the daemon's validation
+    st.tuples(st.sampled_from(["steps", "timeout", "grace", "priority", "retries", "gpus",
+                               "nan_patience", "no_output_timeout", "finish_timeout"]),
+              st.one_of(st.integers(), st.floats(), st.integers(-(10**40), 10**40))).map(
+        lambda kv: json.dumps({"cwd": "/", "job": {"trainer": "command", "command": ["true"],
+                                                   "steps": 2, kv[0]: kv[1]}}).encode()),
 )
 
 
