@@ -34,7 +34,7 @@ class NoDaemon(ClientError):
 
 
 def _dropped(exc: BaseException) -> ClientError:
-    return ClientError(f"the connection to the daemon broke ({type(exc).__name__}: {exc}); "
+    return ClientError(f"the connection to the daemon broke ({type(exc).__name__}); "
                        "it may have stopped or restarted: try again", TEMPFAIL_EXIT)
 
 
