@@ -348,8 +348,9 @@ def test_a_dropped_connection_is_one_line_and_exit_75(daemons, proxy, tmp_path: 
     assert len(front.heads) == 3 + 2  # the submit was tried twice
 
 
-def test_logs_follow_when_the_daemon_dies_is_one_line_and_exit_75(daemons, tmp_path: Path
-                                                                   ) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_logs_follow_when_the_daemon_dies_is_one_line_and_exit_75(
+        daemons, tmp_path: Path, sig: signal.Signals) -> None:
     d = daemons().start()
     job = d.submit_ok(bar_job(400, 0.05))
     d.wait_step(job, 1)
@@ -359,8 +360,8 @@ def test_logs_follow_when_the_daemon_dies_is_one_line_and_exit_75(daemons, tmp_p
         try:
             assert follow.stdout is not None and follow.stderr is not None
             assert follow.stdout.readline()  # following
-            d.signal(signal.SIGKILL)
-            code = follow.wait(timeout=30)
+            d.signal(sig)
+            code = follow.wait(timeout=60)
             err = follow.stderr.read().decode()
         finally:
             if follow.poll() is None:
