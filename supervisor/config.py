@@ -35,6 +35,24 @@ class ConfigError(ValueError):
     """The job is invalid; the message is one line meant for the user."""
 
 
+# -- bounds: every number a job may hold, in one place (``lorasup start`` and the daemon) -----
+# A number past these is refused at the door with its name, never carried into arithmetic or
+# into SQLite (an int over 2**63 cannot be stored; a 4000-digit one overflows a float).
+
+#: steps of one run
+MAX_STEPS = 10**9
+#: any duration (timeouts, grace): ten years in seconds; durations are finite as well
+MAX_SECONDS = 10 * 365 * 24 * 3600
+#: non-finite losses tolerated
+MAX_NAN_PATIENCE = 10**9
+#: the daemon's keys: (lowest, highest)
+PRIORITY_RANGE = (-1_000_000, 1_000_000)
+RETRIES_RANGE = (0, 100)
+GPUS_RANGE = (0, 64)
+#: ``lorasup serve --slots``: runs at once without GPUs
+SLOTS_RANGE = (1, 1024)
+
+
 class Options(BaseModel):
     """Trainer-specific switches (``[options]`` in a job file, or their flags).
 
@@ -76,24 +94,28 @@ class Job(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     trainer: str = DEFAULT_TRAINER
-    steps: int | None = Field(default=None, gt=0)
+    steps: int | None = Field(default=None, gt=0, le=MAX_STEPS)
     trainer_argv: tuple[str, ...] = Field(default=(), strict=False)
     run_dir: Path | None = Field(default=None, strict=False)
     logs_dir: Path = Field(default=DEFAULT_LOGS_DIR, strict=False)
     run_id: str | None = None
     #: total wall-time limit; None = steps × 30 s once steps are known
-    timeout: float | None = Field(default=None, gt=0)
-    no_output_timeout: float = Field(default=DEFAULT_NO_OUTPUT_TIMEOUT, gt=0)
+    timeout: float | None = Field(default=None, gt=0, le=MAX_SECONDS, allow_inf_nan=False)
+    no_output_timeout: float = Field(default=DEFAULT_NO_OUTPUT_TIMEOUT, gt=0, le=MAX_SECONDS,
+                                     allow_inf_nan=False)
     #: the silence limit before the first step (model loading); None = no_output_timeout
-    startup_timeout: float | None = Field(default=None, gt=0)
+    startup_timeout: float | None = Field(default=None, gt=0, le=MAX_SECONDS,
+                                          allow_inf_nan=False)
     #: time without a new step, counted from the first step; None = not watched
-    no_progress_timeout: float | None = Field(default=None, gt=0)
+    no_progress_timeout: float | None = Field(default=None, gt=0, le=MAX_SECONDS,
+                                              allow_inf_nan=False)
     #: total time from the first graceful signal to SIGKILL
-    grace: float = Field(default=DEFAULT_GRACE, ge=0)
+    grace: float = Field(default=DEFAULT_GRACE, ge=0, le=MAX_SECONDS, allow_inf_nan=False)
     #: how long a trainer that stops by itself may take after step N (its final save)
-    finish_timeout: float = Field(default=DEFAULT_FINISH_TIMEOUT, gt=0)
+    finish_timeout: float = Field(default=DEFAULT_FINISH_TIMEOUT, gt=0, le=MAX_SECONDS,
+                                  allow_inf_nan=False)
     #: non-finite losses tolerated before the run counts as diverged (0: the first stops it)
-    nan_patience: int = Field(default=0, ge=0)
+    nan_patience: int = Field(default=0, ge=0, le=MAX_NAN_PATIENCE)
     log_format: Literal["auto", "json", "console"] = "auto"
     #: trainer-specific options (which trainer reads which: lorasup.trainers.OPTIONS)
     options: Options = Field(default_factory=Options)
@@ -109,7 +131,9 @@ class Job(BaseModel):
         return self
 
     def effective_timeout(self, steps: int) -> float:
-        return self.timeout if self.timeout is not None else steps * DEFAULT_SECONDS_PER_STEP_LIMIT
+        if self.timeout is not None:
+            return self.timeout
+        return min(steps * DEFAULT_SECONDS_PER_STEP_LIMIT, float(MAX_SECONDS))
 
 
 #: pydantic error type → what the value should have been, in words
@@ -128,6 +152,7 @@ _EXPECTED = {
     "model_type": "a table",
     "model_attributes_type": "a table",
     "path_type": "a path (a string)",
+    "finite_number": "a finite number",
 }
 
 
@@ -168,12 +193,21 @@ def _describe(error: ErrorDetails) -> str:
         return error["msg"].removeprefix("Value error, ")
     ctx = error.get("ctx", {})
     expected = _EXPECTED.get(error["type"])
+    given = error.get("input")
+    if error["type"] == "float_type" and isinstance(given, int) and not isinstance(given, bool):
+        # a whole number too large to be a float: every float field is a duration
+        expected = f"a number of at most {MAX_SECONDS} (ten years in seconds)"
     if expected is None and "expected" in ctx:
         expected = str(ctx["expected"])
     elif expected is None and "gt" in ctx:
         expected = f"a number greater than {ctx['gt']:g}"
     elif expected is None and "ge" in ctx:
         expected = f"a number of at least {ctx['ge']:g}"
+    elif expected is None and "le" in ctx:
+        limit = ctx["le"]
+        limit = int(limit) if float(limit).is_integer() else limit
+        expected = f"a number of at most {limit}" + (
+            " (ten years in seconds)" if limit == MAX_SECONDS else "")
     if expected is None:
         message = error["msg"].removeprefix("Value error, ")
         return f"invalid {where}: {message[:1].lower()}{message[1:]}"
@@ -182,6 +216,10 @@ def _describe(error: ErrorDetails) -> str:
 
 def _one_line(error: ValidationError) -> str:
     return _describe(error.errors()[0])
+
+
+def _first_line(exc: Exception) -> str:
+    return (str(exc).splitlines() or [type(exc).__name__])[0][:200]
 
 
 def load_toml(path: Path) -> dict[str, Any]:
@@ -193,6 +231,10 @@ def load_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"config file not found: {path}") from exc
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"cannot read config file {path}: {exc}") from exc
+    except ValueError as exc:  # a number of more digits than Python converts (4300)
+        raise ConfigError(f"cannot read config file {path}: {_first_line(exc)}") from None
+    except RecursionError:  # arrays nested thousands deep
+        raise ConfigError(f"cannot read config file {path}: nested too deeply") from None
     # A [job] table is allowed for readability; top-level keys work too.
     job = data.pop("job", {})
     if not isinstance(job, dict):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import string
 from pathlib import Path
 
@@ -9,7 +10,19 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lorasup.supervisor.config import ConfigError, Job, Options, build_job, load_toml
+from lorasup.supervisor.config import (
+    GPUS_RANGE,
+    MAX_NAN_PATIENCE,
+    MAX_SECONDS,
+    MAX_STEPS,
+    PRIORITY_RANGE,
+    RETRIES_RANGE,
+    ConfigError,
+    Job,
+    Options,
+    build_job,
+    load_toml,
+)
 from lorasup.trainers import OPTIONS, REGISTRY
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -164,3 +177,77 @@ def test_property_any_value_gives_a_job_or_one_clear_line(field: str, value: obj
     got = getattr(job, field)
     if isinstance(value, bool):  # a switch is never read as a number (steps = true)
         assert isinstance(got, bool) or got is None
+
+
+# --- bounds: every number is bounded at the door (issue 16.4) ------------------------------
+
+_DURATIONS = ("timeout", "no_output_timeout", "startup_timeout", "no_progress_timeout",
+              "finish_timeout", "grace")
+#: field → (a value just inside, one just outside)
+_EDGES = {
+    "steps": (MAX_STEPS, MAX_STEPS + 1),
+    "nan_patience": (MAX_NAN_PATIENCE, MAX_NAN_PATIENCE + 1),
+    **{name: (float(MAX_SECONDS), MAX_SECONDS * 1.0001) for name in _DURATIONS},
+}
+
+
+@pytest.mark.parametrize("field", sorted(_EDGES))
+def test_every_number_has_a_bound_named_in_the_error(field: str) -> None:
+    inside, outside = _EDGES[field]
+    assert getattr(build_job({field: inside}, {}), field) == inside
+    for bad in (outside, 9223372036854775808, int("9" * 4000)):
+        with pytest.raises(ConfigError) as info:
+            build_job({field: bad}, {})
+        assert f"invalid {field}:" in str(info.value) and "at most" in str(info.value)
+        assert len(str(info.value)) < 200
+
+
+@pytest.mark.parametrize("field", _DURATIONS)
+def test_durations_are_finite(field: str) -> None:
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        with pytest.raises(ConfigError) as info:
+            build_job({field: bad}, {})
+        assert f"invalid {field}: expected a finite number" in str(info.value)
+
+
+def test_default_timeout_is_bounded_too() -> None:
+    job = build_job({"steps": MAX_STEPS}, {})
+    assert job.effective_timeout(MAX_STEPS) == MAX_SECONDS
+
+
+def test_daemon_key_bounds_live_here() -> None:
+    from lorasup.supervisor.serve import jobspec
+
+    assert RETRIES_RANGE[1] == jobspec.MAX_RETRIES
+    assert PRIORITY_RANGE == (-1_000_000, 1_000_000) and GPUS_RANGE == (0, 64)
+
+
+@pytest.mark.parametrize(("text", "words"), [
+    ("steps = " + "9" * 5000, "digits"),
+    ("a = " + "[" * 100_000 + "]" * 100_000, "nested too deeply"),
+])
+def test_unreadable_numbers_and_nesting_in_a_job_file(tmp_path: Path, text: str,
+                                                      words: str) -> None:
+    path = tmp_path / "job.toml"
+    path.write_text(text + "\n")
+    with pytest.raises(ConfigError) as info:
+        load_toml(path)
+    assert words in str(info.value) and "\n" not in str(info.value)
+
+
+_NUMBERS = st.one_of(st.integers(), st.floats(), st.integers(-(10**30), 10**30),
+                     st.sampled_from([2**63, -(2**63) - 1, int("9" * 4000)]))
+
+
+@given(field=st.sampled_from(sorted(_EDGES)), value=_NUMBERS)
+def test_property_a_number_is_accepted_only_within_its_bounds(field: str, value) -> None:
+    low = 0 if field in ("grace", "nan_patience") else None
+    high = _EDGES[field][0]
+    try:
+        job = build_job({field: value}, {})
+    except ConfigError as exc:
+        assert field in str(exc) and "\n" not in str(exc)
+        return
+    got = getattr(job, field)
+    assert got == value and got <= high and math.isfinite(got)
+    assert got >= low if low is not None else got > 0

@@ -283,9 +283,12 @@ def test_a_run_supervisor_is_found_by_its_run_directory(tmp_path: Path) -> None:
 def test_last_event_id_parser_never_raises(text) -> None:
     from lorasup.supervisor.serve.api import _position
 
-    index, offset = _position(text)
-    assert index >= 0 and offset >= 0
-    assert _position("3:120") == (2, 120) and _position("junk") == (0, 0)
+    position = _position(text)
+    assert position is None or (position[0] >= 0 and position[1] >= 0)
+    assert _position("3:120") == (2, 120) and _position(None) == (0, 0)
+    # malformed: refused (400), never read as "from the start"
+    for bad in ("junk", "²:1", "1:" + "9" * 30, "1:2:3", " 1:2", "-1:5"):
+        assert _position(bad) is None
 
 
 @given(st.binary(max_size=60))
@@ -320,3 +323,68 @@ def test_job_from_the_request_body() -> None:
                          ({"toml": "job = 3"}, r"\[job\] must be a table")):
         with pytest.raises(jobspec.JobError, match=message):
             jobspec.values_from_payload(bad)
+
+
+@given(st.text(max_size=30))
+def test_a_job_name_is_text_without_control_characters(name: str) -> None:
+    import unicodedata
+
+    try:
+        assert jobspec.check_name(name) == name
+    except jobspec.JobError as exc:
+        assert str(exc).startswith("invalid name: ") and "\n" not in str(exc)
+        assert any(unicodedata.category(c) in ("Cc", "Cs", "Zl", "Zp") for c in name)
+        return
+    assert not any(unicodedata.category(c) in ("Cc", "Cs", "Zl", "Zp") for c in name)
+    for bad in ("a\x00", "a\nb", "\x1b[31mred", "\x9b", "\ud800"):
+        with pytest.raises(jobspec.JobError):
+            jobspec.check_name(bad)
+
+
+def test_a_submit_key_names_one_job_for_24_hours(tmp_path: Path) -> None:
+    import contextlib
+    import sqlite3
+    import time
+
+    from lorasup.supervisor.serve.store import SUBMIT_KEY_SECONDS, Store
+
+    store = Store(tmp_path / "lorasup.db")
+    try:
+        first, new = store.add_job_once(_spec(), "k1")
+        assert new and store.submitted("k1") == first
+        assert store.add_job_once(_spec(), "k1") == (first, False)
+        assert len(store.jobs()) == 1
+        # the key went in with the job: there is no job without its key
+        with contextlib.closing(sqlite3.connect(tmp_path / "lorasup.db")) as other:
+            assert other.execute("SELECT job_id FROM submits WHERE key = 'k1'").fetchone() == (
+                first,)
+        # 24 h later the key is forgotten (and purged by the next keyed submit)
+        later = time.time() + SUBMIT_KEY_SECONDS + 1
+        assert store.submitted("k1", now=later) is None
+        store.db.execute("UPDATE submits SET created = created - ?", (SUBMIT_KEY_SECONDS + 1,))
+        second, new = store.add_job_once(_spec(), "k1")
+        assert new and second != first and len(store.jobs()) == 2
+        assert store.db.execute("SELECT COUNT(*) FROM submits").fetchone()[0] == 1
+    finally:
+        store.close()
+
+
+@given(st.one_of(
+    st.binary(max_size=80),
+    st.recursive(st.one_of(st.none(), st.integers(), st.text(max_size=5)),
+                 lambda inner: st.one_of(st.lists(inner, max_size=2),
+                                         st.dictionaries(st.text(max_size=3), inner,
+                                                         max_size=2)),
+                 max_leaves=8).map(lambda v: json.dumps({"job": v}).encode()),
+    st.integers(1, 3000).map(lambda n: b'{"a":' + b"[" * n + b"]" * n + b"}"),
+    st.integers(4290, 4310).map(lambda n: b'{"steps":' + b"9" * n + b"}")))
+def test_request_body_parser_gives_an_object_or_a_400(body: bytes) -> None:
+    from lorasup.supervisor.serve.api import MAX_DEPTH, _depth, parse_body
+    from lorasup.supervisor.serve.errors import ApiError
+
+    try:
+        payload = parse_body(body)
+    except ApiError as exc:
+        assert exc.status == 400 and exc.message and "\n" not in exc.message
+        return
+    assert isinstance(payload, dict) and _depth(payload) <= MAX_DEPTH

@@ -2,28 +2,44 @@
 
 On the UNIX socket, access to the socket (mode 0660) is the authorisation; on the optional
 TCP listener every request needs ``Authorization: Bearer <token>``. Errors are JSON:
-``{"error": "one line"}``. ``GET /jobs/{id}/events`` streams events.jsonl of every attempt
-as server-sent events (``event:`` the kind, ``data:`` the JSON record with its
-``attempt``, ``id:`` a resumable position), so a web page can draw live loss curves.
+``{"error": "one line"}``, for every status; no request, however malformed, gets a
+traceback: the outermost layer (``Guard``) turns anything unexpected into a JSON 500 and logs
+it. ``GET /jobs/{id}/events`` streams events.jsonl of every attempt as server-sent events
+(``event:`` the kind, ``data:`` the JSON record with its ``attempt``, ``id:`` a resumable
+position), so a web page can draw live loss curves.
+
+The API is handed a ``JobsApi`` (errors.py), not the daemon: it imports nothing of it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hmac
+import json
+import re
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import anyio
+import structlog
 
-from lorasup.supervisor.serve.daemon import ApiError
+from lorasup.supervisor.serve.errors import ApiError, JobsApi
 from lorasup.supervisor.serve.runs import LOG_NAME
 from lorasup.supervisor.serve.store import StoreUnavailable
 
-if TYPE_CHECKING:
-    from lorasup.supervisor.serve.daemon import Daemon
+log = structlog.get_logger("lorasup.serve.api")
 
+#: the largest request body (a job is a few KiB); larger ones get 413 unread
+MAX_BODY = 1024 * 1024
+#: JSON nesting a job may have ({"job": {"options": {...}}} is 3)
+MAX_DEPTH = 32
+#: a job id in a path: a plain decimal that fits SQLite's integer
+JOB_ID = re.compile(r"[0-9]{1,18}")
+#: ``Last-Event-ID`` / ``?from=``: attempt:offset, as the stream writes them
+POSITION = re.compile(r"([0-9]{1,9}):([0-9]{1,18})")
+#: an ``Idempotency-Key``: visible ASCII (a uuid4 from ``lorasup submit``)
+IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")
 #: bytes read per step while streaming a file
 STREAM_BLOCK = 256 * 1024
 FOLLOW_SECONDS = 0.25
@@ -46,16 +62,66 @@ def _read_lines(path: Path, offset: int) -> tuple[bytes, int]:
     return data[:end + 1], offset + end + 1
 
 
-def _position(text: str | None) -> tuple[int, int]:
-    """``Last-Event-ID`` → (attempt index, byte offset); the start when absent or odd."""
-    if text:
-        left, _, right = text.partition(":")
-        if left.isdigit() and right.isdigit():
-            return max(int(left) - 1, 0), int(right)
-    return 0, 0
+def _position(text: str | None) -> tuple[int, int] | None:
+    """``Last-Event-ID`` → (attempt index, byte offset); the start when absent or empty;
+    None when malformed (the request is refused: a client that sends a position it did not
+    get from us would otherwise silently get the whole stream again)."""
+    if not text:
+        return 0, 0
+    found = POSITION.fullmatch(text)
+    if found is None:
+        return None
+    return max(int(found[1]) - 1, 0), int(found[2])
 
 
-async def follow_files(daemon: Daemon, job_id: int, name: str, follow: bool,
+def _depth(value: Any) -> int:
+    """How deeply lists and objects nest in a parsed JSON value (iteratively)."""
+    deepest = 0
+    todo = [(value, 1)]
+    while todo:
+        item, level = todo.pop()
+        if isinstance(item, dict | list):
+            deepest = max(deepest, level)
+            if level > MAX_DEPTH:
+                return level
+            todo.extend((v, level + 1) for v in (item.values() if isinstance(item, dict)
+                                                  else item))
+    return deepest
+
+
+def parse_body(body: bytes) -> dict[str, Any]:
+    """A request body as a JSON object, or ApiError(400) naming what is wrong with it."""
+    try:
+        payload = json.loads(body)
+    except RecursionError:
+        raise ApiError(400, f"the body is nested too deeply (at most {MAX_DEPTH} levels)"
+                       ) from None
+    except json.JSONDecodeError as exc:
+        raise ApiError(400, f"the body is not JSON: {exc}") from None
+    except UnicodeDecodeError:
+        raise ApiError(400, "the body is not UTF-8 text") from None
+    except ValueError as exc:  # an integer of more than 4300 digits
+        raise ApiError(400, f"the body holds a number too long to read: "
+                            f"{str(exc).splitlines()[0][:120]}") from None
+    if not isinstance(payload, dict):
+        raise ApiError(400, "the body must be a JSON object")
+    if _depth(payload) > MAX_DEPTH:
+        raise ApiError(400, f"the body is nested too deeply (at most {MAX_DEPTH} levels)")
+    return payload
+
+
+def _is_json(content_type: str) -> bool:
+    media = content_type.split(";", 1)[0].strip().lower()
+    return media == "application/json" or (media.startswith("application/")
+                                            and media.endswith("+json"))
+
+
+def _shown(text: str) -> str:
+    """A piece of a request in an error message: short, and escaped (no control bytes)."""
+    return ascii(text[:40]) + ("..." if len(text) > 40 else "")
+
+
+async def follow_files(daemon: JobsApi, job_id: int, name: str, follow: bool,
                        start: tuple[int, int] = (0, 0)
                        ) -> AsyncIterator[tuple[int, int, bytes] | None]:
     """(attempt number, offset after, lines) of ``name`` in each attempt's run directory, in
@@ -90,46 +156,52 @@ async def follow_files(daemon: Daemon, job_id: int, name: str, follow: bool,
         await anyio.sleep(FOLLOW_SECONDS)
 
 
-def make_app(daemon: Daemon, token: str | None = None) -> Any:
+def make_app(daemon: JobsApi, token: str | None = None) -> Any:
+    """The ASGI app: starlette's routes inside ``Guard`` (and ``BearerAuth`` on TCP)."""
     from starlette.applications import Starlette
     from starlette.exceptions import HTTPException
     from starlette.requests import Request
-    from starlette.responses import JSONResponse, Response, StreamingResponse
+    from starlette.responses import Response, StreamingResponse
     from starlette.routing import Route
 
     def job_id(request: Request) -> int:
         text = request.path_params["job_id"]
-        if not text.isdigit():
-            raise ApiError(404, f"no job {text}")
+        if JOB_ID.fullmatch(text) is None:
+            raise ApiError(404, f"no job {_shown(text)} (a job id is a plain decimal number)")
         return int(text)
 
     async def submit(request: Request) -> Response:
-        try:
-            payload = await request.json()
-        except ValueError:
-            raise ApiError(400, "the body is not JSON") from None
-        if not isinstance(payload, dict):
-            raise ApiError(400, "the body must be a JSON object")
-        return JSONResponse(await daemon.submit(payload), status_code=201)
+        if not _is_json(request.headers.get("content-type", "")):
+            raise ApiError(415, "the body must be JSON (Content-Type: application/json): "
+                                '{"job": {...}} or {"toml": "..."}')
+        key = request.headers.get("idempotency-key")
+        if key is not None and IDEMPOTENCY_KEY.fullmatch(key) is None:
+            raise ApiError(400, "invalid Idempotency-Key: 1 to 255 visible ASCII characters")
+        payload = parse_body(await request.body())
+        job, new = await daemon.submit(payload, key)
+        return json_response(job, 201 if new else 200)
 
     async def jobs(request: Request) -> Response:
         limit = request.query_params.get("limit", "")
-        return JSONResponse({"jobs": daemon.list_jobs(int(limit) if limit.isdigit() else None)})
+        if limit and not (limit.isascii() and limit.isdigit() and len(limit) <= 9):
+            raise ApiError(400, f"invalid limit {_shown(limit)}: a whole number of jobs")
+        return json_response({"jobs": daemon.list_jobs(int(limit) if limit else None)})
 
     async def job(request: Request) -> Response:
-        return JSONResponse(daemon.show(job_id(request)))
+        return json_response(daemon.show(job_id(request)))
 
     async def cancel(request: Request) -> Response:
-        return JSONResponse(daemon.cancel(job_id(request)))
+        return json_response(daemon.cancel(job_id(request)))
 
     async def report(request: Request) -> Response:
-        dirs = daemon.run_dirs(job_id(request))
+        ident = job_id(request)
+        dirs = daemon.run_dirs(ident)
         for run_dir in reversed(dirs):
             path = run_dir / "report.json"
             data = await anyio.to_thread.run_sync(_read_or_none, path)
             if data is not None:
                 return Response(data, media_type="application/json")
-        raise ApiError(404, f"job {job_id(request)} has no report yet")
+        raise ApiError(404, f"job {ident} has no report yet")
 
     def _follow_flag(request: Request) -> bool:
         return request.query_params.get("follow", "1") not in ("0", "false", "no")
@@ -137,8 +209,11 @@ def make_app(daemon: Daemon, token: str | None = None) -> Any:
     async def events(request: Request) -> Response:
         ident = job_id(request)
         daemon.run_dirs(ident)  # 404 before the stream starts
-        start = _position(request.headers.get("last-event-id")
-                          or request.query_params.get("from"))
+        given = request.headers.get("last-event-id") or request.query_params.get("from")
+        start = _position(given)
+        if start is None:
+            raise ApiError(400, f"invalid Last-Event-ID {_shown(given or '')}: "
+                                "ATTEMPT:OFFSET as an id: line of this stream gave it")
 
         async def stream() -> AsyncIterator[bytes]:
             async for item in follow_files(daemon, ident, "events.jsonl",
@@ -177,17 +252,15 @@ def make_app(daemon: Daemon, token: str | None = None) -> Any:
         return StreamingResponse(stream(), media_type="text/plain; charset=utf-8")
 
     async def metrics(request: Request) -> Response:
-        from lorasup.supervisor.serve.metrics import render
-
-        body, content_type = render(daemon)
+        body, content_type = daemon.metrics()
         return Response(body, media_type=content_type)
 
     async def healthz(request: Request) -> Response:
-        return JSONResponse(daemon.health())
+        return json_response(daemon.health())
 
     async def api_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, ApiError)
-        return JSONResponse({"error": exc.message}, status_code=exc.status)
+        return json_response({"error": exc.message}, exc.status, close=exc.status == 413)
 
     async def store_error(request: Request, exc: Exception) -> Response:
         # The database is locked by another process or the disk is full: try again later.
@@ -197,7 +270,11 @@ def make_app(daemon: Daemon, token: str | None = None) -> Any:
 
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
-        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code)
+        return json_response({"error": str(exc.detail)}, exc.status_code)
+
+    async def internal_error(request: Request, exc: Exception) -> Response:
+        # starlette's last resort answers with this, then re-raises to Guard, which logs
+        return json_response({"error": _internal(exc)}, 500)
 
     routes = [
         Route("/jobs", submit, methods=["POST"]),
@@ -210,10 +287,99 @@ def make_app(daemon: Daemon, token: str | None = None) -> Any:
         Route("/metrics", metrics, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),
     ]
-    app = Starlette(routes=routes, exception_handlers={ApiError: api_error,
-                                                        HTTPException: http_error,
-                                                        StoreUnavailable: store_error})
-    return app if token is None else BearerAuth(app, token)
+    app = Starlette(routes=routes, exception_handlers={
+        ApiError: api_error, HTTPException: http_error, StoreUnavailable: store_error,
+        Exception: internal_error})
+    return Guard(app if token is None else BearerAuth(app, token))
+
+
+def json_response(content: Any, status: int = 200, close: bool = False) -> Any:
+    """A JSON response that any value the API holds can be written as: text that is not
+    valid Unicode (a lone surrogate from a ``\\ud800`` escape) is sent escaped. ``close``:
+    the connection ends after it (a refused body is not read to its end first)."""
+    from starlette.responses import Response
+
+    try:
+        body = json.dumps(content, ensure_ascii=False, separators=(",", ":")).encode()
+    except UnicodeEncodeError:
+        body = json.dumps(content, separators=(",", ":")).encode()
+    return Response(body, status_code=status, media_type="application/json",
+                    headers={"Connection": "close"} if close else None)
+
+
+def _internal(exc: BaseException) -> str:
+    """The one line a client gets for a fault of the daemon's own (no traceback)."""
+    text = (str(exc).splitlines() or [""])[0][:200]
+    return f"internal: {type(exc).__name__}" + (f": {text}" if text else "")
+
+
+async def _send_json(send: Any, status: int, content: dict[str, Any]) -> None:
+    """A JSON answer written by Guard itself; the connection is closed after it (a body may
+    be left unread)."""
+    body = json.dumps(content).encode()
+    await send({"type": "http.response.start", "status": status, "headers": [
+        (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+        (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": body})
+
+
+class Guard:
+    """The outermost ASGI layer: a body over MAX_BODY is refused (413) from its
+    Content-Length before a byte of it is read, or, sent in chunks, as soon as the count
+    passes the limit; any exception that reaches here is logged and answered with a JSON
+    500 (when the response has not started), so no request ever gets a traceback."""
+
+    def __init__(self, app: Callable[..., Any], max_body: int = MAX_BODY) -> None:
+        self.app = app
+        self.max_body = max_body
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        too_big = ApiError(413, f"the body is larger than {self.max_body} bytes")
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and (not length.isdigit() or len(length) > 18):
+            await _send_json(send, 400, {"error": "invalid Content-Length"})
+            return
+        if length is not None and int(length) > self.max_body:
+            await _send_json(send, too_big.status, {"error": too_big.message})
+            return
+        started = False
+        received = 0
+
+        async def counting_receive() -> Any:
+            nonlocal received
+            message = await receive()
+            if message.get("type") == "http.request":
+                received += len(message.get("body") or b"")
+                if received > self.max_body:
+                    raise too_big
+            return message
+
+        async def watching_send(message: Any) -> None:
+            nonlocal started
+            if message.get("type") == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, counting_receive, watching_send)
+        except ApiError as exc:  # raised outside starlette's handlers (none today)
+            if not started:
+                await _send_json(send, exc.status, {"error": exc.message})
+        except Exception as exc:
+            from starlette.requests import ClientDisconnect
+
+            if isinstance(exc, ClientDisconnect):  # the client left before its body came
+                log.info("api_client_gone", method=scope.get("method"),
+                         path=ascii(str(scope.get("path", ""))[:200]))
+                return
+            log.error("api_internal_error", method=scope.get("method"),
+                      path=ascii(str(scope.get("path", ""))[:200]), error=_internal(exc),
+                      exc_info=exc)
+            if not started:
+                await _send_json(send, 500, {"error": _internal(exc)})
 
 
 def _kind(line: bytes) -> bytes:
@@ -253,7 +419,7 @@ class BearerAuth:
         await self.app(scope, receive, send)
 
 
-def make_server(daemon: Daemon, token: str | None = None) -> Any:
+def make_server(daemon: JobsApi, token: str | None = None) -> Any:
     """A uvicorn server for one socket, without its own signal handling (the daemon's)."""
     import uvicorn
 
@@ -264,5 +430,31 @@ def make_server(daemon: Daemon, token: str | None = None) -> Any:
 
     config = uvicorn.Config(make_app(daemon, token), lifespan="off", log_config=None,
                             access_log=False, ws="none", timeout_graceful_shutdown=1,
-                            log_level="warning")
+                            log_level="warning", http=_json_400_protocol())
     return Server(config)
+
+
+def _json_400_protocol() -> Any:
+    """uvicorn's h11 protocol, answering a request it cannot parse (a malformed request
+    line or header) in JSON like every other error. Plain "h11" where uvicorn's internals
+    differ from what this was written against."""
+    try:
+        import h11
+        from uvicorn.protocols.http.h11_impl import H11Protocol
+    except ImportError:  # pragma: no cover - uvicorn without h11
+        return "auto"
+    if not hasattr(H11Protocol, "send_400_response"):  # pragma: no cover
+        return "h11"
+
+    class JsonErrorsH11(H11Protocol):  # type: ignore[misc]
+        def send_400_response(self, msg: str) -> None:
+            body = json.dumps({"error": f"bad HTTP request: {msg}"}).encode()
+            for event in (
+                    h11.Response(status_code=400, reason=b"Bad Request", headers=[
+                        (b"content-type", b"application/json"), (b"connection", b"close"),
+                        (b"content-length", str(len(body)).encode())]),
+                    h11.Data(data=body), h11.EndOfMessage()):
+                self.transport.write(self.conn.send(event))
+            self.transport.close()
+
+    return JsonErrorsH11

@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import json
 import socket
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -12,13 +13,29 @@ from urllib.parse import urlencode
 
 from lorasup.supervisor.serve import paths
 
+#: sysexits' EX_TEMPFAIL: the daemon went away in the middle of a request; try again later
+TEMPFAIL_EXIT = 75
+#: a connection that broke after the request went out (the daemon died or restarted)
+DROPPED: tuple[type[Exception], ...] = (ConnectionError, http.client.IncompleteRead,
+                                        http.client.BadStatusLine)
+
 
 class ClientError(Exception):
-    """One line for the user; ``code`` is the exit status (2: usage or no daemon)."""
+    """One line for the user; ``code`` is the exit status (2: usage or no daemon; 75: the
+    daemon went away mid-request)."""
 
     def __init__(self, message: str, code: int = 2) -> None:
         super().__init__(message)
         self.code = code
+
+
+class NoDaemon(ClientError):
+    """Nothing listens on the socket (exit 2)."""
+
+
+def _dropped(exc: BaseException) -> ClientError:
+    return ClientError(f"the connection to the daemon broke ({type(exc).__name__}); "
+                       "it may have stopped or restarted: try again", TEMPFAIL_EXIT)
 
 
 class _UnixConnection(http.client.HTTPConnection):
@@ -55,20 +72,37 @@ class Client:
         self.close()
 
     def _not_running(self) -> ClientError:
-        return ClientError(f"no lorasup daemon is listening on {self.socket} "
+        return NoDaemon(f"no lorasup daemon is listening on {self.socket} "
                            "(start one with `lorasup serve`, or pass --state-dir)")
 
-    def _open(self, method: str, url: str, body: Any = None, timeout: float | None = 30.0
+    def _open(self, method: str, url: str, body: Any = None, timeout: float | None = 30.0,
+              headers: dict[str, str] | None = None
               ) -> tuple[_UnixConnection, http.client.HTTPResponse]:
+        """Connect, send, read the status line. A missing socket or a refused connect is
+        "no daemon" (2); a connection that breaks after that is EX_TEMPFAIL (75)."""
         conn = _UnixConnection(self.socket, timeout)
         data = None if body is None else json.dumps(body).encode()
-        headers = {"Content-Type": "application/json"} if data is not None else {}
+        headers = dict(headers or {})
+        if data is not None:
+            headers["Content-Type"] = "application/json"
         try:
-            conn.request(method, url, body=data, headers=headers)
-            return conn, conn.getresponse()
+            conn.connect()
         except (FileNotFoundError, ConnectionRefusedError):
             conn.close()
             raise self._not_running() from None
+        except OSError as exc:
+            conn.close()
+            raise ClientError(f"talking to the daemon failed: {exc}", 1) from None
+        try:
+            conn.request(method, url, body=data, headers=headers)
+            return conn, conn.getresponse()
+        except DROPPED as exc:
+            conn.close()
+            raise _dropped(exc) from None
+        except TimeoutError:
+            conn.close()
+            raise ClientError(f"the daemon did not answer within {timeout:g} s",
+                              TEMPFAIL_EXIT) from None
         except (OSError, http.client.HTTPException) as exc:
             conn.close()
             raise ClientError(f"talking to the daemon failed: {exc}", 1) from None
@@ -81,24 +115,57 @@ class Client:
             message = data.decode(errors="replace")
         return ClientError(str(message).strip(), 2 if status < 500 else 1)
 
-    def request(self, method: str, url: str, body: Any = None) -> Any:
-        conn, response = self._open(method, url, body, self.timeout)
+    def _exchange(self, method: str, url: str, body: Any, headers: dict[str, str] | None
+                  ) -> tuple[int, bytes]:
+        conn, response = self._open(method, url, body, self.timeout, headers)
         try:
-            data = response.read()
+            return response.status, response.read()
+        except DROPPED as exc:
+            raise _dropped(exc) from None
+        except TimeoutError:
+            raise ClientError(f"the daemon did not answer within {self.timeout:g} s",
+                              TEMPFAIL_EXIT) from None
         except (OSError, http.client.HTTPException) as exc:
             raise ClientError(f"talking to the daemon failed: {exc}", 1) from None
         finally:
             conn.close()
-        if response.status >= 400:
-            raise self._error(response.status, data)
-        return json.loads(data)
+
+    def request(self, method: str, url: str, body: Any = None,
+                headers: dict[str, str] | None = None, retry_dropped: bool = False) -> Any:
+        """One request; with ``retry_dropped`` (a submit with its Idempotency-Key) a
+        connection that broke mid-request is tried once more (a restarted daemon, a
+        dropped connection), with the same key."""
+        try:
+            status, data = self._exchange(method, url, body, headers)
+        except ClientError as exc:
+            if not (retry_dropped and exc.code == TEMPFAIL_EXIT):
+                raise
+            try:
+                status, data = self._exchange(method, url, body, headers)
+            except NoDaemon:
+                raise exc from None  # the daemon died: the first break is the news
+        if status >= 400:
+            raise self._error(status, data)
+        try:
+            return json.loads(data)
+        except ValueError:
+            raise ClientError("the daemon's answer is not JSON", 1) from None
 
     def stream(self, url: str, params: dict[str, str]) -> Iterator[bytes]:
         conn, response = self._open("GET", f"{url}?{urlencode(params)}", timeout=None)
         try:
             if response.status >= 400:
                 raise self._error(response.status, response.read())
-            while chunk := response.read1(65536):
+            while True:
+                try:
+                    chunk = response.read1(65536)
+                except DROPPED as exc:
+                    raise _dropped(exc) from None
+                except (OSError, http.client.HTTPException) as exc:
+                    raise ClientError(f"reading from the daemon failed: {exc}",
+                                      TEMPFAIL_EXIT) from None
+                if not chunk:
+                    return
                 yield chunk
         finally:
             conn.close()
@@ -119,7 +186,10 @@ class Client:
             payload["name"] = name
         if priority is not None:
             payload["priority"] = priority
-        return self.request("POST", "/jobs", payload)
+        # One key per invocation: a retry after a lost reply gets the job the first try
+        # queued (the daemon keeps keys 24 h), never a second one.
+        key = {"Idempotency-Key": str(uuid.uuid4())}
+        return self.request("POST", "/jobs", payload, headers=key, retry_dropped=True)
 
     def jobs(self) -> list[dict[str, Any]]:
         return self.request("GET", "/jobs")["jobs"]

@@ -8,6 +8,7 @@ stays fast.
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -62,9 +63,21 @@ def _daemon_config(config: Path | None) -> dict[str, Any]:
     except JobError as exc:
         raise _fail(f"{config}: {exc}") from None
     backoff = data.get("retry_backoff", 10.0)
-    if isinstance(backoff, bool) or not isinstance(backoff, int | float) or backoff < 0:
-        raise _fail(f"{config}: retry_backoff must be a number of seconds ≥ 0")
+    if isinstance(backoff, bool) or not isinstance(backoff, int | float) or not _seconds(backoff):
+        raise _fail(f"{config}: retry_backoff must be a number of seconds from 0 to "
+                    f"{_max_seconds()} (ten years)")
     return {"notify": notify, "retry_backoff": float(backoff)}
+
+
+def _max_seconds() -> int:
+    from lorasup.supervisor.config import MAX_SECONDS  # pydantic: not at every CLI start
+
+    return MAX_SECONDS
+
+
+def _seconds(value: float) -> bool:
+    """A duration the daemon can do arithmetic with: finite, 0..MAX_SECONDS (config.py)."""
+    return math.isfinite(value) and 0 <= value <= _max_seconds()
 
 
 def serve(
@@ -88,7 +101,8 @@ def serve(
 
     from lorasup.supervisor import logs
     from lorasup.supervisor.serve import paths
-    from lorasup.supervisor.serve.daemon import ApiError, Daemon, DaemonConfig
+    from lorasup.supervisor.serve.daemon import Daemon, DaemonConfig
+    from lorasup.supervisor.serve.errors import ApiError
     from lorasup.supervisor.serve.gpus import GpuSpecError
 
     if log_format not in ("auto", "json", "console"):
@@ -105,9 +119,14 @@ def serve(
             raise _fail(f"the token in {token_file} is too short (16 characters at least)")
     settings = _daemon_config(config)
     if retry_backoff is not None:
-        if retry_backoff < 0:
-            raise _fail("--retry-backoff must be 0 or more")
+        if not _seconds(retry_backoff):
+            raise _fail(f"--retry-backoff must be a number of seconds from 0 to "
+                        f"{_max_seconds()}")
         settings["retry_backoff"] = retry_backoff
+    from lorasup.supervisor.config import SLOTS_RANGE
+
+    if not SLOTS_RANGE[0] <= slots <= SLOTS_RANGE[1]:
+        raise _fail(f"--slots must be from {SLOTS_RANGE[0]} to {SLOTS_RANGE[1]}")
     logs.configure(log_format)  # type: ignore[arg-type]
     try:
         daemon = Daemon(DaemonConfig(state_dir=paths.state_dir(state_dir), slots=slots,

@@ -10,6 +10,7 @@ SIGTERM/SIGINT into a graceful stop of every run (re-queued, resumed by the next
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import secrets
@@ -27,6 +28,7 @@ from lorasup.supervisor.notify import Notifier
 from lorasup.supervisor.serve import gpus as gpu_slots
 from lorasup.supervisor.serve import jobspec, listening, paths, scheduler
 from lorasup.supervisor.serve import store as stores
+from lorasup.supervisor.serve.errors import ApiError
 from lorasup.supervisor.serve.hooks import Webhooks
 from lorasup.supervisor.serve.procid import Identity, kill_group, start_time
 from lorasup.supervisor.serve.runs import (
@@ -77,6 +79,11 @@ def _fault(point: str) -> None:
     """The crash a test asks for at ``point`` (nothing unless LORASUP_FAULT names it)."""
     if os.environ.get(FAULT_ENV) == point:
         os.kill(os.getpid(), signal.SIGKILL)
+#: how long a settled job waits for its run's final report.json (it is written after the
+#: outcome event, once the CSV and the plot are done)
+REPORT_WAIT = 30.0
+
+__all__ = ["ApiError", "Daemon", "DaemonConfig"]
 
 
 def _json_number(value: float | None) -> float | str | None:
@@ -86,13 +93,13 @@ def _json_number(value: float | None) -> float | str | None:
     return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
 
 
-class ApiError(Exception):
-    """A refused request: HTTP status and one line for the user."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
+def _has_outcome(report: Path) -> bool:
+    """report.json exists, reads as JSON and names the run's outcome."""
+    try:
+        data = json.loads(report.read_bytes())
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(data, dict) and isinstance(data.get("outcome"), str)
 
 
 @dataclass
@@ -660,6 +667,8 @@ class Daemon:
         assert self.store is not None
         await anyio.to_thread.run_sync(run.follower.drain)
         p = run.progress
+        if p.outcome is not None:
+            await self._report_written(run)
         job = self.store.job(run.job_id)
         assert job is not None
         outcome = p.outcome.get("outcome") if p.outcome else None
@@ -703,6 +712,24 @@ class Daemon:
             self._final(run.job_id)
         self.wake()
         self._update_status()
+
+    async def _report_written(self, run: Running) -> None:
+        """A job reads final only once its report can be read: the run writes report.json
+        after its outcome event (the CSV and the plot first). Wait for a report with an
+        outcome, or for the run's supervisor to be gone (nothing more will come), at most
+        REPORT_WAIT. The trainer is gone already: its slot is free for the next job meanwhile
+        (as it was before this wait), so a slow plot costs no GPU time."""
+        path = run.run_dir / "report.json"
+        if await anyio.to_thread.run_sync(_has_outcome, path):
+            return
+        run.slots = ()
+        self.wake()
+        with anyio.move_on_after(REPORT_WAIT):
+            while not await anyio.to_thread.run_sync(_has_outcome, path):
+                if run.identity is None or not await anyio.to_thread.run_sync(
+                        run.identity.alive):
+                    return
+                await anyio.sleep(0.05)
 
     def _final(self, job_id: int) -> None:
         """A job reached a final state: webhooks (per job and daemon-wide). A failure here
@@ -795,8 +822,13 @@ class Daemon:
             raise ApiError(404, f"no job {job_id}")
         return job
 
-    async def submit(self, payload: dict[str, Any]) -> dict[str, Any]:
+    async def submit(self, payload: dict[str, Any], key: str | None = None
+                     ) -> tuple[dict[str, Any], bool]:
+        """Queue a job; (the job, True when new). With ``key`` (an Idempotency-Key) a
+        repeated submit gets the job the first one queued."""
         assert self.store is not None
+        if key is not None and (known := self.store.submitted(key)) is not None:
+            return self.describe(self._job(known)), False
         if not self.accepting:
             raise ApiError(503, "the daemon is stopping; no new jobs")
         try:
@@ -815,15 +847,24 @@ class Daemon:
                                 f"this daemon has {len(self.slots)}")
         if not self.gpu_mode and spec.gpus > 0 and self.config.gpus.strip().lower() != "auto":
             raise ApiError(400, "invalid gpus: this daemon runs without GPUs (--gpus none)")
+        # From here to the commit nothing awaits: a concurrent submit with the same key
+        # sees either no job or this one, never a half.
+        if key is not None and (known := self.store.submitted(key)) is not None:
+            return self.describe(self._job(known)), False
         self._refuse_duplicates(spec)
         if not self.accepting:
             raise ApiError(503, "the daemon is stopping; no new jobs")
-        job_id = self.store.add_job(spec)
+        if key is None:
+            job_id = self.store.add_job(spec)
+        else:
+            job_id, new = self.store.add_job_once(spec, key)
+            if not new:
+                return self.describe(self._job(job_id)), False
         log.info("job_queued", job=job_id, name=spec.name, priority=spec.priority,
                  trainer=spec.trainer, steps=spec.steps)
         self.wake()
         self._update_status()
-        return self.describe(self._job(job_id))
+        return self.describe(self._job(job_id)), True
 
     def _refuse_duplicates(self, spec: jobspec.JobSpec) -> None:
         """Two queued/running jobs never write one output or run directory."""
@@ -913,6 +954,11 @@ class Daemon:
         else:
             raise ApiError(409, f"job {job_id} is already {job.state}")
         return self.describe(self._job(job_id))
+
+    def metrics(self) -> tuple[bytes, str]:
+        from lorasup.supervisor.serve.metrics import render
+
+        return render(self)
 
     def health(self) -> dict[str, Any]:
         assert self.store is not None

@@ -13,13 +13,20 @@ import json
 import math
 import os
 import shutil
+import unicodedata
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from lorasup.supervisor.config import ConfigError, build_job
+from lorasup.supervisor.config import (
+    GPUS_RANGE,
+    PRIORITY_RANGE,
+    RETRIES_RANGE,
+    ConfigError,
+    build_job,
+)
 
 #: keys only the daemon reads; never passed on to ``lorasup start``
 DAEMON_KEYS = ("name", "priority", "gpus", "cwd", "retries", "notify")
@@ -27,7 +34,7 @@ DAEMON_KEYS = ("name", "priority", "gpus", "cwd", "retries", "notify")
 PLACEMENT_KEYS = ("run_dir", "run_id", "logs_dir")
 NOTIFY_KEYS = {"webhook", "secret", "format"}
 NOTIFY_FORMATS = ("json", "slack", "discord")
-MAX_RETRIES = 100
+MAX_RETRIES = RETRIES_RANGE[1]
 MAX_NAME = 200
 
 
@@ -53,6 +60,19 @@ class JobSpec:
     run_dir: str | None
     logs_dir: str | None
     output_dirs: tuple[str, ...] = field(default_factory=tuple)
+
+
+def check_name(name: Any) -> str:
+    """A job name is shown by ``ps`` and in logs: text without control characters (a NUL, a
+    newline or an ESC sequence would forge lines or repaint a terminal)."""
+    if not isinstance(name, str) or len(name) > MAX_NAME:
+        raise JobError(f"invalid name: must be a string of at most {MAX_NAME} characters")
+    for char in name:
+        if unicodedata.category(char) in ("Cc", "Cs", "Zl", "Zp"):
+            what = "a lone surrogate" if unicodedata.category(char) == "Cs" else (
+                f"the control character U+{ord(char):04X}")
+            raise JobError(f"invalid name: {what} is not allowed in a job name")
+    return name
 
 
 def _int(values: dict[str, Any], key: str, default: int, low: int, high: int) -> int:
@@ -112,12 +132,10 @@ def parse(values: dict[str, Any], *, cwd: str, scratch: Path, name: str | None =
         job_cwd = Path(cwd) / job_cwd
     if not job_cwd.is_dir():
         raise JobError(f"invalid cwd: not a folder: {job_cwd}")
-    job_name = values.get("name", "")
-    if not isinstance(job_name, str) or len(job_name) > MAX_NAME:
-        raise JobError(f"invalid name: must be a string of at most {MAX_NAME} characters")
-    spec_priority = _int(values, "priority", 0, -1_000_000, 1_000_000)
-    gpus = _int(values, "gpus", 0, 0, 64)
-    retries = _int(values, "retries", 0, 0, MAX_RETRIES)
+    job_name = check_name(values.get("name", ""))
+    spec_priority = _int(values, "priority", 0, *PRIORITY_RANGE)
+    gpus = _int(values, "gpus", 0, *GPUS_RANGE)
+    retries = _int(values, "retries", 0, *RETRIES_RANGE)
     notify = check_notify(values.get("notify"))
     start_values = {k: v for k, v in values.items() if k not in DAEMON_KEYS}
     start_values["cwd"] = str(job_cwd)
@@ -192,6 +210,10 @@ def values_from_payload(payload: dict[str, Any]) -> dict[str, Any]:
             values = tomllib.loads(payload["toml"])
         except tomllib.TOMLDecodeError as exc:
             raise JobError(f"cannot read the job: {exc}") from None
+        except ValueError as exc:  # a number of more digits than Python converts (4300)
+            raise JobError(f"cannot read the job: {str(exc).splitlines()[0][:200]}") from None
+        except RecursionError:
+            raise JobError("cannot read the job: nested too deeply") from None
         table = values.pop("job", {})
         if not isinstance(table, dict):
             raise JobError("[job] must be a table")

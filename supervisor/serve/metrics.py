@@ -8,10 +8,36 @@ exist only for the running jobs (at most one per slot).
 from __future__ import annotations
 
 import bisect
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
-    from lorasup.supervisor.serve.daemon import Daemon
+    from lorasup.supervisor.serve.runs import Progress
+    from lorasup.supervisor.serve.scheduler import Slot
+    from lorasup.supervisor.serve.store import Store
+
+
+class RunView(Protocol):
+    """What the metrics read of one running attempt."""
+
+    @property
+    def slots(self) -> tuple[Slot, ...]: ...
+
+    @property
+    def progress(self) -> Progress: ...
+
+
+class Source(Protocol):
+    """What the metrics read of the daemon (it satisfies this; no import of it here)."""
+
+    @property
+    def store(self) -> Store | None: ...
+
+    @property
+    def running(self) -> Mapping[int, RunView]: ...
+
+    @property
+    def slots(self) -> Sequence[Slot]: ...
 
 #: run duration buckets (seconds): a minute to a day
 DURATION_BUCKETS = (60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0, 14400.0, 28800.0, 86400.0)
@@ -20,7 +46,7 @@ DURATION_BUCKETS = (60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0, 14400.0, 28800.0
 class DaemonCollector:
     """Read at scrape time from the store and the daemon's memory; holds no state itself."""
 
-    def __init__(self, daemon: Daemon) -> None:
+    def __init__(self, daemon: Source) -> None:
         self.daemon = daemon
 
     def collect(self) -> Any:
@@ -79,7 +105,7 @@ class DaemonCollector:
                                     "attempts.", buckets=buckets, sum_value=sum(durations))
 
 
-def render(daemon: Daemon) -> tuple[bytes, str]:
+def render(daemon: Source) -> tuple[bytes, str]:
     from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
     from prometheus_client.process_collector import ProcessCollector
 

@@ -81,7 +81,15 @@ CREATE TABLE IF NOT EXISTS attempts (
     steps INTEGER,
     PRIMARY KEY (job_id, n)
 );
+CREATE TABLE IF NOT EXISTS submits (
+    key TEXT PRIMARY KEY,
+    job_id INTEGER NOT NULL,
+    created REAL NOT NULL
+);
 """
+
+#: how long an ``Idempotency-Key`` names its job (a client's retry comes within seconds)
+SUBMIT_KEY_SECONDS = 24 * 3600
 
 
 @dataclass
@@ -556,3 +564,34 @@ class Store:
     def attempts(self, job_id: int) -> list[AttemptRow]:
         return [AttemptRow(**dict(r)) for r in self.db.execute(
             "SELECT * FROM attempts WHERE job_id = ? ORDER BY n", (job_id,))]
+
+    # -- idempotent submits (POST /jobs with an Idempotency-Key) ---------------------------
+
+    def submitted(self, key: str, now: float | None = None) -> int | None:
+        """The job an earlier submit with ``key`` queued (within SUBMIT_KEY_SECONDS)."""
+        since = (time.time() if now is None else now) - SUBMIT_KEY_SECONDS
+        row = self.db.execute("SELECT job_id FROM submits WHERE key = ? AND created > ?",
+                              (key, since)).fetchone()
+        return int(row[0]) if row else None
+
+    def add_job_once(self, spec: JobSpec, key: str) -> tuple[int, bool]:
+        """(job id, True when new): the job queued earlier with ``key``, else a new one. The
+        key is written in the job's own transaction: no job is committed without its key, so
+        a client that lost the reply and retries gets this job, never a second one."""
+        now = time.time()
+        with self.db:
+            self.db.execute("DELETE FROM submits WHERE created <= ?",
+                            (now - SUBMIT_KEY_SECONDS,))
+            row = self.db.execute("SELECT job_id FROM submits WHERE key = ?",
+                                  (key,)).fetchone()
+            if row:
+                return int(row[0]), False
+            cur = self.db.execute(
+                "INSERT INTO jobs (name, priority, state, spec, gpus, retries, created, "
+                "updated) VALUES (?, ?, 'queued', ?, ?, ?, ?, ?)",
+                (spec.name, spec.priority, _spec_json(spec), spec.gpus, spec.retries, now,
+                 now))
+            job_id = int(cur.lastrowid or 0)
+            self.db.execute("INSERT INTO submits (key, job_id, created) VALUES (?, ?, ?)",
+                            (key, job_id, now))
+        return job_id, True
