@@ -265,8 +265,8 @@ def make_app(daemon: JobsApi, token: str | None = None) -> Any:
     async def store_error(request: Request, exc: Exception) -> Response:
         # The database is locked by another process or the disk is full: try again later.
         assert isinstance(exc, StoreUnavailable)
-        return JSONResponse({"error": exc.message}, status_code=exc.status,
-                            headers={"Retry-After": str(exc.retry_after)})
+        return json_response({"error": exc.message}, exc.status,
+                             headers={"Retry-After": str(exc.retry_after)})
 
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
@@ -293,7 +293,8 @@ def make_app(daemon: JobsApi, token: str | None = None) -> Any:
     return Guard(app if token is None else BearerAuth(app, token))
 
 
-def json_response(content: Any, status: int = 200, close: bool = False) -> Any:
+def json_response(content: Any, status: int = 200, close: bool = False,
+                  headers: dict[str, str] | None = None) -> Any:
     """A JSON response that any value the API holds can be written as: text that is not
     valid Unicode (a lone surrogate from a ``\\ud800`` escape) is sent escaped. ``close``:
     the connection ends after it (a refused body is not read to its end first)."""
@@ -303,8 +304,9 @@ def json_response(content: Any, status: int = 200, close: bool = False) -> Any:
         body = json.dumps(content, ensure_ascii=False, separators=(",", ":")).encode()
     except UnicodeEncodeError:
         body = json.dumps(content, separators=(",", ":")).encode()
+    extra = {**(headers or {}), **({"Connection": "close"} if close else {})}
     return Response(body, status_code=status, media_type="application/json",
-                    headers={"Connection": "close"} if close else None)
+                    headers=extra or None)
 
 
 def _internal(exc: BaseException) -> str:
