@@ -138,8 +138,11 @@ class Daemon:
         db = self.state / "lorasup.db"
         if not db.exists():
             return
-        with contextlib.closing(sqlite3.connect(db)) as conn:
-            rows = conn.execute("SELECT pid, run_dir FROM attempts").fetchall()
+        try:
+            with contextlib.closing(sqlite3.connect(db)) as conn:
+                rows = conn.execute("SELECT pid, run_dir FROM attempts").fetchall()
+        except sqlite3.Error:  # killed before its schema was written (a full disk): no runs
+            rows = []
         groups = [pid for pid, _ in rows if pid]
         for _, run_dir in rows:
             events = Path(run_dir) / "events.jsonl"
