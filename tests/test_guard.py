@@ -240,6 +240,42 @@ def test_the_command_after_an_orphaned_kill_runs_and_never_outlives_its_deadline
 # -- item 2: a stopped or frozen guard -----------------------------------------------------
 
 
+SILENT_GUARD = """
+import os, sys, time
+if os.fork() == 0:  # something it started before it went silent
+    with open(sys.argv[-1], "w") as fh:
+        fh.write(str(os.getpid()))
+    time.sleep(120)
+    os._exit(0)
+time.sleep(120)
+"""
+
+
+def test_a_guard_that_never_says_its_trainer_started_is_given_up(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import anyio
+
+    from lorasup.supervisor import process
+
+    silent = tmp_path / "silent_guard.py"
+    silent.write_text(SILENT_GUARD)
+    pidfile = tmp_path / "child"
+    monkeypatch.setattr(process, "GUARD", silent)
+    monkeypatch.setattr(process, "GUARD_START_SECONDS", 3.0)
+    monkeypatch.setattr(process, "GUARD_ANSWER_SECONDS", 0.5)
+
+    async def main() -> float:
+        began = time.monotonic()
+        with pytest.raises(process.GuardLost, match="did not start the trainer"):
+            await process.spawn(["true", str(pidfile)], os.environ)
+        return time.monotonic() - began
+
+    took = anyio.run(main)
+    assert took < 12, took  # 3 s + SIGCONT + 0.5 s, then killed; never unbounded
+    assert wait_for(pidfile.exists, 10)
+    assert wait_for(lambda: gone(int(pidfile.read_text())), 10)
+
+
 class Freezer(threading.Thread):
     """Holds a process in a ptrace stop, where SIGCONT does not wake it (a guard frozen for
     good), and collects it for its parent once it is killed. ptrace requests must come from
