@@ -385,6 +385,8 @@ async def _first_line(tree: ProcessTree) -> str | None:
         tree.process.kill()
     with anyio.move_on_after(GUARD_EXIT_SECONDS, shield=True):
         await tree.process.wait()
+    if tree.process.returncode is not None:
+        await tree.process.aclose()
     with contextlib.suppress(Exception):
         await tree.control.aclose()
     raise GuardLost(f"the guard (pid {tree.guard_pid}) did not start the trainer within "

@@ -240,6 +240,42 @@ def test_the_command_after_an_orphaned_kill_runs_and_never_outlives_its_deadline
 # -- item 2: a stopped or frozen guard -----------------------------------------------------
 
 
+SILENT_GUARD = """
+import os, sys, time
+if os.fork() == 0:  # something it started before it went silent
+    with open(sys.argv[-1], "w") as fh:
+        fh.write(str(os.getpid()))
+    time.sleep(120)
+    os._exit(0)
+time.sleep(120)
+"""
+
+
+def test_a_guard_that_never_says_its_trainer_started_is_given_up(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import anyio
+
+    from lorasup.supervisor import process
+
+    silent = tmp_path / "silent_guard.py"
+    silent.write_text(SILENT_GUARD)
+    pidfile = tmp_path / "child"
+    monkeypatch.setattr(process, "GUARD", silent)
+    monkeypatch.setattr(process, "GUARD_START_SECONDS", 3.0)
+    monkeypatch.setattr(process, "GUARD_ANSWER_SECONDS", 0.5)
+
+    async def main() -> float:
+        began = time.monotonic()
+        with pytest.raises(process.GuardLost, match="did not start the trainer"):
+            await process.spawn(["true", str(pidfile)], os.environ)
+        return time.monotonic() - began
+
+    took = anyio.run(main)
+    assert took < 12, took  # 3 s + SIGCONT + 0.5 s, then killed; never unbounded
+    assert wait_for(pidfile.exists, 10)
+    assert wait_for(lambda: gone(int(pidfile.read_text())), 10)
+
+
 class Freezer(threading.Thread):
     """Holds a process in a ptrace stop, where SIGCONT does not wake it (a guard frozen for
     good), and collects it for its parent once it is killed. ptrace requests must come from
@@ -421,13 +457,18 @@ def test_sigkill_of_lorasup_early_in_a_run_leaves_a_lost_report(tmp_path: Path) 
     try:
         guard_pid = guard_of(proc.pid)
         assert wait_for(lambda: any(e["kind"] == "step" for e in events(run_dir)), 20)
-        assert not (run_dir / "report.json").exists()  # the sink's first refresh is at 10 s
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=10)
-        # Nobody runs `lorasup report`: the guard does, once the tree is gone.
-        assert wait_for((run_dir / "report.json").exists, 60)
+
+        def outcome() -> str | None:
+            with contextlib.suppress(OSError, ValueError):
+                return read_json(run_dir / "report.json").get("outcome")
+            return None
+
+        # Nobody runs `lorasup report`: the guard's reporter does, once the tree is gone.
+        # (The sink's first refresh, at 10 s, would say no outcome at all.)
+        assert wait_for(lambda: outcome() == "lost", 60)
         data = read_json(run_dir / "report.json")
-        assert data["outcome"] == "lost"
         assert f"lorasup pid {proc.pid}" in data["reason"]
         assert (run_dir / "losses.csv").exists()
         assert [pid for pid in pids if not gone(pid)] == []
