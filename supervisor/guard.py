@@ -55,9 +55,11 @@ _PR_SET_CHILD_SUBREAPER = 36
 #: signals that must reach the trainer at their default action, whatever lorasup inherited
 _RESET = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGPIPE, signal.SIGQUIT,
           signal.SIGUSR1, signal.SIGUSR2, signal.SIGCHLD)
-#: stop signals the guard itself ignores: a scheduler's SIGTERM to every process of a job
-#: must not end the guard (lorasup relays stop requests); SIGPIPE: lorasup's end is gone
-_IGNORED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGPIPE)
+#: signals the guard itself ignores: a scheduler's SIGTERM (or ``scancel --signal=USR1``, a
+#: time-limit warning) to every process of a job must not end the guard (lorasup relays
+#: stop requests); SIGPIPE: lorasup's end is gone
+_IGNORED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGPIPE, signal.SIGUSR1,
+            signal.SIGUSR2)
 #: after lorasup vanished: time between SIGTERM and SIGKILL
 ORPHAN_GRACE_SECONDS = 1.0
 #: how often adopted orphans are reaped (a SIGCHLD also wakes the loop)

@@ -475,3 +475,24 @@ def test_sigkill_of_lorasup_early_in_a_run_leaves_a_lost_report(tmp_path: Path) 
         assert wait_for(lambda: gone(guard_pid), 60)
     finally:
         kill_all(pids)
+
+
+def test_the_guard_outlives_user_signals_sent_to_every_process(tmp_path: Path) -> None:
+    """``scancel --signal=USR1`` (no ``--batch``) reaches every process of a job, the guard
+    too: it must not end the guard (lorasup answers SIGUSR1 itself), and the run still ends
+    by its own rules."""
+    run_dir = tmp_path / "run"
+    pidfile = tmp_path / "pids"
+    proc = start(run_dir, *native("--pids", str(pidfile), "--steps", "40",
+                                  "--step-seconds", "0.05", steps=40))
+    pids = tree_pids(pidfile)
+    guard_pid = guard_of(proc.pid)
+    try:
+        for sig in (signal.SIGUSR1, signal.SIGUSR2):
+            os.kill(guard_pid, sig)
+        assert not gone(guard_pid)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err[-2000:]
+        assert read_json(run_dir / "report.json")["outcome"] == "completed"
+    finally:
+        kill_all(pids)
