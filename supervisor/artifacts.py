@@ -12,9 +12,14 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 
+import structlog
+
+from lorasup.supervisor.events import Artifacts
 from lorasup.supervisor.safefs import exists
 
-__all__ = ["MODEL_SUFFIXES", "find_artifacts", "is_model_file"]
+__all__ = ["MODEL_SUFFIXES", "artifacts_event", "find_artifacts", "is_model_file"]
+
+log = structlog.get_logger("lorasup")
 
 MODEL_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 #: training state that sits next to the weights but is no model: optimizer and scheduler
@@ -73,3 +78,15 @@ def find_artifacts(announced: Iterable[str], output_dirs: Iterable[Path], cwd: P
     for _, path_text in sorted(found_dirs):
         checkpoints.setdefault(path_text, None)
     return list(checkpoints), list(models)
+
+
+def artifacts_event(announced: Iterable[str], output_dirs: Iterable[Path], cwd: Path,
+                    since: float) -> Artifacts:
+    """Checkpoints and model files a run left (absolute): announced ones, and new ones in
+    the output folders. Never raises: a failure is recorded in the event."""
+    try:
+        checkpoints, models = find_artifacts(announced, output_dirs, cwd, since)
+    except Exception as exc:  # a path the OS refuses (ENAMETOOLONG) is no reason to fail
+        log.warning("model_files_failed", error=repr(exc))
+        return Artifacts(error=f"model files could not be listed: {exc!r}"[:500])
+    return Artifacts(checkpoints=tuple(checkpoints), model_files=tuple(models))

@@ -97,7 +97,7 @@ def _point_at_devnull(stream: TextIO) -> None:
         os.close(devnull)
 
 
-#: erases the terminal line the cursor is on: the live progress line run.py draws on stderr
+#: erases the terminal line the cursor is on: the live progress line console.py draws on stderr
 CLEAR_LINE = "\r\x1b[K"
 
 

@@ -12,7 +12,7 @@ import shutil
 from pathlib import Path
 
 from lorasup.supervisor.config import Job
-from lorasup.supervisor.run import RunPlan, new_run_id
+from lorasup.supervisor.plan import RunPlan, new_run_id
 from lorasup.supervisor.rundir import claim_run_dir
 from lorasup.trainers import get_adapter
 from lorasup.trainers.base import Adapter, TrainerJob, UsageError

@@ -12,6 +12,7 @@ logged once per file, put on record as a note, and named in :attr:`ReportSink.un
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Callable, Sequence
@@ -20,7 +21,7 @@ from typing import Any
 
 import anyio
 import structlog
-from anyio.abc import ObjectReceiveStream
+from anyio.abc import ObjectReceiveStream, ObjectSendStream
 
 from lorasup.supervisor.events import Artifacts, Event, Note, Step, step_json
 from lorasup.supervisor.fastbars import StepBlock
@@ -36,6 +37,12 @@ log = structlog.get_logger(__name__)
 Batch = Sequence[tuple[float, Event]]
 
 REFRESH_SECONDS = 10.0
+
+
+async def emit(send: ObjectSendStream[Batch], batch: Batch) -> None:
+    """Hand a batch to the sink; a sink that died (a bug of ours) loses the batch only."""
+    with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
+        await send.send(batch)
 
 
 class ReportSink:

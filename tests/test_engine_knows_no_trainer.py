@@ -29,9 +29,8 @@ ALLOWED: dict[tuple[str, str], int] = {
     # the one choice of a default trainer (the job's default), by name
     ("defaults.py", "builtin"): 1,
     # PENDING (integrator, issue 20): these are in other helpers' areas in this round.
-    # run.py's bar-frame comment (the intake split moves it); serve's resume of an
-    # attempt, which goes to AdapterBase.argv_for(job, steps, resume)/resume_argv.
-    ("run.py", "kohya"): 1,
+    # serve's resume of an attempt, which goes to AdapterBase.argv_for(job, steps,
+    # resume)/resume_argv.
     ("serve/daemon.py", "builtin"): 1,
     ("serve/jobspec.py", "builtin"): 8,
     ("serve/jobspec.py", "hf"): 2,

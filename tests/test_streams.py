@@ -149,7 +149,7 @@ def test_gate_records_late_values_without_counting_the_step_again() -> None:
 
 
 def test_a_frame_redrawn_at_the_same_step_by_the_next_line_is_dropped() -> None:
-    from lorasup.supervisor.run import _drop_redrawn
+    from lorasup.supervisor.redraw import drop_redrawn as _drop_redrawn
 
     lines = [
         "steps:  8%|▊         | 1/12 [00:01<00:18,  1.69s/it]",

@@ -127,7 +127,7 @@ class AdapterBase:
 
         True: yes (a Python trainer's ``KeyboardInterrupt``); None: cannot tell yet (a
         traceback's first line: its exception line will say); False: a problem. The one
-        rule for the live log (supervisor/run.py) and the report (report/problems.py).
+        rule for the live log (supervisor/outcome.py) and the report (report/problems.py).
         """
         if problem == "traceback":
             return None

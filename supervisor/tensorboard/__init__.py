@@ -35,7 +35,7 @@ The modules, one job each: ``crc`` (CRC-32C), ``records`` (TFRecord framing and 
 one file), ``wire`` (the protobuf wire format), ``proto`` (the Event protobuf, as far as its
 scalars), ``follow`` (a folder, followed in the event loop).
 
-Use in the engine (supervisor/run.py): ``EventFileFollower(logging_dir,
+Use in the engine (supervisor/intake.py): ``EventFileFollower(logging_dir,
 not_before=start_time)``; ``follower.run(emit, interval=1.0, on_error=...)`` in the run's
 task group, where ``emit(list[Scalar])`` is async (``send`` on the sink's bounded stream)
 or synchronous and non-blocking. ``run`` makes a final sweep when stopped or cancelled;
