@@ -22,7 +22,7 @@ import anyio
 import structlog
 from anyio.abc import ByteReceiveStream, ObjectSendStream
 
-from lorasup.supervisor.console import Progress
+from lorasup.supervisor.console import Progress, TerminalEcho
 from lorasup.supervisor.events import (
     Checkpoint,
     Event,
@@ -79,7 +79,8 @@ class Intake:
     def __init__(self, adapter: Adapter, gate: StepGate, divergence: DivergenceWatch,
                  progress: Progress, faults: WriteFaults, *, clock: Callable[[], float],
                  request_stop: Callable[[str], None], touched: Callable[[], None],
-                 stepped: Callable[[], None], sigint_sent: Callable[[], bool]) -> None:
+                 stepped: Callable[[], None], sigint_sent: Callable[[], bool],
+                 echo: TerminalEcho | None = None) -> None:
         self.adapter = adapter
         self.gate = gate
         self.divergence = divergence
@@ -107,6 +108,8 @@ class Intake:
         #: whether lorasup sent SIGINT: then a KeyboardInterrupt traceback is the stop
         self._sigint_sent = sigint_sent
         self._trainer_log: int | None = None
+        #: the trainer's output shown live on lorasup's stderr (``lorasup start`` on a terminal)
+        self.echo = echo
 
     # -- trainer.log ------------------------------------------------------------------
 
@@ -147,8 +150,11 @@ class Intake:
 
     # -- reading ----------------------------------------------------------------------
 
-    async def read(self, stream: ByteReceiveStream, send: ObjectSendStream[Batch]) -> None:
-        """One pipe to its end: each read becomes one batch for the sink."""
+    async def read(self, stream: ByteReceiveStream, send: ObjectSendStream[Batch],
+                   which: int = 0) -> None:
+        """One pipe to its end (``which``: 0 stdout, 1 stderr): each read becomes one batch
+        for the sink."""
+        echo = self.echo
         splitter = LineSplitter()
         sample = self.unread.stream()
         async with send:
@@ -159,6 +165,8 @@ class Intake:
                         anyio.BrokenResourceError):
                     break
                 self._touched()
+                if echo is not None:
+                    echo.feed(which, chunk)
                 if self.gate.last == self.gate.offset:
                     sample.feed(chunk)
                 if self._fast is not None:
@@ -177,12 +185,15 @@ class Intake:
             if batch:
                 await emit(send, batch)
 
-    async def drain(self, stream: ByteReceiveStream) -> None:
+    async def drain(self, stream: ByteReceiveStream, which: int = 0) -> None:
         """Keep a pipe empty (into trainer.log) so a stopping trainer never blocks on it."""
         with contextlib.suppress(anyio.EndOfStream, anyio.ClosedResourceError,
                                  anyio.BrokenResourceError):
             while True:
-                self.log_raw(await stream.receive(READ_SIZE), [])
+                chunk = await stream.receive(READ_SIZE)
+                if self.echo is not None:
+                    self.echo.feed(which, chunk)
+                self.log_raw(chunk, [])
 
     def _parse(self, line: str) -> list[Event]:
         """The adapter's events for a line; an exception in it is counted, never fatal."""

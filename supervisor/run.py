@@ -21,7 +21,7 @@ from anyio.abc import ByteReceiveStream, ObjectReceiveStream, ObjectSendStream
 
 from lorasup.supervisor import logs, redact, signals
 from lorasup.supervisor.artifacts import artifacts_event
-from lorasup.supervisor.console import Progress
+from lorasup.supervisor.console import Progress, TerminalEcho
 from lorasup.supervisor.events import Artifacts, Event, Exited, Note, Outcome, Problem
 from lorasup.supervisor.gate import StepGate
 from lorasup.supervisor.intake import Intake
@@ -68,7 +68,8 @@ STACKS_BEFORE_STOP = ("stalled", "no_progress")
 class Supervisor:
     """Runs one plan to its outcome. Create, then ``await run()`` once."""
 
-    def __init__(self, plan: RunPlan, adapter: Adapter, plot: PlotChild | None = None) -> None:
+    def __init__(self, plan: RunPlan, adapter: Adapter, plot: PlotChild | None = None,
+                 echo: TerminalEcho | None = None) -> None:
         self.plan = plan
         self.adapter = adapter
         # A token given by name (argv flag, environment) is masked wherever it shows later.
@@ -106,7 +107,7 @@ class Supervisor:
         self.intake = Intake(adapter, self.gate, self.divergence, self.progress,
                              self.sink.faults, clock=self.now, request_stop=self.request_stop,
                              touched=self.silence.touch, stepped=self._stepped,
-                             sigint_sent=lambda: self.stopper.sigint_sent)
+                             sigint_sent=lambda: self.stopper.sigint_sent, echo=echo)
         self.follower: EventFileFollower | None = None
         if plan.tensorboard_dir is not None:
             # Imported only here: most runs read no event files, and every start pays
@@ -207,9 +208,10 @@ class Supervisor:
             self.tree.remember(await anyio.to_thread.run_sync(self.tree.discover))
             await anyio.sleep(TREE_SCAN_SECONDS)
 
-    async def _read(self, stream: ByteReceiveStream, send: ObjectSendStream[Batch]) -> None:
+    async def _read(self, stream: ByteReceiveStream, send: ObjectSendStream[Batch],
+                    which: int) -> None:
         try:
-            await self.intake.read(stream, send)
+            await self.intake.read(stream, send, which)
         finally:
             self._readers_open -= 1
             if self._readers_open == 0:
@@ -276,6 +278,10 @@ class Supervisor:
             with anyio.CancelScope(shield=True):
                 await self._release_tree()
             self.intake.close_log()
+            if echo := self.intake.echo:
+                # what is queued reaches the terminal (bounded) before the outcome's line
+                with anyio.CancelScope(shield=True):
+                    await anyio.to_thread.run_sync(echo.close)
             self.notifier.close()
             self.progress.write("\n")
         log.info("outcome", outcome=outcome, exit_code=code, reason=reason,
@@ -311,9 +317,9 @@ class Supervisor:
                 self.crash_stopped = True
                 async with anyio.create_task_group() as tg:
                     process = self.tree.process
-                    for stream in (process.stdout, process.stderr):
+                    for which, stream in enumerate((process.stdout, process.stderr)):
                         if stream is not None:
-                            tg.start_soon(self.intake.drain, stream)
+                            tg.start_soon(self.intake.drain, stream, which)
                     await self._escalate("internal_error", send)
                     tg.cancel_scope.cancel()
         return self.tree.returncode
@@ -346,8 +352,8 @@ class Supervisor:
         process = self.tree.process
         assert process.stdout is not None and process.stderr is not None
         async with anyio.create_task_group() as tg:
-            tg.start_soon(self._read, process.stdout, send.clone())
-            tg.start_soon(self._read, process.stderr, send.clone())
+            tg.start_soon(self._read, process.stdout, send.clone(), 0)
+            tg.start_soon(self._read, process.stderr, send.clone(), 1)
             tg.start_soon(total_timeout, plan.timeout, lambda: self.request_stop("timeout"))
             tg.start_soon(self.silence.run, self._on_silence,
                           lambda: self.request_stop("finish_timeout"))
