@@ -85,7 +85,6 @@ class Intake:
         self.gate = gate
         self.divergence = divergence
         self.progress = progress
-        self.faults = faults
         self.now = clock
         self.request_stop = request_stop
         #: output came (the silence watchdog's business)
