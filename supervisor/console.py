@@ -85,7 +85,7 @@ ECHO_BUFFER_BYTES = 256 * 1024
 #: line); a longer line is ended with a newline instead
 LINE_BYTES = 4096
 #: a status line waits this long for the echo's write in progress, then goes out anyway
-INTERJECT_WAIT_SECONDS = 0.2
+INTERJECT_WAIT_SECONDS = 1.0
 #: at the end, the echo's queue may take this long to reach the terminal
 CLOSE_SECONDS = 2.0
 #: a writer thread's write at most this much at once (the lock is held per write)
