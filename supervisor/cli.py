@@ -169,11 +169,19 @@ def start(
         "--tensorboard",
         help=f"{_for('tensorboard')} make the script write TensorBoard event files into the "
              "run directory, and read them live")] = False,
+    quiet: Annotated[bool, typer.Option(
+        "--quiet", "-q", help="do not show the trainer's own output (shown on stderr when "
+                              "it is a terminal); trainer.log has it either way")] = False,
+    echo: Annotated[bool, typer.Option(
+        "--echo", help="show the trainer's own output on stderr even when it is not a "
+                       "terminal")] = False,
 ) -> None:
     # From here on a stop signal is remembered, never fatal (see supervisor/signals.py).
     signals.hold()
     if new and continue_:
         raise _fail("--new and --continue exclude each other")
+    if quiet and echo:
+        raise _fail("--quiet and --echo exclude each other")
     from lorasup.supervisor.plotchild import PlotChild
 
     # The plot child first: its matplotlib import (at idle priority) overlaps lorasup's own
@@ -203,7 +211,11 @@ def start(
         })
         chosen = logs.configure(job.log_format)  # type: ignore[arg-type]
         on_terminal = sys.stderr.isatty()
-        plan, adapter = plan_run(job, progress_tty=chosen == "console" and on_terminal)
+        # The trainer's own output on a terminal (its bar is then the progress: lorasup's
+        # live line is off); --quiet hides it, --echo shows it anywhere.
+        echoed = echo or (on_terminal and not quiet)
+        plan, adapter = plan_run(job, progress_tty=(chosen == "console" and on_terminal
+                                                    and not echoed))
     except (ConfigError, UsageError) as exc:
         plot.discard()
         raise _fail(str(exc)) from None
@@ -211,10 +223,23 @@ def start(
         plot.discard()
         raise
 
-    async def _main() -> Any:
-        return await Supervisor(plan, adapter, plot=plot).run()
+    shown = None
+    if echoed:
+        from lorasup.supervisor.console import TerminalEcho, stderr_fd
 
-    result = anyio.run(_main)
+        fd = stderr_fd()
+        if fd is not None:
+            shown = TerminalEcho(fd, terminal=on_terminal, hide_prefix=adapter.protocol_prefix)
+            if on_terminal:
+                logs.set_interject(shown.interject)
+
+    async def _main() -> Any:
+        return await Supervisor(plan, adapter, plot=plot, echo=shown).run()
+
+    try:
+        result = anyio.run(_main)
+    finally:
+        logs.set_interject(None)
     if on_terminal:
         from lorasup.supervisor.show import RunSummary, end_line
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 from collections.abc import Callable, Mapping
 from itertools import compress, pairwise
 from operator import ne
@@ -22,7 +21,7 @@ import anyio
 import structlog
 from anyio.abc import ByteReceiveStream, ObjectSendStream
 
-from lorasup.supervisor.console import Progress
+from lorasup.supervisor.console import Progress, TerminalEcho
 from lorasup.supervisor.events import (
     Checkpoint,
     Event,
@@ -38,15 +37,16 @@ from lorasup.supervisor.gate import StepGate
 from lorasup.supervisor.outcome import stop_expected
 from lorasup.supervisor.redact import redact_text
 from lorasup.supervisor.redraw import drop_redrawn, drop_redrawn_frames
-from lorasup.supervisor.safefs import WriteFaults, open_append, write_all_fd
+from lorasup.supervisor.safefs import WriteFaults
 from lorasup.supervisor.sink import Batch, emit
 from lorasup.supervisor.streams import LineSplitter
+from lorasup.supervisor.trainerlog import TrainerLog
 from lorasup.supervisor.unread import Unread
 from lorasup.supervisor.watchdogs import DivergenceWatch
+from lorasup.trainers import scalar_tags
 from lorasup.trainers.base import Adapter
 
 if TYPE_CHECKING:
-    from pathlib import Path
 
     from lorasup.supervisor.tensorboard import EventFileFollower
 
@@ -79,12 +79,12 @@ class Intake:
     def __init__(self, adapter: Adapter, gate: StepGate, divergence: DivergenceWatch,
                  progress: Progress, faults: WriteFaults, *, clock: Callable[[], float],
                  request_stop: Callable[[str], None], touched: Callable[[], None],
-                 stepped: Callable[[], None], sigint_sent: Callable[[], bool]) -> None:
+                 stepped: Callable[[], None], sigint_sent: Callable[[], bool],
+                 echo: TerminalEcho | None = None) -> None:
         self.adapter = adapter
         self.gate = gate
         self.divergence = divergence
         self.progress = progress
-        self.faults = faults
         self.now = clock
         self.request_stop = request_stop
         #: output came (the silence watchdog's business)
@@ -106,49 +106,30 @@ class Intake:
         self._total_checked = False
         #: whether lorasup sent SIGINT: then a KeyboardInterrupt traceback is the stop
         self._sigint_sent = sigint_sent
-        self._trainer_log: int | None = None
-
-    # -- trainer.log ------------------------------------------------------------------
-
-    def open_log(self, path: Path) -> Note | None:
-        """Open trainer.log (0600, no symlink); a failure is a note, the run goes on."""
-        try:
-            self._trainer_log = open_append(path)
-        except OSError as exc:
-            return self.file_fault(path.name, exc)
-        return None
-
-    def close_log(self) -> None:
-        if self._trainer_log is not None:
-            with contextlib.suppress(OSError):
-                os.close(self._trainer_log)
-            self._trainer_log = None
-
-    def log_raw(self, chunk: bytes, batch: Timed) -> None:
-        """Append to trainer.log; a failing disk is noted once and the run goes on."""
-        if self._trainer_log is None:
-            return
-        try:
-            write_all_fd(self._trainer_log, chunk)
-        except OSError as exc:
-            note = self.file_fault("trainer.log", exc)
-            if note is not None:
-                batch.append((self.now(), note))
-
-    def file_fault(self, name: str, exc: OSError) -> Note | None:
-        """Count a failed write of lorasup's own (in the sink's tally, logged once); the
-        first one per file also becomes a note in events.jsonl."""
-        first = name not in self.faults.counts
-        self.faults.record(name, exc)
-        if not first:
-            return None
-        reason = exc.strerror or str(exc)
-        return Note(message=f"could not write {name}: {reason}; the run goes on")
+        #: the raw bytes of both pipes, as they came
+        self.trainer_log = TrainerLog(faults)
+        #: the trainer's output shown live on lorasup's stderr (``lorasup start`` on a terminal)
+        self.echo = echo
+        #: both pipes read to their end (the trainer and whatever held them are gone)
+        self.readers_done = anyio.Event()
+        self._readers_open = 2
 
     # -- reading ----------------------------------------------------------------------
 
-    async def read(self, stream: ByteReceiveStream, send: ObjectSendStream[Batch]) -> None:
-        """One pipe to its end: each read becomes one batch for the sink."""
+    async def read(self, stream: ByteReceiveStream, send: ObjectSendStream[Batch],
+                   which: int = 0) -> None:
+        """One pipe to its end (``which``: 0 stdout, 1 stderr): each read becomes one batch
+        for the sink."""
+        try:
+            await self._read(stream, send, which)
+        finally:
+            self._readers_open -= 1
+            if self._readers_open == 0:
+                self.readers_done.set()
+
+    async def _read(self, stream: ByteReceiveStream, send: ObjectSendStream[Batch],
+                    which: int) -> None:
+        echo = self.echo
         splitter = LineSplitter()
         sample = self.unread.stream()
         async with send:
@@ -159,6 +140,8 @@ class Intake:
                         anyio.BrokenResourceError):
                     break
                 self._touched()
+                if echo is not None:
+                    echo.feed(which, chunk)
                 if self.gate.last == self.gate.offset:
                     sample.feed(chunk)
                 if self._fast is not None:
@@ -166,7 +149,7 @@ class Intake:
                 else:
                     lines = splitter.feed(chunk, self._needles)
                 batch = self._handle_safely(lines)
-                self.log_raw(chunk, batch)
+                self._log_raw(chunk, batch)
                 if batch:
                     await emit(send, batch)
             batch = self._handle_safely(splitter.close())
@@ -177,12 +160,20 @@ class Intake:
             if batch:
                 await emit(send, batch)
 
-    async def drain(self, stream: ByteReceiveStream) -> None:
+    async def drain(self, stream: ByteReceiveStream, which: int = 0) -> None:
         """Keep a pipe empty (into trainer.log) so a stopping trainer never blocks on it."""
         with contextlib.suppress(anyio.EndOfStream, anyio.ClosedResourceError,
                                  anyio.BrokenResourceError):
             while True:
-                self.log_raw(await stream.receive(READ_SIZE), [])
+                chunk = await stream.receive(READ_SIZE)
+                if self.echo is not None:
+                    self.echo.feed(which, chunk)
+                self.trainer_log.write(chunk)
+
+    def _log_raw(self, chunk: bytes, batch: Timed) -> None:
+        note = self.trainer_log.write(chunk)
+        if note is not None:
+            batch.append((self.now(), note))
 
     def _parse(self, line: str) -> list[Event]:
         """The adapter's events for a line; an exception in it is counted, never fatal."""
@@ -341,13 +332,14 @@ class Intake:
 
     # -- TensorBoard ------------------------------------------------------------------
 
-    async def follow_tensorboard(self, follower: EventFileFollower,
-                                 kinds: Mapping[str, str], send: ObjectSendStream[Batch]) -> None:
+    async def follow_tensorboard(self, follower: EventFileFollower, trainer: str,
+                                 send: ObjectSendStream[Batch]) -> None:
         """Full-precision scalars from the trainer's event files: the follower's own loop
         (tensorboard/follow.py) at a modest interval until the run's task group ends, then
-        its final sweep (shielded), so records written just before the exit count.
-        ``kinds``: which tags are per-epoch means (the adapter's ``scalar_tags``)."""
+        its final sweep (shielded), so records written just before the exit count."""
         async with send:
+            # which tags are per-epoch means: the adapters say (imported off the loop)
+            kinds = await anyio.to_thread.run_sync(scalar_tags, trainer)
             await follower.run(functools.partial(self._emit_scalars, send, kinds),
                                interval=TENSORBOARD_POLL_SECONDS,
                                on_error=self._tensorboard_failed)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, TextIO
 
@@ -100,6 +101,36 @@ def _point_at_devnull(stream: TextIO) -> None:
 #: erases the terminal line the cursor is on: the live progress line console.py draws on stderr
 CLEAR_LINE = "\r\x1b[K"
 
+#: while the trainer's output is echoed on the terminal: runs a log line's write between
+#: the echo's writes, on a line of its own (console.TerminalEcho.interject)
+_interject: Callable[[Callable[[], None]], None] | None = None
+
+
+def set_interject(hook: Callable[[Callable[[], None]], None] | None) -> None:
+    """Route log lines written to a terminal through ``hook`` (None: directly again)."""
+    global _interject
+    _interject = hook
+
+
+class InterjectingLogger:
+    """A log line on the terminal the trainer's echoed output is drawn on: written whole,
+    in one write, between the echo's writes (see :func:`set_interject`)."""
+
+    def __init__(self, file: TextIO, hook: Callable[[Callable[[], None]], None]) -> None:
+        self._file = file
+        self._hook = hook
+
+    def msg(self, message: str) -> None:
+        text = message + "\n"
+        self._hook(lambda: self._write(text))
+
+    def _write(self, text: str) -> None:
+        self._file.write(text)
+        self._file.flush()
+
+    log = debug = info = warn = warning = error = err = critical = exception = msg
+    fatal = failure = msg
+
 
 class LineClearingLogger:
     """Prints each log line after erasing the live ``step k/N`` line on the terminal.
@@ -152,10 +183,18 @@ def configure(log_format: Literal["auto", "json", "console"] = "auto",
         processors += [_redact_event, structlog.dev.ConsoleRenderer(colors=_STREAM.isatty())]
     terminal = sys.stderr
     if chosen == "console" and terminal is not None and terminal.isatty():
-        def factory(*_args: Any) -> Any:
+        def plain(*_args: Any) -> Any:
             return LineClearingLogger(_STREAM, terminal)  # type: ignore[arg-type]
     else:
-        factory = structlog.PrintLoggerFactory(file=_STREAM)  # type: ignore[arg-type]
+        plain = structlog.PrintLoggerFactory(file=_STREAM)  # type: ignore[arg-type]
+    stream = _STREAM
+
+    def factory(*args: Any) -> Any:
+        # Asked at every log call: the echo starts and ends after configure().
+        hook = _interject
+        if hook is not None and stream.isatty():
+            return InterjectingLogger(stream, hook)  # type: ignore[arg-type]
+        return plain(*args)
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),

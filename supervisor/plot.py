@@ -30,6 +30,7 @@ from lorasup.supervisor.plotchild import (
     render_in_child,
     render_nothing_recorded,
 )
+from lorasup.supervisor.plotfacts import epoch_ends, headline, step_range
 
 __all__ = [
     "PLOT_TIMEOUT_SECONDS",
@@ -43,6 +44,8 @@ __all__ = [
 ]
 
 DPI = 100
+#: per-epoch points named (``e3``) on a step axis when there are at most this many
+EPOCHS_NAMED = 8
 FIGSIZE = (12.0, 10.0)
 
 
@@ -83,10 +86,15 @@ def _mark_nonfinite(ax: Any, steps: list[int], bad: list[int]) -> None:
                 clip_on=False)
 
 
-def _integer_steps(ax: Any) -> None:
+def _integer_steps(ax: Any, xrange: tuple[float, float] | None = None) -> None:
+    """Whole step numbers on x, written out (no ``+3e3`` offset); ``xrange``: the range
+    every step panel shares (:func:`step_range`)."""
     from matplotlib.ticker import MaxNLocator
 
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.ticklabel_format(axis="x", useOffset=False, style="plain")
+    if xrange is not None:
+        ax.set_xlim(*xrange)
 
 
 def _legend(ax: Any) -> None:
@@ -150,19 +158,20 @@ def render_loss_curves(report: dict[str, Any], png_path: str | os.PathLike[str],
 
     fig = figure if figure is not None else blank_figure()
     axes = fig.axes
-    status = report.get("outcome") or report.get("status") or "running"
     sampling = series.get("sampling") or {}
     sampled = (f" · {sampling.get('bucket_steps')} steps per point"
                if sampling.get("method") == "buckets" else "")
     earlier = series.get("history") if isinstance(series.get("history"), dict) else None
     continues = f" · continues {earlier.get('run_id')}" if earlier else ""
-    title = f"{report.get('run_id') or 'run'} · {trainer} · {status}{sampled}{continues}"
+    title = f"{report.get('run_id') or 'run'} · {trainer}{sampled}{continues}"
     problems = [p for p in report.get("problems") or [] if not p.get("expected")]
     if not steps and problems:  # nothing to draw: say what went wrong instead
         title += f"\n{problems[-1].get('problem')}: {str(problems[-1].get('line'))[:110]}"
-    if "\n" in title:
-        fig.subplots_adjust(top=0.9)
-    fig.suptitle(title, fontsize=12 if "\n" not in title else 10)
+    # The numbers first, big; which run it is below them.
+    fig.subplots_adjust(top=0.9 if "\n" not in title else 0.88)
+    fig.suptitle(headline(report), fontsize=13, fontweight="bold", y=0.985)
+    fig.text(0.5, 0.955, title, ha="center", va="top", fontsize=9, color="0.3")
+    xrange = step_range(report)
 
     history = series.get("history") if isinstance(series.get("history"), dict) else None
     resumed = (report.get("steps") or {}).get("resumed_from")
@@ -176,10 +185,13 @@ def render_loss_curves(report: dict[str, Any], png_path: str | os.PathLike[str],
         if history is None:
             return False
         values, _ = _floats(history.get(name))
+        xs = list(history.get("step") or [])
+        if xrange is not None:  # only the lead-in: the y-range is this run's business
+            shown = [i for i, x in enumerate(xs[:len(values)]) if x >= xrange[0]]
+            xs, values = [xs[i] for i in shown], [values[i] for i in shown]
         if not _has(values):
             return False
-        ax.plot(history.get("step") or [], values, color=color, lw=0.9, alpha=0.4,
-                label="before the resume")
+        ax.plot(xs, values, color=color, lw=0.9, alpha=0.4, label="before the resume")
         return True
 
     def line_panel(ax: Any, name: str, title: str, color: str, ylabel: str,
@@ -203,7 +215,7 @@ def render_loss_curves(report: dict[str, Any], png_path: str | os.PathLike[str],
         _legend(ax)
         ax.set_xlabel("step")
         ax.set_ylabel(ylabel)
-        _integer_steps(ax)
+        _integer_steps(ax, xrange)
         ax.grid(alpha=0.3)
 
     line_panel(axes[0], "loss", "per-step loss", "tab:blue", "loss")
@@ -214,7 +226,11 @@ def render_loss_curves(report: dict[str, Any], png_path: str | os.PathLike[str],
     epochs = [e for e in report.get("epochs") or [] if e.get("mean_loss") is not None]
     numbers, _ = _floats([e["mean_loss"] for e in epochs])
     if _has(numbers):
-        xs = [e["epoch"] for e in epochs]
+        ends = epoch_ends(series)
+        on_steps = all(e["epoch"] in ends for e in epochs)
+        # At the step each epoch ended, like every other panel; by epoch number only
+        # when the steps do not say where epochs ended.
+        xs = [ends[e["epoch"]] if on_steps else e["epoch"] for e in epochs]
         ax.plot(xs, numbers, "-", color="tab:green")
         full = [i for i, e in enumerate(epochs) if not e.get("partial")]
         part = [i for i, e in enumerate(epochs) if e.get("partial")]
@@ -223,10 +239,15 @@ def render_loss_curves(report: dict[str, Any], png_path: str | os.PathLike[str],
             ax.plot([xs[i] for i in part], [numbers[i] for i in part], "o", mfc="white",
                     color="tab:green", label="partial epoch")
             _legend(ax)
-        ax.set_xlabel("epoch")
+        ax.set_xlabel("step (the end of each epoch)" if on_steps else "epoch")
         ax.set_ylabel("mean loss")
-        _integer_steps(ax)
-        if len(xs) <= 20:
+        _integer_steps(ax, xrange if on_steps else None)
+        if on_steps and len(xs) <= EPOCHS_NAMED:
+            for x, y, e in zip(xs, numbers, epochs, strict=True):
+                if not math.isnan(y):
+                    ax.annotate(f"e{e['epoch']}", (x, y), textcoords="offset points",
+                                xytext=(0, 5), ha="center", fontsize=7, color="0.3")
+        elif not on_steps and len(xs) <= 20:
             ax.set_xticks(xs)
         ax.set_title(f"per-epoch mean loss: {epochs[0].get('source')}", fontsize=10)
         ax.grid(alpha=0.3)
@@ -254,7 +275,7 @@ def render_loss_curves(report: dict[str, Any], png_path: str | os.PathLike[str],
         _legend(ax)
         ax.set_xlabel("step")
         ax.set_ylabel("learning rate")
-        _integer_steps(ax)
+        _integer_steps(ax, xrange)
         ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
         ax.grid(alpha=0.3)
     else:
@@ -271,7 +292,7 @@ def render_loss_curves(report: dict[str, Any], png_path: str | os.PathLike[str],
             _legend(ax)
         ax.set_xlabel("step")
         ax.set_ylabel("seconds")
-        _integer_steps(ax)
+        _integer_steps(ax, xrange)
         ax.grid(alpha=0.3)
     else:
         _empty(ax, explanation.get("s_per_step") or "fewer than two timed steps")

@@ -75,7 +75,8 @@ class PlotChild:
     It imports matplotlib at once, at idle priority (while the trainer trains), then waits for the
     report on its stdin; at the end of the run only the drawing is left to wait for. When
     lorasup goes away without sending anything, the child sees EOF and exits. It is
-    lorasup's child, not the guard's, so it is never part of the trainer's tree.
+    lorasup's child, not the guard's, so it is never part of the trainer's tree; it is in a
+    session of its own, so a Ctrl-C meant to stop the run leaves the drawing be.
     """
 
     def __init__(self) -> None:
@@ -88,7 +89,10 @@ class PlotChild:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "lorasup.supervisor.plot", "--wait"],
                 stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                close_fds=True)
+                # Its own session: Ctrl-C (or Ctrl-\) at the terminal signals the whole
+                # foreground process group, and the drawing must outlive that stop. It still
+                # dies with lorasup (PDEATHSIG, and EOF on its stdin: see plot.py).
+                close_fds=True, start_new_session=True)
         except OSError:
             self.proc = None
             return
@@ -174,6 +178,6 @@ def render_in_child(report: dict[str, Any], png_path: str | os.PathLike[str]) ->
     proc = subprocess.run(
         [sys.executable, "-m", "lorasup.supervisor.plot", os.fspath(png_path)],
         input=json.dumps(report).encode(), capture_output=True, timeout=PLOT_TIMEOUT_SECONDS,
-        check=False)
+        check=False, start_new_session=True)  # see PlotChild.start
     _check(proc.returncode, proc.stderr)
     return Path(png_path)

@@ -17,23 +17,17 @@ from typing import TYPE_CHECKING
 
 import anyio
 import structlog
-from anyio.abc import ByteReceiveStream, ObjectReceiveStream, ObjectSendStream
+from anyio.abc import ObjectReceiveStream, ObjectSendStream
 
 from lorasup.supervisor import logs, redact, signals
 from lorasup.supervisor.artifacts import artifacts_event
-from lorasup.supervisor.console import Progress
+from lorasup.supervisor.console import Progress, TerminalEcho
 from lorasup.supervisor.events import Artifacts, Event, Exited, Note, Outcome, Problem
 from lorasup.supervisor.gate import StepGate
 from lorasup.supervisor.intake import Intake
 from lorasup.supervisor.notify import Notifier
 from lorasup.supervisor.outcome import EXIT_CODES, RunFacts, decide
-from lorasup.supervisor.plan import (
-    RunPlan,
-    RunResult,
-    environment,
-    report_command,
-    started_event,
-)
+from lorasup.supervisor.plan import RunPlan, RunResult, environment, report_command, started_event
 from lorasup.supervisor.plot import PlotChild
 from lorasup.supervisor.process import ProcessTree, become_subreaper, spawn, wait_gone
 from lorasup.supervisor.redact import redact_argv
@@ -41,13 +35,13 @@ from lorasup.supervisor.signals import STOP_SIGNALS
 from lorasup.supervisor.sink import Batch, ReportSink, emit
 from lorasup.supervisor.stacks import evidence, take_stacks
 from lorasup.supervisor.stopping import Stopper
+from lorasup.supervisor.trainerlog import TrainerLog
 from lorasup.supervisor.watchdogs import (
     DivergenceWatch,
     ProgressWatchdog,
     SilenceWatchdog,
     total_timeout,
 )
-from lorasup.trainers import scalar_tags
 from lorasup.trainers.base import Adapter
 
 if TYPE_CHECKING:
@@ -68,7 +62,8 @@ STACKS_BEFORE_STOP = ("stalled", "no_progress")
 class Supervisor:
     """Runs one plan to its outcome. Create, then ``await run()`` once."""
 
-    def __init__(self, plan: RunPlan, adapter: Adapter, plot: PlotChild | None = None) -> None:
+    def __init__(self, plan: RunPlan, adapter: Adapter, plot: PlotChild | None = None,
+                 echo: TerminalEcho | None = None) -> None:
         self.plan = plan
         self.adapter = adapter
         # A token given by name (argv flag, environment) is masked wherever it shows later.
@@ -96,8 +91,6 @@ class Supervisor:
         #: lorasup's own failure made it stop a trainer that was still running
         self.crash_stopped = False
         self.sink = ReportSink(plan.run_dir, self._model_files, plot=plot)
-        self._readers_open = 2
-        self._readers_done = anyio.Event()
         self.notifier = Notifier()
         self.spawn_error: str | None = None
         self.progress = Progress(self.gate, plan.steps, self.notifier, tty=plan.progress_tty)
@@ -106,7 +99,7 @@ class Supervisor:
         self.intake = Intake(adapter, self.gate, self.divergence, self.progress,
                              self.sink.faults, clock=self.now, request_stop=self.request_stop,
                              touched=self.silence.touch, stepped=self._stepped,
-                             sigint_sent=lambda: self.stopper.sigint_sent)
+                             sigint_sent=lambda: self.stopper.sigint_sent, echo=echo)
         self.follower: EventFileFollower | None = None
         if plan.tensorboard_dir is not None:
             # Imported only here: most runs read no event files, and every start pays
@@ -207,20 +200,6 @@ class Supervisor:
             self.tree.remember(await anyio.to_thread.run_sync(self.tree.discover))
             await anyio.sleep(TREE_SCAN_SECONDS)
 
-    async def _read(self, stream: ByteReceiveStream, send: ObjectSendStream[Batch]) -> None:
-        try:
-            await self.intake.read(stream, send)
-        finally:
-            self._readers_open -= 1
-            if self._readers_open == 0:
-                self._readers_done.set()
-
-    async def _follow_tensorboard(self, follower: EventFileFollower,
-                                  send: ObjectSendStream[Batch]) -> None:
-        # which tags are per-epoch means: the adapters say (imported off the loop)
-        kinds = await anyio.to_thread.run_sync(scalar_tags, self.plan.trainer)
-        await self.intake.follow_tensorboard(follower, kinds, send)
-
     # -- the run ----------------------------------------------------------------------
 
     def _artifacts(self) -> Artifacts:
@@ -275,7 +254,11 @@ class Supervisor:
             # The safety net runs first on every path: no process of the tree outlives us.
             with anyio.CancelScope(shield=True):
                 await self._release_tree()
-            self.intake.close_log()
+            self.intake.trainer_log.close()
+            if echo := self.intake.echo:
+                # what is queued reaches the terminal (bounded) before the outcome's line
+                with anyio.CancelScope(shield=True):
+                    await anyio.to_thread.run_sync(echo.close)
             self.notifier.close()
             self.progress.write("\n")
         log.info("outcome", outcome=outcome, exit_code=code, reason=reason,
@@ -311,9 +294,9 @@ class Supervisor:
                 self.crash_stopped = True
                 async with anyio.create_task_group() as tg:
                     process = self.tree.process
-                    for stream in (process.stdout, process.stderr):
+                    for which, stream in enumerate((process.stdout, process.stderr)):
                         if stream is not None:
-                            tg.start_soon(self.intake.drain, stream)
+                            tg.start_soon(self.intake.drain, stream, which)
                     await self._escalate("internal_error", send)
                     tg.cancel_scope.cancel()
         return self.tree.returncode
@@ -323,7 +306,7 @@ class Supervisor:
         become_subreaper()
         if self.stop_reason == "interrupted":
             return None  # signalled before anything was started: nothing to stop
-        note = self.intake.open_log(plan.run_dir / "trainer.log")
+        note = self.intake.trainer_log.open(plan.run_dir / TrainerLog.NAME)
         if note is not None:
             await emit(send, [(self.now(), note)])
         try:
@@ -346,8 +329,8 @@ class Supervisor:
         process = self.tree.process
         assert process.stdout is not None and process.stderr is not None
         async with anyio.create_task_group() as tg:
-            tg.start_soon(self._read, process.stdout, send.clone())
-            tg.start_soon(self._read, process.stderr, send.clone())
+            tg.start_soon(self.intake.read, process.stdout, send.clone(), 0)
+            tg.start_soon(self.intake.read, process.stderr, send.clone(), 1)
             tg.start_soon(total_timeout, plan.timeout, lambda: self.request_stop("timeout"))
             tg.start_soon(self.silence.run, self._on_silence,
                           lambda: self.request_stop("finish_timeout"))
@@ -358,7 +341,8 @@ class Supervisor:
             tg.start_soon(self._scan_tree)
             tg.start_soon(self.notifier.keep_alive)
             if self.follower is not None:
-                tg.start_soon(self._follow_tensorboard, self.follower, send.clone())
+                tg.start_soon(self.intake.follow_tensorboard, self.follower, plan.trainer,
+                              send.clone())
             returncode = await self._trainer_exit(send)
             self.exited = True
             log.info("trainer_exited", returncode=returncode, step=self.gate.last)
@@ -370,7 +354,7 @@ class Supervisor:
                 with anyio.CancelScope(shield=True):
                     await self._escalate("cleanup", send)
             with anyio.move_on_after(READER_DRAIN_SECONDS):
-                await self._readers_done.wait()
+                await self.intake.readers_done.wait()
             tg.cancel_scope.cancel()  # the TensorBoard follower makes its final sweep
         if self.follower is not None and not self.follower.files:
             await emit(send, [(self.now(), Note(

@@ -104,3 +104,64 @@ def run_on_a_terminal(argv: list[str], cwd: Path | None = None,
         output += data
     os.close(main)
     return proc.wait(timeout=timeout), output.decode(errors="replace")
+
+
+class Terminal:
+    """A command on a pseudo-terminal that is its controlling terminal (helpers/on_tty.py):
+    read what it draws, type at it (``b"\\x03"`` is Ctrl-C to its whole process group)."""
+
+    def __init__(self, argv: list[str], cwd: Path | None = None) -> None:
+        import pty
+
+        self.main, replica = pty.openpty()
+        self.proc = subprocess.Popen([sys.executable, str(HELPERS / "on_tty.py"), *argv],
+                                     stdin=replica, stdout=replica, stderr=replica,
+                                     env=child_env(), cwd=cwd)
+        os.close(replica)
+        self.output = b""
+        self._open = True
+
+    def _read(self, deadline: float) -> bool:
+        """One read (until ``deadline``); False once every writer closed the terminal."""
+        import select
+
+        left = deadline - time.monotonic()
+        if not self._open or left <= 0:
+            return False
+        ready, _, _ = select.select([self.main], [], [], left)
+        if not ready:
+            return True
+        try:
+            data = os.read(self.main, 65536)
+        except OSError:  # EIO: every writer closed the terminal
+            data = b""
+        if not data:
+            self._open = False
+            return False
+        self.output += data
+        return True
+
+    def wait_for(self, needle: bytes, timeout: float = 30.0) -> bool:
+        """Read until ``needle`` was drawn (or the deadline, or the end)."""
+        deadline = time.monotonic() + timeout
+        while needle not in self.output:
+            if not self._read(deadline):
+                return needle in self.output
+        return True
+
+    def type(self, data: bytes) -> None:
+        os.write(self.main, data)
+
+    def finish(self, timeout: float = 60.0) -> tuple[int, str]:
+        """Read to the end; (returncode, all output)."""
+        deadline = time.monotonic() + timeout
+        while self._read(deadline):
+            pass
+        try:
+            code = self.proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
+            os.close(self.main)
+        return code, self.output.decode(errors="replace")

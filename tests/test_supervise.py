@@ -396,7 +396,8 @@ def test_status_shows_a_live_run(run_dir: Path) -> None:
 
 
 def test_terminal_gets_console_logs_and_a_live_progress_line(run_dir: Path) -> None:
-    argv = lorasup_argv("start", "--run-dir", str(run_dir), *kohya_args(steps=3))
+    # --quiet: the trainer's own bar is not echoed, lorasup's live line is the progress
+    argv = lorasup_argv("start", "--run-dir", str(run_dir), "--quiet", *kohya_args(steps=3))
     returncode, text = run_on_a_terminal(argv, timeout=30)
     assert returncode == 0
     assert "step 3/3" in text  # the live line

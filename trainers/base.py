@@ -67,6 +67,9 @@ class AdapterBase:
     redraw_prefix: ClassVar[str | None] = None
     #: a bytes pattern for whole bar-frame lines (supervisor/fastbars.py), or None
     fast_bar: ClassVar[re.Pattern[bytes] | None] = None
+    #: lines starting with this are the trainer's messages to lorasup (a line protocol),
+    #: not for people: the terminal echo of its output leaves them out
+    protocol_prefix: ClassVar[bytes | None] = None
     #: True when the adapter reads the user's regexes (``TrainerJob.parse``, a job file's
     #: ``[parse]`` table); a ``[parse]`` table for any other adapter is refused
     accepts_parse_table: ClassVar[bool] = False

@@ -35,6 +35,8 @@ class CommandAdapter(AdapterBase):
     stop_signals = (signal.SIGINT, signal.SIGTERM)
     #: this adapter reads a job file's ``[parse]`` table (TrainerJob.parse)
     accepts_parse_table = True
+    #: a program may speak lorasup's line protocol: those lines are not echoed
+    protocol_prefix = PREFIX.encode()
 
     def __init__(self) -> None:
         self.needles: tuple[str, ...] = tuple(dict.fromkeys((

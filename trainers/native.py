@@ -95,6 +95,7 @@ class NativeAdapter(AdapterBase):
     stop_signals = (signal.SIGINT, signal.SIGTERM)
     steps_flag = "--steps"
     needles = (PREFIX, *PYTHON_PROBLEM_NEEDLES)
+    protocol_prefix = PREFIX.encode()
 
     def resolve_steps(self, steps: int | None, argv: Sequence[str]) -> int:
         if not argv:
