@@ -32,7 +32,7 @@ ALLOWED: dict[tuple[str, str], int] = {
     # run.py's bar-frame comment (the intake split moves it); serve's resume of an
     # attempt, which goes to AdapterBase.argv_for(job, steps, resume)/resume_argv.
     ("run.py", "kohya"): 1,
-    ("serve/daemon.py", "builtin"): 1,
+    ("serve/attempts.py", "builtin"): 1,
     ("serve/jobspec.py", "builtin"): 8,
     ("serve/jobspec.py", "hf"): 2,
     ("serve/jobspec.py", "kohya"): 2,
