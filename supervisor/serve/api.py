@@ -260,7 +260,10 @@ def make_app(daemon: JobsApi, token: str | None = None) -> Any:
 
     async def api_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, ApiError)
-        return json_response({"error": exc.message}, exc.status, close=exc.status == 413)
+        body: dict[str, Any] = {"error": exc.message}
+        if exc.errors:
+            body["errors"] = exc.errors
+        return json_response(body, exc.status, close=exc.status == 413)
 
     async def store_error(request: Request, exc: Exception) -> Response:
         # The database is locked by another process or the disk is full: try again later.

@@ -142,6 +142,7 @@ class Attempts(DaemonParts):
         log.info("run_started", job=job.id, name=job.name, attempt=n, pid=identity.pid,
                  run_dir=str(run_dir), slot=slot_names, why=why)
         self._tg.start_soon(self._watch, run)
+        self._notify(job.id, "started", attempt=n)
         # Followed from here on, whatever the database does; the pid is on record once
         # it takes it (a restart finds the process by its run directory meanwhile).
         await self._retry(self.store.set_process, job.id, n, identity.pid,

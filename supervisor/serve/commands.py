@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from typer.core import TyperCommand
 
 USAGE_EXIT = 2
 
@@ -40,6 +41,11 @@ def _call(state_dir: Path | None, operation: Any) -> Any:
         with _client(state_dir) as client:
             return operation(client)
     except ClientError as exc:
+        if len(exc.errors) > 1:  # a job with several mistakes: each on its own line
+            typer.echo(f"lorasup: error: {len(exc.errors)} mistakes in the job:", err=True)
+            for line in exc.errors:
+                typer.echo(f"  {line}", err=True)
+            raise typer.Exit(exc.code) from None
         raise _fail(str(exc), exc.code) from None
 
 
@@ -86,7 +92,11 @@ def serve(
     gpus: Annotated[str, typer.Option(help="auto, none or a list like 0,1: one slot per GPU")
                     ] = "auto",
     until_empty: Annotated[bool, typer.Option(
-        "--until-empty", help="exit 0 once the queue has drained")] = False,
+        "--until-empty", help="exit 0 once the queue has been empty, with nothing "
+                              "running, for --idle seconds")] = False,
+    idle: Annotated[float, typer.Option(
+        metavar="S", help="with --until-empty: seconds of an empty queue (from the start or "
+                          "the last job's end) before exiting")] = 10.0,
     listen: Annotated[str | None, typer.Option(
         help="also serve the API on HOST:PORT (needs --token-file)")] = None,
     token_file: Annotated[Path | None, typer.Option(
@@ -123,6 +133,8 @@ def serve(
             raise _fail(f"--retry-backoff must be a number of seconds from 0 to "
                         f"{_max_seconds()}")
         settings["retry_backoff"] = retry_backoff
+    if not _seconds(idle):
+        raise _fail(f"--idle must be a number of seconds from 0 to {_max_seconds()}")
     from lorasup.supervisor.config import SLOTS_RANGE
 
     if not SLOTS_RANGE[0] <= slots <= SLOTS_RANGE[1]:
@@ -130,7 +142,8 @@ def serve(
     logs.configure(log_format)  # type: ignore[arg-type]
     try:
         daemon = Daemon(DaemonConfig(state_dir=paths.state_dir(state_dir), slots=slots,
-                                     gpus=gpus, until_empty=until_empty, listen=listen,
+                                     gpus=gpus, until_empty=until_empty, idle=idle,
+                                     listen=listen,
                                      token=token, **settings))
         code = anyio.run(daemon.run)
     except (ApiError, GpuSpecError) as exc:
@@ -140,14 +153,67 @@ def serve(
     raise typer.Exit(code)
 
 
+class SubmitCommand(TyperCommand):
+    """``submit``: what follows ``--`` is the trainer's command, kept apart before click
+    parses the rest (click would hand its first word to JOB_FILE)."""
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        if "--" in args:
+            cut = args.index("--")
+            ctx.meta["trainer_argv"] = args[cut + 1:]
+            args = args[:cut]
+        return super().parse_args(ctx, args)
+
+    def collect_usage_pieces(self, ctx: Any) -> list[str]:
+        return [*super().collect_usage_pieces(ctx), "[-- TRAINER_ARGV...]"]
+
+
+def _seconds_option(text: str) -> Any:
+    return typer.Option(metavar="S", help=f"{text} (as for start)")
+
+
 def submit(
-    job_file: Annotated[Path, typer.Argument(help="a TOML job file (as for start --config)")],
+    ctx: typer.Context,
+    job_file: Annotated[Path | None, typer.Argument(
+        help="a TOML job file (as for start --config); optional with a command after --")
+    ] = None,
     name: Annotated[str | None, typer.Option(help="a name shown by ps")] = None,
     priority: Annotated[int | None, typer.Option(help="higher runs first [0]")] = None,
+    trainer: Annotated[str | None, typer.Option(metavar="NAME", help="the trainer program "
+                                                "(as for start)")] = None,
+    steps: Annotated[int | None, typer.Option(metavar="N", help="optimizer steps to run")
+                     ] = None,
+    gpus: Annotated[int | None, typer.Option(metavar="K", help="GPUs the job needs [0]")
+                    ] = None,
+    retries: Annotated[int | None, typer.Option(
+        metavar="K", help="new attempts after a stall, timeout or interruption [0]")] = None,
+    timeout: Annotated[float | None, _seconds_option(
+        "total wall time in seconds")] = None,
+    no_output_timeout: Annotated[float | None, _seconds_option(
+        "seconds of silence that count as a hang")] = None,
+    startup_timeout: Annotated[float | None, _seconds_option(
+        "seconds of silence allowed before the first step")] = None,
+    no_progress_timeout: Annotated[float | None, _seconds_option(
+        "seconds without a new step")] = None,
+    grace: Annotated[float | None, _seconds_option(
+        "seconds from the graceful signal to SIGKILL")] = None,
+    finish_timeout: Annotated[float | None, _seconds_option(
+        "seconds to save after step N")] = None,
+    nan_patience: Annotated[int | None, typer.Option(
+        metavar="K", help="non-finite losses tolerated (as for start)")] = None,
+    logs_dir: Annotated[Path | None, typer.Option(
+        metavar="DIR", help="where the runs go [the state directory's runs/]")] = None,
     state_dir: StateDir = None,
 ) -> None:
+    """Flags win over the job file; the job runs in the current directory."""
+    flags = {"trainer": trainer, "steps": steps, "gpus": gpus, "retries": retries,
+             "timeout": timeout, "no_output_timeout": no_output_timeout,
+             "startup_timeout": startup_timeout, "no_progress_timeout": no_progress_timeout,
+             "grace": grace, "finish_timeout": finish_timeout, "nan_patience": nan_patience,
+             "logs_dir": str(logs_dir) if logs_dir is not None else None}
+    argv = ctx.meta.get("trainer_argv")
     job = _call(state_dir, lambda c: c.submit(job_file, cwd=Path.cwd(), name=name,
-                                              priority=priority))
+                                              priority=priority, flags=flags, argv=argv))
     typer.echo(job["id"])
 
 
@@ -227,7 +293,9 @@ def register(app: typer.Typer) -> None:
     """Add the daemon's commands to the ``lorasup`` app."""
     app.command(help="Run the queue daemon: jobs from `lorasup submit`, one run per slot.")(
         serve)
-    app.command(help="Queue a job file for the daemon; prints the job id.")(submit)
+    app.command(cls=SubmitCommand, context_settings={"allow_extra_args": True},
+                help="Queue a job for the daemon: a job file, or flags and the trainer's "
+                     "command after --; prints the job id.")(submit)
     app.command(help="List the daemon's jobs.")(ps)
     app.command(help="Cancel a job: queued ones are removed, running ones stopped.")(cancel)
     app.command(name="logs", help="Print a job's run log (JSON lines); -f follows it.")(

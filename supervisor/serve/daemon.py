@@ -14,7 +14,6 @@ import os
 import signal
 import socket
 import time
-from pathlib import Path
 from typing import Any
 
 import anyio
@@ -71,6 +70,8 @@ class Daemon(Views, Dispatch, Attempts, Settling, Recovery, StorageFaults, Daemo
         self._poisoned: set[int] = set()
         #: the umask the runs get (the user's); the daemon's own files are private (077)
         self._child_umask = -1
+        #: --until-empty counts its idle time from the start (the first submit may follow)
+        self._idle_since: float | None = time.monotonic()
 
     async def run(self) -> int:
         """Serve until SIGTERM/SIGINT (or an empty queue with --until-empty); the exit code."""
@@ -223,18 +224,26 @@ class Daemon(Views, Dispatch, Attempts, Settling, Recovery, StorageFaults, Daemo
             values = jobspec.values_from_payload(payload)
         except jobspec.JobError as exc:
             raise ApiError(400, str(exc)) from None
-        cwd = payload.get("cwd") or str(Path.home())
+        # No default: a job run in the daemon's home directory would surprise its submitter.
+        cwd = payload.get("cwd")
         try:
             spec = await anyio.to_thread.run_sync(lambda: jobspec.parse(
-                values, cwd=str(cwd), scratch=self.state / paths.RUNS,
+                values, cwd=cwd if isinstance(cwd, str) else None,
+                scratch=self.state / paths.RUNS,
                 name=payload.get("name"), priority=payload.get("priority")))
         except jobspec.JobError as exc:
-            raise ApiError(400, str(exc)) from None
+            raise ApiError(400, str(exc), exc.errors if len(exc.errors) > 1 else None
+                           ) from None
         if self.gpu_mode and spec.gpus > len(self.slots):
             raise ApiError(400, f"invalid gpus: the job asks for {spec.gpus} GPUs, "
                                 f"this daemon has {len(self.slots)}")
-        if not self.gpu_mode and spec.gpus > 0 and self.config.gpus.strip().lower() != "auto":
-            raise ApiError(400, "invalid gpus: this daemon runs without GPUs (--gpus none)")
+        if not self.gpu_mode and spec.gpus > 0:
+            # It would run without CUDA_VISIBLE_DEVICES, on whatever GPU it finds.
+            found = "it found none" if self.config.gpus.strip().lower() == "auto" \
+                else "--gpus none"
+            raise ApiError(400, f"invalid gpus: the job asks for {spec.gpus} GPU(s), but this "
+                                f"daemon has no GPU slots ({found}); name the devices with "
+                                "`lorasup serve --gpus 0,1`, or submit with gpus = 0")
         # From here to the commit nothing awaits: a concurrent submit with the same key
         # sees either no job or this one, never a half.
         if key is not None and (known := self.store.submitted(key)) is not None:

@@ -25,6 +25,8 @@ class DaemonConfig:
     slots: int = 1
     gpus: str = "auto"
     until_empty: bool = False
+    #: with until_empty: seconds of an empty queue and no run before the daemon exits
+    idle: float = 10.0
     listen: str | None = None
     token: str | None = None
     notify: dict[str, str] = field(default_factory=dict)
@@ -74,3 +76,5 @@ class DaemonParts:
     _fault_logged: str | None
     _poisoned: set[int]
     _child_umask: int
+    #: when the queue became empty with nothing running (monotonic); None while busy
+    _idle_since: float | None

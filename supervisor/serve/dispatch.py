@@ -4,6 +4,7 @@ it asks the scheduler's pure decision what starts on which free slot.
 
 from __future__ import annotations
 
+import math
 import time
 
 import anyio
@@ -67,13 +68,30 @@ class Dispatch(DaemonParts):
                     await self._stop.wait()
                 delay = min(delay * 2, STORE_BACKOFF_MAX)
                 continue
-            if self.config.until_empty and not self.running and not self.store.jobs(ACTIVE):
-                log.info("queue_empty", action="exiting (--until-empty)")
-                self._stop.set()
-                return
+            if self.config.until_empty:
+                idle_left = self._idle_left()
+                if idle_left <= 0:
+                    log.info("queue_empty", idle_s=self.config.idle,
+                             action="exiting (--until-empty)")
+                    self._stop.set()
+                    return
+                timeout = min(timeout, idle_left)
             self._update_status()
             with anyio.move_on_after(timeout):
                 await self._wake.wait()
+
+    def _idle_left(self) -> float:
+        """Seconds until ``--until-empty`` may exit: the queue empty and nothing running for
+        ``--idle`` seconds, counted from the daemon's start or the last job's end (so a
+        daemon started just before the first submit waits for it); inf while busy."""
+        assert self.store is not None
+        if self.running or self.store.jobs(ACTIVE):
+            self._idle_since = None
+            return math.inf
+        now = time.monotonic()
+        if self._idle_since is None:
+            self._idle_since = now
+        return self._idle_since + self.config.idle - now
 
     async def _schedule(self) -> float:
         """Start what can start; seconds until the next backoff timer (or the default)."""

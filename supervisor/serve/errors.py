@@ -13,10 +13,12 @@ from typing import Any, Protocol
 class ApiError(Exception):
     """A refused request: HTTP status and one line for the user."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, errors: list[str] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        #: every mistake, one line each (a job file with several: all at once)
+        self.errors = errors
 
 
 class JobsApi(Protocol):

@@ -14,7 +14,7 @@ from typing import Any
 import anyio
 import structlog
 
-from lorasup.supervisor.serve import scheduler
+from lorasup.supervisor.serve import jobspec, scheduler
 from lorasup.supervisor.serve.daemonparts import DaemonParts, Running
 from lorasup.supervisor.serve.procid import kill_group
 from lorasup.supervisor.serve.runs import usage_error, wait_exit
@@ -148,6 +148,9 @@ class Settling(DaemonParts):
                  state=fields["state"], reason=fields.get("reason"))
         if fields["state"] in FINAL:
             self._final(run.job_id)
+        elif end.retries_used > job.retries_used:
+            self._notify(run.job_id, "retrying", retry_in_s=round(
+                max(end.not_before - time.time(), 0.0), 1), after=outcome)
         self.wake()
         self._update_status()
 
@@ -172,26 +175,35 @@ class Settling(DaemonParts):
     def _final(self, job_id: int) -> None:
         """A job reached a final state: webhooks (per job and daemon-wide). A failure here
         is logged; it never changes the state already recorded."""
+        self._notify(job_id, None)
+
+    def _notify(self, job_id: int, event: str | None, **extra: Any) -> None:
+        """Webhooks of ``event`` (``started``, ``retrying``; None: the job's final state) to
+        the targets that ask for it; a failure is logged and changes nothing."""
         try:
-            self._final_hooks(job_id)
+            self._hooks_for(job_id, event, extra)
         except Exception as exc:
             log.error("webhook_not_queued", job=job_id, error=internal_reason(exc))
 
-    def _final_hooks(self, job_id: int) -> None:
+    def _hooks_for(self, job_id: int, event: str | None, extra: dict[str, Any]) -> None:
         assert self.store is not None
         job = self.store.job(job_id)
         if job is None:
             return
-        targets = [t for t in (job.spec.notify, self.config.notify) if t.get("webhook")]
+        wanted = event or job.state
+        targets = [t for t in (job.spec.notify, self.config.notify)
+                   if t.get("webhook") and jobspec.wants(t, wanted)]
         if len(targets) == 2 and targets[0]["webhook"] == targets[1]["webhook"]:
             targets.pop()
         if not targets:
             return
         attempts = self.store.attempts(job_id)
         report = str(Path(attempts[-1].run_dir) / "report.json") if attempts else None
-        self.hooks.post(targets, "job.finished", {
-            "event": "job.finished", "job": job.id, "name": job.name, "state": job.state,
+        name = f"job.{event or 'finished'}"
+        self.hooks.post(targets, name, {
+            "event": name, "job": job.id, "name": job.name, "state": job.state,
             "outcome": job.outcome, "reason": job.reason, "steps": job.steps_done,
             "steps_requested": job.target_step or job.spec.steps, "final_loss": job.last_loss,
             "attempts": job.attempts, "report": report,
-            "run_dir": attempts[-1].run_dir if attempts else None, "time": time.time()})
+            "run_dir": attempts[-1].run_dir if attempts else None, "time": time.time(),
+            **extra})
