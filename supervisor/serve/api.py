@@ -182,10 +182,13 @@ def make_app(daemon: JobsApi, token: str | None = None) -> Any:
         return json_response(job, 201 if new else 200)
 
     async def jobs(request: Request) -> Response:
-        limit = request.query_params.get("limit", "")
-        if limit and not (limit.isascii() and limit.isdigit() and len(limit) <= 9):
-            raise ApiError(400, f"invalid limit {_shown(limit)}: a whole number of jobs")
-        return json_response({"jobs": daemon.list_jobs(int(limit) if limit else None)})
+        counts: dict[str, int | None] = {}
+        for name in ("limit", "finished"):
+            text = request.query_params.get(name, "")
+            if text and not (text.isascii() and text.isdigit() and len(text) <= 9):
+                raise ApiError(400, f"invalid {name} {_shown(text)}: a whole number of jobs")
+            counts[name] = int(text) if text else None
+        return json_response({"jobs": daemon.list_jobs(counts["limit"], counts["finished"])})
 
     async def job(request: Request) -> Response:
         return json_response(daemon.show(job_id(request)))

@@ -235,8 +235,10 @@ class Client:
                 exc.errors = with_lines(exc.errors, job_file)
             raise
 
-    def jobs(self) -> list[dict[str, Any]]:
-        return self.request("GET", "/jobs")["jobs"]
+    def jobs(self, finished: int | None = None) -> list[dict[str, Any]]:
+        """Every job; with ``finished``: the active ones and the newest ``finished`` others."""
+        query = "" if finished is None else f"?finished={finished}"
+        return self.request("GET", f"/jobs{query}")["jobs"]
 
     def job(self, job_id: int) -> dict[str, Any]:
         return self.request("GET", f"/jobs/{job_id}")

@@ -114,9 +114,11 @@ class Dispatch(DaemonParts):
             except Exception as exc:
                 attempt = by_id[job_id].attempts + 1
                 await self._internal_failure(job_id, attempt, exc, "starting it")
-        started = {job_id for job_id, _ in starts}
+        waits = scheduler.reasons(waiting, free, now, gpu_mode=self.gpu_mode)
         for job in queued:
-            text = why if job.id not in started and why else None
+            text = waits.get(job.id)
+            if why and text is not None and not text.startswith("after job"):
+                text = why  # a foreign process on the GPU, a full disk: the real cause
             if text != job.waiting:
                 self.store.update_job(job.id, waiting=text)
         later = [j.not_before - now for j in queued if j.not_before > now]

@@ -20,14 +20,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from lorasup.supervisor.config import (
-    GPUS_RANGE,
-    PRIORITY_RANGE,
-    RETRIES_RANGE,
-    ConfigError,
-    build_job,
-)
-
 #: keys only the daemon reads; never passed on to ``lorasup start``
 DAEMON_KEYS = ("name", "priority", "gpus", "cwd", "retries", "notify")
 #: keys the daemon decides for each attempt (it names the run directory itself)
@@ -38,7 +30,6 @@ NOTIFY_FORMATS = ("json", "slack", "discord")
 NOTIFY_EVENTS = ("started", "retrying", "completed", "failed", "cancelled", "lost")
 #: the events sent when ``events`` is not given: the final states
 FINAL_EVENTS = ("completed", "failed", "cancelled", "lost")
-MAX_RETRIES = RETRIES_RANGE[1]
 MAX_NAME = 200
 
 
@@ -167,6 +158,14 @@ def parse(values: dict[str, Any], *, cwd: str | None, scratch: Path, name: str |
           priority: int | None = None) -> JobSpec:
     """Validate a submitted job completely (raises JobError with every mistake found)
     without queueing anything."""
+    # config (pydantic) here, not at the top: `ps` reads stored specs without it
+    from lorasup.supervisor.config import (
+        GPUS_RANGE,
+        PRIORITY_RANGE,
+        RETRIES_RANGE,
+        ConfigError,
+        build_job,
+    )
     from lorasup.supervisor.prepare import plan_run
     from lorasup.trainers.base import UsageError
 
