@@ -169,3 +169,191 @@ def test_webhook_events_and_the_slack_text(daemons, tmp_path: Path) -> None:
     plain = [(event, body) for path, event, body in Receiver.received if path == "/json"]
     assert [e for e, _ in plain] == ["job.finished"]  # the final state only, as before
     assert plain[0][1]["state"] == "completed"
+
+
+# -- 9: ps shows what one decides with, and why a queued job waits ----------------------------
+
+def _rows(stdout: str) -> dict[int, dict[str, str]]:
+    """``ps``'s table by job id: the header's names → each row's cells."""
+    lines = stdout.splitlines()
+    header = lines[0]
+    starts = [header.index(name) for name in header.split()]
+    out: dict[int, dict[str, str]] = {}
+    for line in lines[1:]:
+        cells = [line[a:b].strip() for a, b in zip(starts, [*starts[1:], None], strict=True)]
+        out[int(cells[0])] = dict(zip(header.split(), cells, strict=True))
+    return out
+
+
+def test_ps_columns_and_why_each_queued_job_waits(daemons, tmp_path: Path) -> None:
+    d = daemons("--slots", "2").start("--retry-backoff", "60")
+    blocker = d.submit_ok(bar_job(2000, 0.05, name="blocker", priority=3))
+    staller = d.submit_ok(bar_job(20, 0.02, "--hang-after", "2", name="staller", retries=1,
+                                  no_output_timeout=1, grace=0.5))
+    assert wait_for(lambda: d.job(staller)["state"] == "queued"
+                    and d.job(staller)["attempt"] == 1, timeout=30)
+    runner = d.submit_ok(bar_job(2000, 0.05, name="runner"))
+    d.wait_step(runner, 1)
+    first = d.submit_ok(bar_job(2, name="first", priority=1))
+    second = d.submit_ok(bar_job(2, name="second"))
+    assert wait_for(lambda: d.job(second)["waiting"] == f"after job {first}", timeout=10)
+    d.wait_step(blocker, 5)
+    out = lorasup(tmp_path, "ps")
+    assert out.returncode == 0, out.stderr
+    rows = _rows(out.stdout)
+    assert rows[blocker]["STATE"] == "running" and rows[blocker]["PRI"] == "3"
+    assert rows[blocker]["SLOT"].startswith("cpu") and rows[blocker]["TRY"] == "1"
+    step, total = rows[blocker]["STEP"].split("/")
+    assert int(step) >= 5 and total == "2000" and rows[blocker]["LOSS"] != "-"
+    assert rows[blocker]["ELAPSED"].endswith("s") and rows[blocker]["ETA"] != "-"
+    assert rows[staller]["STATE"] == "queued" and rows[staller]["TRY"] == "1/2"
+    assert rows[staller]["WHY"].startswith("waits: retry in ")
+    assert int(rows[staller]["WHY"].split()[3]) > 30  # about 60 s of backoff
+    assert rows[first]["WHY"] == "waits: no free slot"
+    assert rows[second]["WHY"] == f"waits: after job {first}"
+    assert rows[first]["ETA"] == "-" and rows[first]["ELAPSED"] == "-"  # not started: absent
+    as_json = {j["id"]: j for j in json.loads(lorasup(tmp_path, "ps", "--json").stdout)}
+    assert as_json[blocker]["eta_s"] > 0 and as_json[first]["eta_s"] is None
+    for job in (blocker, runner, staller):
+        assert d.http is not None and d.http.post(f"/jobs/{job}/cancel").status_code == 200
+    for job in (blocker, runner, staller, first, second):
+        d.wait(job)
+    # by default the active jobs and the newest finished ones; --all: every job
+    assert d.http is not None
+    listed = [j["id"] for j in d.http.get("/jobs", params={"finished": "1"}).json()["jobs"]]
+    assert listed == [second]
+    every = _rows(lorasup(tmp_path, "ps", "--all").stdout)
+    assert set(every) == {blocker, staller, runner, first, second}
+    assert every[blocker]["WHY"] == "cancelled: cancelled by request"
+
+
+# -- 7: ps, show and logs with no daemon running ----------------------------------------------
+
+def test_ps_show_and_logs_read_the_database_when_no_daemon_runs(daemons, tmp_path: Path
+                                                                ) -> None:
+    import os
+    import signal
+
+    d = daemons().start()
+    done = d.submit_ok(bar_job(3, name="done"))
+    assert d.wait(done)["state"] == "completed"
+    running = d.submit_ok(bar_job(2000, 0.05, name="busy"))
+    d.wait_step(running, 2)
+    d.signal(signal.SIGKILL)  # its -wal is left behind: read as it is
+    d.wait_exit()
+    files = sorted(p.name for p in d.state.iterdir())
+    db_before = os.stat(d.state / "lorasup.db").st_mtime_ns
+    out = lorasup(tmp_path, "ps")
+    assert out.returncode == 0, out.stderr
+    assert out.stderr.count("\n") == 1 and "daemon is not running" in out.stderr
+    rows = _rows(out.stdout)
+    assert rows[done]["STATE"] == "completed" and rows[running]["STATE"] == "running"
+    shown = lorasup(tmp_path, "show", str(done))
+    assert shown.returncode == 0, shown.stderr
+    data = json.loads(shown.stdout)  # not a terminal: the JSON document, as online
+    assert data["job"]["name"] == "done" and data["report"]["outcome"] == "completed"
+    assert data["job"]["attempts"][0]["outcome"] == "completed"
+    logs = lorasup(tmp_path, "logs", str(done), "--events")
+    kinds = [json.loads(line)["kind"] for line in logs.stdout.splitlines()]
+    assert kinds[0] == "started" and kinds[-1] == "outcome", logs.stderr
+    missing = lorasup(tmp_path, "show", "99")
+    assert missing.returncode == 2 and "no job 99" in missing.stderr
+    # read-only: nothing written, no file made
+    assert sorted(p.name for p in d.state.iterdir()) == files
+    assert os.stat(d.state / "lorasup.db").st_mtime_ns == db_before
+    # a state directory that never had a daemon: the one-line error, exit 2
+    empty = subprocess.run(lorasup_argv("ps", "--state-dir", str(tmp_path / "nothing")),
+                           capture_output=True, text=True, env=child_env(), timeout=60)
+    assert empty.returncode == 2 and empty.stderr.count("\n") == 1
+    assert empty.stderr.startswith("lorasup: error: no lorasup daemon is listening on ")
+
+
+# -- 8: show and logs for a person at a terminal ------------------------------------------------
+
+def test_show_and_logs_are_readable_on_a_terminal(daemons, tmp_path: Path) -> None:
+    from tests.support import run_on_a_terminal
+
+    d = daemons().start()
+    job = d.submit_ok(bar_job(3, name="readable"))
+    assert d.wait(job)["state"] == "completed"
+    run_dir = d.job(job)["run_dir"]
+    state = ["--state-dir", str(d.state)]
+    code, text = run_on_a_terminal(lorasup_argv("show", str(job), *state))
+    lines = text.replace("\r\n", "\n").splitlines()
+    assert code == 0, text
+    assert lines[0] == f"job {job}  readable  completed"
+    assert any(line.startswith("outcome    completed") for line in lines), text
+    assert "step       3/3  last loss 0.3333" in text
+    assert "  1  completed" in text and run_dir in text
+    assert f"report     {run_dir}/report.json" in text
+    assert len(lines) < 40 and not text.lstrip().startswith("{")
+    code, text = run_on_a_terminal(lorasup_argv("show", str(job), "--json", *state))
+    assert code == 0 and json.loads(text)["job"]["id"] == job  # --json: as before
+    code, text = run_on_a_terminal(lorasup_argv("logs", str(job), *state))
+    lines = [line for line in text.replace("\r\n", "\n").splitlines() if line]
+    assert code == 0 and lines, text
+    assert not any(line.startswith("{") for line in lines), text
+    outcome = [line for line in lines if " outcome " in line]
+    assert outcome and "info" in outcome[0] and "outcome=completed" in outcome[0], lines
+    assert outcome[0][:2].isdigit() and outcome[0][2] == ":"  # HH:MM:SS first
+    code, text = run_on_a_terminal(lorasup_argv("logs", str(job), "--events", *state))
+    assert code == 0 and any(" step " in line and "step=3" in line
+                             for line in text.splitlines()), text
+
+
+# -- the pure parts: properties ----------------------------------------------------------------
+
+def test_line_formatter_is_the_same_whatever_the_chunks() -> None:
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from lorasup.supervisor.serve.present import LineFormatter, log_line
+
+    record = st.dictionaries(st.text(max_size=8), st.one_of(
+        st.none(), st.integers(), st.floats(allow_nan=False), st.text(max_size=30),
+        st.lists(st.integers(), max_size=3)), max_size=5).map(
+        lambda d: json.dumps(d).encode())
+    line = st.one_of(record, st.binary(max_size=60).map(lambda b: b.replace(b"\n", b"")))
+
+    @settings(max_examples=200, deadline=None)
+    @given(lines=st.lists(line, max_size=8), cuts=st.lists(st.integers(0, 400), max_size=6))
+    def same(lines: list[bytes], cuts: list[int]) -> None:
+        data = b"".join(x + b"\n" for x in lines)
+        whole = LineFormatter()
+        expected = whole.feed(data) + whole.close()
+        pieces, start = LineFormatter(), 0
+        got: list[str] = []
+        for cut in sorted(min(c, len(data)) for c in cuts):
+            got += pieces.feed(data[start:cut])
+            start = cut
+        got += pieces.feed(data[start:]) + pieces.close()
+        assert got == expected
+        assert expected == [log_line(x) for x in lines if x.strip()]
+        assert all("\n" not in x for x in expected)
+
+    same()
+
+
+def test_every_queued_job_that_does_not_start_has_a_reason() -> None:
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from lorasup.supervisor.serve.scheduler import Slot, Waiting, assign, reasons
+
+    jobs = st.lists(st.builds(Waiting, id=st.integers(1, 10**6), priority=st.integers(-3, 3),
+                              gpus=st.integers(0, 3), not_before=st.sampled_from([0.0, 50.0])),
+                    max_size=8, unique_by=lambda w: w.id)
+
+    @settings(max_examples=300, deadline=None)
+    @given(queued=jobs, free=st.integers(0, 4), gpu_mode=st.booleans())
+    def check(queued: list[Waiting], free: int, gpu_mode: bool) -> None:
+        slots = [Slot(f"s{i}", (str(i),)) for i in range(free)]
+        started = {job_id for job_id, _ in assign(queued, slots, 10.0, gpu_mode=gpu_mode)}
+        why = reasons(queued, slots, 10.0, gpu_mode=gpu_mode)
+        for job in queued:
+            backing_off = job.not_before > 10.0
+            assert (job.id in why) == (job.id not in started and not backing_off), (job, why)
+        holders = [t for t in why.values() if not t.startswith("after job")]
+        assert len(holders) <= 1
+
+    check()

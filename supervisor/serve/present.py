@@ -17,6 +17,16 @@ FIELD_WIDTH = 80
 _OWN = ("timestamp", "level", "event", "t", "kind", "logger")
 
 
+#: control characters (C0, DEL, C1) as escapes: a log line or a reason never moves the
+#: cursor, clears the screen or splits a line on the reader's terminal
+_CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7f, 0xa0))}
+
+
+def printable(text: str) -> str:
+    """``text`` with its control characters escaped (``\\x1b``), on one line."""
+    return text.translate(_CONTROL)
+
+
 def duration(seconds: Any) -> str:
     """``45s``, ``3m05s``, ``2h04m``; ``-`` for a time that is not known."""
     if not isinstance(seconds, int | float) or isinstance(seconds, bool) \
@@ -72,8 +82,8 @@ def ps_table(jobs: list[dict[str, Any]]) -> list[str]:
                      duration(job.get("eta_s")), str(job.get("pid") or "-"),
                      _why(job)[:100]))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
-            for row in rows]
+    return [printable("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True))
+                      .rstrip()) for row in rows]
 
 
 def show_summary(job: dict[str, Any], report: dict[str, Any] | None) -> list[str]:
@@ -112,7 +122,7 @@ def show_summary(job: dict[str, Any], report: dict[str, Any] | None) -> list[str
     if job.get("run_dir"):
         there = "" if report is not None else " (not written yet)"
         lines.append(f"report     {job['run_dir']}/report.json{there}")
-    return lines
+    return [printable(line) for line in lines]
 
 
 def _clock(record: dict[str, Any]) -> str:
@@ -140,14 +150,14 @@ def log_line(raw: bytes) -> str:
     text = raw.decode("utf-8", errors="replace").rstrip("\r\n")
     try:
         record = json.loads(text)
-    except ValueError:
-        return text
+    except (ValueError, RecursionError):
+        return printable(text)
     if not isinstance(record, dict):
-        return text
+        return printable(text)
     level = str(record.get("level") or ("event" if "kind" in record else "-"))
     name = str(record.get("event") or record.get("kind") or "-")
     fields = " ".join(f"{k}={_value(v)}" for k, v in record.items() if k not in _OWN)
-    return f"{_clock(record)}  {level:<7} {name:<22} {fields}".rstrip()
+    return printable(f"{_clock(record)}  {level:<7} {name:<22} {fields}".rstrip())
 
 
 class LineFormatter:
@@ -163,7 +173,7 @@ class LineFormatter:
         *lines, self._rest = data.split(b"\n")
         out = [log_line(line) for line in lines if line.strip()]
         if len(self._rest) > self.limit:
-            out.append(self._rest.decode("utf-8", errors="replace"))
+            out.append(printable(self._rest.decode("utf-8", errors="replace")))
             self._rest = b""
         return out
 
