@@ -33,6 +33,17 @@ FINAL_EVENTS = ("completed", "failed", "cancelled", "lost")
 MAX_NAME = 200
 
 
+def __getattr__(name: str) -> Any:
+    """``MAX_RETRIES`` (the bound of ``retries``, from config.py), read on first use: the
+    module itself does not import config (pydantic), so ``ps`` reading stored jobs stays
+    light."""
+    if name == "MAX_RETRIES":
+        from lorasup.supervisor.config import RETRIES_RANGE
+
+        return RETRIES_RANGE[1]
+    raise AttributeError(name)
+
+
 class JobError(ValueError):
     """The submitted job is invalid. ``errors``: every mistake found, one line each; the
     message is the one line that stands for them all (``N mistakes in the job: a; b``)."""
