@@ -256,6 +256,9 @@ def test_ps_show_and_logs_read_the_database_when_no_daemon_runs(daemons, tmp_pat
     logs = lorasup(tmp_path, "logs", str(done), "--events")
     kinds = [json.loads(line)["kind"] for line in logs.stdout.splitlines()]
     assert kinds[0] == "started" and kinds[-1] == "outcome", logs.stderr
+    followed = lorasup(tmp_path, "logs", str(done), "-f", timeout=30)  # ends: no daemon
+    assert followed.returncode == 0 and "not following" in followed.stderr
+    assert json.loads(followed.stdout.splitlines()[-1])["event"], followed.stdout[-500:]
     missing = lorasup(tmp_path, "show", "99")
     assert missing.returncode == 2 and "no job 99" in missing.stderr
     # read-only: nothing written, no file made
