@@ -32,7 +32,7 @@ COMMAND_KEY = "command"
 
 
 class ConfigError(ValueError):
-    """The job is invalid; the message is one line meant for the user."""
+    """The job is invalid; the message is one line per mistake, meant for the user."""
 
 
 # -- bounds: every number a job may hold, in one place (``lorasup start`` and the daemon) -----
@@ -215,7 +215,8 @@ def _describe(error: ErrorDetails) -> str:
 
 
 def _one_line(error: ValidationError) -> str:
-    return _describe(error.errors()[0])
+    """Every mistake pydantic found, one line each (a job file's are all shown at once)."""
+    return "\n".join(dict.fromkeys(_describe(e) for e in error.errors()))
 
 
 def _first_line(exc: Exception) -> str:
@@ -253,13 +254,16 @@ def load_toml(path: Path) -> dict[str, Any]:
 def _check_options(trainer: str, options: Options) -> None:
     """Each given option must be one the chosen trainer reads."""
     readers = OPTIONS.get(trainer, frozenset())
+    wrong: list[str] = []
     for name in sorted(options.model_fields_set):
         if name in readers:
             continue
         users = sorted(t for t, keys in OPTIONS.items() if name in keys)
         flag = "--" + ("new/--continue" if name == "mode" else name.replace("_", "-"))
-        raise ConfigError(f"option {name!r} ({flag}) is not used by --trainer {trainer}; "
-                          f"it is for: {', '.join(users)}")
+        wrong.append(f"option {name!r} ({flag}) is not used by --trainer {trainer}; "
+                     f"it is for: {', '.join(users)}")
+    if wrong:
+        raise ConfigError("\n".join(wrong))
 
 
 def build_job(file_values: dict[str, Any], flag_values: dict[str, Any],

@@ -31,7 +31,7 @@ ALLOWED: dict[tuple[str, str], int] = {
     # PENDING (integrator, issue 20): these are in other helpers' areas in this round.
     # serve's resume of an attempt, which goes to AdapterBase.argv_for(job, steps,
     # resume)/resume_argv.
-    ("serve/daemon.py", "builtin"): 1,
+    ("serve/attempts.py", "builtin"): 1,
     ("serve/jobspec.py", "builtin"): 8,
     ("serve/jobspec.py", "hf"): 2,
     ("serve/jobspec.py", "kohya"): 2,

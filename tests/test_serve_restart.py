@@ -60,7 +60,7 @@ def test_sigterm_requeues_and_the_next_daemon_continues_the_steps(daemons, tmp_p
         reader.join(timeout=5)
     stopping = [m for m in got if "STOPPING=1" in m]
     assert stopping and "EXTEND_TIMEOUT_USEC=" in stopping[0]
-    second = daemons("--until-empty").start()
+    second = daemons("--until-empty", "--idle", "1").start()
     assert second.wait_exit(timeout=60) == 0  # ran both jobs, then the queue was empty
     import sqlite3
 

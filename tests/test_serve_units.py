@@ -215,7 +215,12 @@ def test_webhook_bodies_and_signature() -> None:
     body = body_for("json", payload)
     assert json.loads(body) == payload
     assert signature("k", body) == "sha256=" + hmac.new(b"k", body, hashlib.sha256).hexdigest()
-    assert "job 3 (n): completed" in json.loads(body_for("slack", payload))["text"]
+    # the state once (issue 17: "completed — completed"); the outcome where it says more
+    assert json.loads(body_for("slack", payload))["text"] == (
+        "lorasup job 3 (n) completed: 5/5 steps, final loss 0.25")
+    failed = {**payload, "state": "failed", "outcome": "timeout", "reason": "over 60 s"}
+    assert json.loads(body_for("slack", failed))["text"] == (
+        "lorasup job 3 (n) failed (timeout): 5/5 steps, final loss 0.25 — over 60 s")
     assert "0.25" in json.loads(body_for("discord", payload))["content"]
 
 

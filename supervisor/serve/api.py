@@ -182,10 +182,13 @@ def make_app(daemon: JobsApi, token: str | None = None) -> Any:
         return json_response(job, 201 if new else 200)
 
     async def jobs(request: Request) -> Response:
-        limit = request.query_params.get("limit", "")
-        if limit and not (limit.isascii() and limit.isdigit() and len(limit) <= 9):
-            raise ApiError(400, f"invalid limit {_shown(limit)}: a whole number of jobs")
-        return json_response({"jobs": daemon.list_jobs(int(limit) if limit else None)})
+        counts: dict[str, int | None] = {}
+        for name in ("limit", "finished"):
+            text = request.query_params.get(name, "")
+            if text and not (text.isascii() and text.isdigit() and len(text) <= 9):
+                raise ApiError(400, f"invalid {name} {_shown(text)}: a whole number of jobs")
+            counts[name] = int(text) if text else None
+        return json_response({"jobs": daemon.list_jobs(counts["limit"], counts["finished"])})
 
     async def job(request: Request) -> Response:
         return json_response(daemon.show(job_id(request)))
@@ -260,7 +263,10 @@ def make_app(daemon: JobsApi, token: str | None = None) -> Any:
 
     async def api_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, ApiError)
-        return json_response({"error": exc.message}, exc.status, close=exc.status == 413)
+        body: dict[str, Any] = {"error": exc.message}
+        if exc.errors:
+            body["errors"] = exc.errors
+        return json_response(body, exc.status, close=exc.status == 413)
 
     async def store_error(request: Request, exc: Exception) -> Response:
         # The database is locked by another process or the disk is full: try again later.

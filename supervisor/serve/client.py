@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import re
 import socket
 import uuid
 from collections.abc import Iterator
@@ -24,9 +25,31 @@ class ClientError(Exception):
     """One line for the user; ``code`` is the exit status (2: usage or no daemon; 75: the
     daemon went away mid-request)."""
 
-    def __init__(self, message: str, code: int = 2) -> None:
+    def __init__(self, message: str, code: int = 2, errors: list[str] | None = None) -> None:
         super().__init__(message)
         self.code = code
+        #: every mistake the daemon found (a job with several), one line each
+        self.errors = errors or []
+
+
+def with_lines(errors: list[str], job_file: Path) -> list[str]:
+    """Each mistake with the line of its key in the job file, where the key is found there
+    (``invalid steps: ... (job.toml line 3)``); tomllib keeps no lines for keys."""
+    try:
+        text = job_file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return errors
+    lines = text.splitlines()
+    out: list[str] = []
+    for error in errors:
+        found = re.match(r"invalid ([A-Za-z0-9_\-]+)|unknown key '([^']+)'", error)
+        key = found and (found[1] or found[2])
+        if key == "command":
+            key = "command|trainer_argv"
+        at = next((i + 1 for i, line in enumerate(lines)
+                   if key and re.match(rf"\s*\"?(?:{key})\"?\s*=", line)), None)
+        out.append(f"{error} ({job_file.name} line {at})" if at else error)
+    return out
 
 
 class NoDaemon(ClientError):
@@ -109,11 +132,15 @@ class Client:
 
     @staticmethod
     def _error(status: int, data: bytes) -> ClientError:
+        errors: list[str] = []
         try:
-            message = json.loads(data).get("error") or data.decode(errors="replace")
+            body = json.loads(data)
+            message = body.get("error") or data.decode(errors="replace")
+            if isinstance(body.get("errors"), list):
+                errors = [str(e) for e in body["errors"]]
         except (ValueError, AttributeError):
             message = data.decode(errors="replace")
-        return ClientError(str(message).strip(), 2 if status < 500 else 1)
+        return ClientError(str(message).strip(), 2 if status < 500 else 1, errors)
 
     def _exchange(self, method: str, url: str, body: Any, headers: dict[str, str] | None
                   ) -> tuple[int, bytes]:
@@ -172,14 +199,26 @@ class Client:
 
     # -- operations ------------------------------------------------------------------------
 
-    def submit(self, job_file: Path, *, cwd: Path, name: str | None = None,
-               priority: int | None = None) -> dict[str, Any]:
+    def submit(self, job_file: Path | None, *, cwd: Path, name: str | None = None,
+               priority: int | None = None, flags: dict[str, Any] | None = None,
+               argv: list[str] | None = None) -> dict[str, Any]:
+        """Queue a job: the job file's keys (if one is given), overridden by the flags that
+        were given and by ``argv`` (the trainer's command); the job runs in ``cwd``."""
         from lorasup.supervisor.config import ConfigError, load_toml
 
-        try:
-            values = load_toml(job_file)
-        except ConfigError as exc:
-            raise ClientError(str(exc)) from None
+        values: dict[str, Any] = {}
+        if job_file is not None:
+            try:
+                values = load_toml(job_file)
+            except ConfigError as exc:
+                raise ClientError(str(exc)) from None
+        values.update({k: v for k, v in (flags or {}).items() if v is not None})
+        if argv:
+            values.pop("command", None)
+            values["trainer_argv"] = list(argv)
+        if job_file is None and not argv:
+            raise ClientError("give a job file, or the trainer's command after `--` "
+                              "(lorasup submit --steps N -- python train.py ...)")
         payload: dict[str, Any] = {"job": json.loads(json.dumps(values, default=str)),
                                    "cwd": str(cwd)}
         if name is not None:
@@ -189,10 +228,17 @@ class Client:
         # One key per invocation: a retry after a lost reply gets the job the first try
         # queued (the daemon keeps keys 24 h), never a second one.
         key = {"Idempotency-Key": str(uuid.uuid4())}
-        return self.request("POST", "/jobs", payload, headers=key, retry_dropped=True)
+        try:
+            return self.request("POST", "/jobs", payload, headers=key, retry_dropped=True)
+        except ClientError as exc:
+            if job_file is not None and exc.errors:
+                exc.errors = with_lines(exc.errors, job_file)
+            raise
 
-    def jobs(self) -> list[dict[str, Any]]:
-        return self.request("GET", "/jobs")["jobs"]
+    def jobs(self, finished: int | None = None) -> list[dict[str, Any]]:
+        """Every job; with ``finished``: the active ones and the newest ``finished`` others."""
+        query = "" if finished is None else f"?finished={finished}"
+        return self.request("GET", f"/jobs{query}")["jobs"]
 
     def job(self, job_id: int) -> dict[str, Any]:
         return self.request("GET", f"/jobs/{job_id}")

@@ -13,10 +13,12 @@ from typing import Any, Protocol
 class ApiError(Exception):
     """A refused request: HTTP status and one line for the user."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, errors: list[str] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        #: every mistake, one line each (a job file with several: all at once)
+        self.errors = errors
 
 
 class JobsApi(Protocol):
@@ -28,7 +30,10 @@ class JobsApi(Protocol):
         ``Idempotency-Key``) within its lifetime gives back the first job, False."""
         ...
 
-    def list_jobs(self, limit: int | None = None) -> list[dict[str, Any]]: ...
+    def list_jobs(self, limit: int | None = None, finished: int | None = None
+                  ) -> list[dict[str, Any]]:
+        """The jobs; with ``finished``: the active ones and that many of the finished."""
+        ...
 
     def show(self, job_id: int) -> dict[str, Any]: ...
 

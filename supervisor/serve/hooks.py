@@ -1,4 +1,5 @@
-"""Webhooks on every final state of a job: a JSON POST, signed when a secret is set.
+"""Webhooks on a job's final state (and, where asked, when an attempt starts or a retry is
+queued): a JSON POST, signed when a secret is set.
 
 Deliveries go through a bounded queue to a worker task, so the scheduler never waits on a
 slow receiver; each delivery is retried with backoff and a failure is logged once.
@@ -29,11 +30,25 @@ def signature(secret: str, body: bytes) -> str:
 
 
 def _summary(payload: dict[str, Any]) -> str:
+    """One line a person reads in a chat: what happened to which job, then the numbers
+    (the state once; the outcome only where it says more, e.g. ``failed (timeout)``)."""
+    head = f"lorasup job {payload.get('job')} ({payload.get('name')})"
+    event = payload.get("event")
+    steps, total = payload.get("steps"), payload.get("steps_requested")
+    progress = f"{steps}/{total} steps" if steps is not None else f"{total} steps"
+    if event == "job.started":
+        return f"{head} started, attempt {payload.get('attempt') or payload.get('attempts')}"
+    if event == "job.retrying":
+        wait = payload.get("retry_in_s")
+        when = f" in {wait:g} s" if isinstance(wait, int | float) else ""
+        return f"{head} will be retried{when}: {payload.get('reason')} ({progress} so far)"
+    state, outcome = payload.get("state"), payload.get("outcome")
+    what = f"{state}" if outcome in (None, state) else f"{state} ({outcome})"
     loss = payload.get("final_loss")
     loss_text = f", final loss {loss:.4g}" if isinstance(loss, float) else ""
-    return (f"lorasup job {payload.get('job')} ({payload.get('name')}): {payload.get('state')}"
-            f" — {payload.get('outcome') or 'no outcome'}, {payload.get('steps')}/"
-            f"{payload.get('steps_requested')} steps{loss_text}")
+    reason = payload.get("reason")
+    why = f" — {reason}" if reason and state != "completed" else ""
+    return f"{head} {what}: {progress}{loss_text}{why}"
 
 
 def body_for(fmt: str, payload: dict[str, Any]) -> bytes:

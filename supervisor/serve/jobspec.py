@@ -20,26 +20,40 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from lorasup.supervisor.config import (
-    GPUS_RANGE,
-    PRIORITY_RANGE,
-    RETRIES_RANGE,
-    ConfigError,
-    build_job,
-)
-
 #: keys only the daemon reads; never passed on to ``lorasup start``
 DAEMON_KEYS = ("name", "priority", "gpus", "cwd", "retries", "notify")
 #: keys the daemon decides for each attempt (it names the run directory itself)
 PLACEMENT_KEYS = ("run_dir", "run_id", "logs_dir")
-NOTIFY_KEYS = {"webhook", "secret", "format"}
+NOTIFY_KEYS = {"webhook", "secret", "format", "events"}
 NOTIFY_FORMATS = ("json", "slack", "discord")
-MAX_RETRIES = RETRIES_RANGE[1]
+#: what a ``[notify]`` table may ask for: an attempt started, a retry queued, a final state
+NOTIFY_EVENTS = ("started", "retrying", "completed", "failed", "cancelled", "lost")
+#: the events sent when ``events`` is not given: the final states
+FINAL_EVENTS = ("completed", "failed", "cancelled", "lost")
 MAX_NAME = 200
 
 
+def __getattr__(name: str) -> Any:
+    """``MAX_RETRIES`` (the bound of ``retries``, from config.py), read on first use: the
+    module itself does not import config (pydantic), so ``ps`` reading stored jobs stays
+    light."""
+    if name == "MAX_RETRIES":
+        from lorasup.supervisor.config import RETRIES_RANGE
+
+        return RETRIES_RANGE[1]
+    raise AttributeError(name)
+
+
 class JobError(ValueError):
-    """The submitted job is invalid; one line for the user."""
+    """The submitted job is invalid. ``errors``: every mistake found, one line each; the
+    message is the one line that stands for them all (``N mistakes in the job: a; b``)."""
+
+    def __init__(self, *errors: str) -> None:
+        lines = [line for e in errors for line in str(e).splitlines() if line.strip()]
+        self.errors = lines or ["invalid job"]
+        text = self.errors[0] if len(self.errors) == 1 else (
+            f"{len(self.errors)} mistakes in the job: " + "; ".join(self.errors))
+        super().__init__(text)
 
 
 @dataclass(frozen=True)
@@ -84,27 +98,46 @@ def _int(values: dict[str, Any], key: str, default: int, low: int, high: int) ->
     return value
 
 
-def check_notify(raw: Any, where: str = "notify") -> dict[str, str]:
-    """A ``[notify]`` table: webhook URL (http/https), optional secret and message format."""
+def check_notify(raw: Any, where: str = "notify") -> dict[str, Any]:
+    """A ``[notify]`` table: webhook URL (http/https), optional secret, message format and
+    ``events`` (a list of NOTIFY_EVENTS; default: the final states). Every mistake is
+    reported (JobError.errors)."""
     if raw is None:
         return {}
     if not isinstance(raw, dict):
         raise JobError(f"invalid {where}: must be a table")
-    unknown = sorted(set(raw) - NOTIFY_KEYS)
-    if unknown:
-        raise JobError(f"invalid {where}: unknown key {unknown[0]!r} "
-                       f"(known: {', '.join(sorted(NOTIFY_KEYS))})")
-    out: dict[str, str] = {}
+    errors = [f"invalid {where}: unknown key {key!r} (known: {', '.join(sorted(NOTIFY_KEYS))})"
+              for key in sorted(set(raw) - NOTIFY_KEYS, key=str)]
+    out: dict[str, Any] = {}
     for key, value in raw.items():
-        if not isinstance(value, str):
-            raise JobError(f"invalid {where}.{key}: must be a string")
-        out[key] = value
+        if key not in NOTIFY_KEYS:
+            continue
+        if key == "events":
+            known = isinstance(value, list) and all(v in NOTIFY_EVENTS for v in value
+                                                    if isinstance(v, str))
+            if not known or not all(isinstance(v, str) for v in value):
+                errors.append(f"invalid {where}.events: a list of {', '.join(NOTIFY_EVENTS)}; "
+                              f"got {str(value)[:80]}")
+            else:
+                out[key] = list(dict.fromkeys(value))
+        elif not isinstance(value, str):
+            errors.append(f"invalid {where}.{key}: must be a string")
+        else:
+            out[key] = value
     url = urlparse(out.get("webhook", ""))
     if "webhook" in out and (url.scheme not in ("http", "https") or not url.netloc):
-        raise JobError(f"invalid {where}.webhook: not an http(s) URL: {out['webhook']!r}")
+        errors.append(f"invalid {where}.webhook: not an http(s) URL: {out['webhook']!r}")
     if out.get("format", "json") not in NOTIFY_FORMATS:
-        raise JobError(f"invalid {where}.format: use one of {', '.join(NOTIFY_FORMATS)}")
+        errors.append(f"invalid {where}.format: use one of {', '.join(NOTIFY_FORMATS)}")
+    if errors:
+        raise JobError(*errors)
     return out
+
+
+def wants(target: dict[str, Any], event: str) -> bool:
+    """Whether a ``[notify]`` table asks for ``event`` (a NOTIFY_EVENTS name)."""
+    events = target.get("events")
+    return event in (events if isinstance(events, list) else FINAL_EVENTS)
 
 
 def _absolute(path: Any, cwd: Path) -> str:
@@ -112,9 +145,38 @@ def _absolute(path: Any, cwd: Path) -> str:
     return str(candidate if candidate.is_absolute() else cwd / candidate)
 
 
-def parse(values: dict[str, Any], *, cwd: str, scratch: Path, name: str | None = None,
+MISSING_CWD = ("missing cwd: the job's working directory (an absolute path; `lorasup submit` "
+               "sends the folder it is run in)")
+
+
+def _cwd(values: dict[str, Any], cwd: str | None) -> Path:
+    """The job's working directory: its own ``cwd`` key (relative to the submitter's), else
+    the submitter's; never a default (a job run in the daemon's home would surprise)."""
+    given = values.get("cwd") or cwd
+    if not given:
+        raise JobError(MISSING_CWD)
+    job_cwd = Path(str(given))
+    if not job_cwd.is_absolute():
+        if not cwd or not Path(cwd).is_absolute():
+            raise JobError(MISSING_CWD)
+        job_cwd = Path(cwd) / job_cwd
+    if not job_cwd.is_dir():
+        raise JobError(f"invalid cwd: not a folder: {job_cwd}")
+    return job_cwd
+
+
+def parse(values: dict[str, Any], *, cwd: str | None, scratch: Path, name: str | None = None,
           priority: int | None = None) -> JobSpec:
-    """Validate a submitted job completely (raises JobError) without queueing anything."""
+    """Validate a submitted job completely (raises JobError with every mistake found)
+    without queueing anything."""
+    # config (pydantic) here, not at the top: `ps` reads stored specs without it
+    from lorasup.supervisor.config import (
+        GPUS_RANGE,
+        PRIORITY_RANGE,
+        RETRIES_RANGE,
+        ConfigError,
+        build_job,
+    )
     from lorasup.supervisor.prepare import plan_run
     from lorasup.trainers.base import UsageError
 
@@ -127,21 +189,31 @@ def parse(values: dict[str, Any], *, cwd: str, scratch: Path, name: str | None =
         values["name"] = name
     if priority is not None:
         values["priority"] = priority
-    job_cwd = Path(str(values.get("cwd") or cwd))
-    if not job_cwd.is_absolute():
-        job_cwd = Path(cwd) / job_cwd
-    if not job_cwd.is_dir():
-        raise JobError(f"invalid cwd: not a folder: {job_cwd}")
-    job_name = check_name(values.get("name", ""))
-    spec_priority = _int(values, "priority", 0, *PRIORITY_RANGE)
-    gpus = _int(values, "gpus", 0, *GPUS_RANGE)
-    retries = _int(values, "retries", 0, *RETRIES_RANGE)
-    notify = check_notify(values.get("notify"))
+    errors: list[str] = []
+
+    def checked(check: Any, *args: Any) -> Any:
+        try:
+            return check(*args)
+        except JobError as exc:
+            errors.extend(exc.errors)
+            return None
+
+    job_cwd: Path | None = checked(_cwd, values, cwd)
+    job_name = checked(check_name, values.get("name", ""))
+    spec_priority = checked(_int, values, "priority", 0, *PRIORITY_RANGE)
+    gpus = checked(_int, values, "gpus", 0, *GPUS_RANGE)
+    retries = checked(_int, values, "retries", 0, *RETRIES_RANGE)
+    notify = checked(check_notify, values.get("notify"))
     start_values = {k: v for k, v in values.items() if k not in DAEMON_KEYS}
-    start_values["cwd"] = str(job_cwd)
-    to_toml(start_values)  # refuses values a job file cannot hold
+    start_values["cwd"] = str(job_cwd or "/")
+    checked(to_toml, start_values)  # refuses values a job file cannot hold
     try:
         job = build_job(start_values, {"log_format": "json"})
+    except ConfigError as exc:
+        raise JobError(*errors, str(exc)) from None
+    if errors or job_cwd is None:
+        raise JobError(*errors)
+    try:
         probe = scratch / f"validate-{uuid.uuid4().hex}"
         try:
             plan, _adapter = plan_run(job.model_copy(update={"run_dir": probe, "run_id": None}))

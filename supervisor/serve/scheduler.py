@@ -68,6 +68,30 @@ def assign(queued: Iterable[Waiting], free: Sequence[Slot], now: float, *,
     return starts
 
 
+def reasons(queued: Iterable[Waiting], free: Sequence[Slot], now: float, *,
+            gpu_mode: bool) -> dict[int, str]:
+    """Why each queued job that ``assign`` does not start waits, in ``ps``'s words: the
+    first that does not fit has ``no free GPU`` (or how many it needs), the ones behind it
+    ``after job <id>``. A job backing off is left out (its time is told on listing)."""
+    left = len(free)
+    kind = "GPU" if gpu_mode else "slot"
+    holder: int | None = None
+    out: dict[int, str] = {}
+    for job in order(queued):
+        if job.not_before > now:
+            continue
+        need = slots_needed(job, gpu_mode)
+        if holder is not None:
+            out[job.id] = f"after job {holder}"
+        elif need > left:
+            holder = job.id
+            out[job.id] = f"no free {kind}" if need == 1 else (
+                f"needs {need} {kind}s, {left} free")
+        else:
+            left -= need
+    return out
+
+
 def transient(outcome: str | None, returncode: int | None, signalled: bool,
               problem_lines: Sequence[str]) -> bool:
     """A trainer failure another attempt may cure: killed by the kernel (host OOM killer:
