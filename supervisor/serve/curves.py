@@ -306,6 +306,8 @@ class Curves:
             out["t"] = [r.get("t") for r in rows]
         if any(r.get("s_per_step") is not None for r in rows):
             out["s_per_step"] = [r.get("s_per_step") for r in rows]
+        if self._start is not None:
+            out["attempt_start"] = self._start  # the live tail's t is relative to it
         for name in ("steps_total", "stall", "stacks", "outcome", "wall0"):
             value = getattr(self, name)
             if value is not None:
