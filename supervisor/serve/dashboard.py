@@ -27,6 +27,8 @@ STATIC_TYPES = {
 }
 DEFAULT_POINTS = 2000
 LOG_LINES = 200
+#: the trainer's own output, as the run's supervisor writes it (run.py)
+TRAINER_LOG = "trainer.log"
 
 
 def static_bytes(name: str) -> bytes:
@@ -92,8 +94,10 @@ def routes(daemon: JobsApi, job_id: Any, json_response: Any, parse_body: Any) ->
     async def tail(request: Request) -> Response:
         ident = job_id(request)
         dirs = daemon.run_dirs(ident)
+        name = request.query_params.get("log", "trainer")
         text = "" if not dirs else await anyio.to_thread.run_sync(
-            curves.tail_lines, dirs[-1] / LOG_NAME, LOG_LINES)
+            curves.tail_lines, dirs[-1] / (LOG_NAME if name == "lorasup" else TRAINER_LOG),
+            LOG_LINES)
         return json_response({"attempt": len(dirs), "lines": text.splitlines()})
 
     async def priority(request: Request) -> Response:
