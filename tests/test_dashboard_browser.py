@@ -69,11 +69,15 @@ def test_live_list_run_page_nan_marker_and_cancel(browser, served, tmp_path: Pat
     assert "token" not in page.url  # taken off the address bar
     page.wait_for_selector("#conn.live")
 
+    # a run that hangs after step 3 (stalled twice: a retry, then failed)
+    hung = d.submit_ok(bar_job(20, 0.02, "--hang-after", "3", retries=1,
+                               no_output_timeout=1, grace=0.5))
     # a job submitted after the page loaded appears and reaches completed, live
     quick = d.submit_ok(bar_job(20, 0.05))
     row = f'[data-testid=job-row][data-job-id="{quick}"]'
     page.wait_for_selector(row, timeout=10_000)
-    page.wait_for_selector(f'{row}[data-state="completed"]', timeout=20_000)
+    page.wait_for_selector(f'{row}[data-state="completed"]', timeout=40_000)
+    assert d.wait(hung, timeout=40)["outcome"] == "stalled"
 
     nan = d.submit_ok(bar_job(60, 0.02, "--nan-at", "40"))
     d.wait(nan)
@@ -91,6 +95,13 @@ def test_live_list_run_page_nan_marker_and_cancel(browser, served, tmp_path: Pat
     page.wait_for_function(f"() => document.querySelector('[data-testid=job-row]"
                            f"[data-job-id=\"{queued}\"] td:nth-child(4)').textContent == '1'")
     assert d.job(queued)["priority"] == 1
+
+    # the hung run: the stall panel, the retry's marker
+    page.goto(f"{origin}/jobs/{hung}")
+    page.wait_for_selector(".stall:not([hidden])", timeout=10_000)
+    page.wait_for_selector('[data-testid=marker][data-kind="resume"]')
+    page.wait_for_selector("[data-testid=loss-chart] canvas")
+    shot(page, tmp_path, "run-hung")
 
     # the NaN run: its marker, its outcome
     page.goto(f"{origin}/jobs/{nan}")

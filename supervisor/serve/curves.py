@@ -38,6 +38,8 @@ STEP_LINE = re.compile(
     rb'(?:,"lr":("?[-0-9.e+naif]+"?))?(?:,"epoch":[0-9]{1,18})?\}')
 #: where a record that is not a step names its kind (markers, starts, outcomes)
 OTHER_KIND = re.compile(rb'"kind":\s*"(?!step")')
+#: outcomes that mean the run stopped making progress (the page's stall panel)
+STALL_OUTCOMES = ("stalled", "hung", "no_progress")
 MARKER_KINDS = {"checkpoint": "checkpoint", "resumed": "resume", "signal": "signal",
                 "outcome": "outcome", "started": "resume", "problem": "problem",
                 "stacks": "stacks"}
@@ -364,6 +366,9 @@ class Curves:
             out["label"] = f"{record.get('outcome')}: {str(record.get('reason', ''))[:120]}"
             self.outcome = {"outcome": record.get("outcome"),
                             "reason": str(record.get("reason", ""))[:300]}
+            if record.get("outcome") in STALL_OUTCOMES:
+                self.stall = self.stall or {"problem": record.get("outcome"), "step": step,
+                                            "line": str(record.get("reason", ""))[:300]}
         elif kind == "resumed":
             out["label"] = f"resumed after step {record.get('step')}"
         elif kind == "problem":
@@ -431,8 +436,13 @@ def _small(processes: Any) -> list[dict[str, Any]]:
     out = []
     for proc in processes[:16]:
         if isinstance(proc, dict):
-            out.append({k: (v if isinstance(v, int | float) else str(v)[:2000])
-                        for k, v in list(proc.items())[:12]})
+            item: dict[str, Any] = {}
+            for k, v in list(proc.items())[:12]:
+                if isinstance(v, list | dict) and len(json.dumps(v, default=str)) <= 8000:
+                    item[str(k)] = v  # the threads with their frames, as recorded
+                else:
+                    item[str(k)] = v if isinstance(v, int | float) else str(v)[:2000]
+            out.append(item)
     return out
 
 

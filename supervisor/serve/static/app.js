@@ -359,7 +359,10 @@
         else {
           if (pacePlot) pacePlot.destroy();
           pacePlot = new uPlot({width, height: 140, scales: {x: {time: state.x === "time"}},
-            series: [{}, {label: "s/step", stroke: "#495057", width: 1}]}, pd, paceChart);
+            series: [{}, {label: "s/step", stroke: "#495057", width: 1}],
+            axes: [{}, {size: 64,
+                        values: (u, ticks) => ticks.map((t) => Number(t.toPrecision(3)))}]},
+            pd, paceChart);
         }
       }
     }
@@ -394,8 +397,16 @@
         `${series.stall.problem} at step ${series.stall.step ?? "?"}: ${series.stall.line}`}));
       if (series.stacks) {
         parts.push(el("div", {text: "stacks: " + series.stacks.reason}));
-        parts.push(el("pre", {"data-testid": "stacks",
-          text: JSON.stringify(series.stacks.processes, null, 1)}));
+        const text = [];
+        for (const p of series.stacks.processes) {
+          text.push(`${p.role || "process"} pid ${p.pid ?? "?"}: ${p.where || p.error || ""}`);
+          for (const th of Array.isArray(p.threads) ? p.threads : []) {
+            text.push(`  thread ${th.name || "?"}${th.active ? " (active)" : ""}`);
+            for (const f of Array.isArray(th.frames) ? th.frames : [])
+              text.push(`    ${f.file}:${f.line} ${f.function}`);
+          }
+        }
+        parts.push(el("pre", {"data-testid": "stacks", text: text.join("\n")}));
       }
       stall.replaceChildren(...parts);
     }
