@@ -5,6 +5,7 @@ routes answer what they promise."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 from pathlib import Path
 
@@ -203,3 +204,98 @@ def test_property_host_names_never_raise(text: str) -> None:
     name = host_name(text)
     assert name is None or (":" not in name or text.strip().startswith("["))
     assert host_name("[::1]:8080") == "::1" and host_name("LocalHost:1") == "localhost"
+
+
+class Forward:
+    """A TCP port forwarded to the daemon's UNIX socket: what ``ssh -L PORT:SOCKET`` makes
+    (no token there). One thread per direction per connection; closed with the test."""
+
+    def __init__(self, target: Path) -> None:
+        import threading
+
+        self.target = str(target)
+        self.server = socket.socket()
+        self.server.bind(("127.0.0.1", 0))
+        self.server.listen(16)
+        self.port = self.server.getsockname()[1]
+        self.threads: list[threading.Thread] = []
+        self.open: list[socket.socket] = []
+        self.accepting = threading.Thread(target=self._accept, daemon=True)
+        self.accepting.start()
+
+    def _accept(self) -> None:
+        import threading
+
+        while True:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            upstream.connect(self.target)
+            self.open += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                thread = threading.Thread(target=self._pump, args=(a, b), daemon=True)
+                thread.start()
+                self.threads.append(thread)
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            with contextlib.suppress(OSError):
+                dst.shutdown(socket.SHUT_WR)
+
+    def close(self) -> None:
+        self.server.close()
+        for sock in self.open:
+            sock.close()
+        self.accepting.join(timeout=5)
+        for thread in self.threads:
+            thread.join(timeout=5)
+
+
+def test_a_forwarded_socket_refuses_what_another_origin_sends(daemons, tmp_path: Path
+                                                              ) -> None:
+    """The issue's measurement: through ``ssh -L`` to the socket, a page on another origin
+    cancelled a running job and submitted one with no-cors text/plain bodies."""
+    d = daemons().start()
+    job = d.submit_ok(bar_job(400, 0.05))
+    d.wait_step(job, 1)
+    forward = Forward(d.state / "lorasup.sock")
+    base = f"http://127.0.0.1:{forward.port}"
+    try:
+        with httpx.Client(base_url=base, timeout=20) as http:
+            page = http.get("/", headers={"Accept": "text/html"})
+            assert page.status_code == 200 and "app.js" in page.text
+            assert http.get("/jobs").status_code == 200  # the socket's trust: no token
+            # what fetch(..., {mode: "no-cors"}) from http://evil.example sends
+            evil = {"Origin": "http://evil.example", "Sec-Fetch-Site": "cross-site",
+                    "Sec-Fetch-Mode": "no-cors", "Content-Type": "text/plain"}
+            body = '{"job": {"trainer": "command", "steps": 1, "command": ["true"]}}'
+            refused(http.post(f"/jobs/{job}/cancel", headers=evil), 403, "cross-origin")
+            refused(http.post("/jobs", content=body, headers=evil), 403, "cross-origin")
+            # an HTML form post from another page on this machine (another port)
+            form = {"Origin": f"http://127.0.0.1:{forward.port + 1}",
+                    "Content-Type": "application/x-www-form-urlencoded"}
+            refused(http.post(f"/jobs/{job}/cancel", content=b"a=1", headers=form), 403,
+                    "cross-origin")
+            # a rebound name pointing at the forward
+            refused(http.get("/jobs", headers={"Host": f"evil.example:{forward.port}"}), 403,
+                    "Host")
+            # without Origin (an old browser, a script): the body type still decides
+            refused(http.post(f"/jobs/{job}/cancel", content=b"{}",
+                              headers={"Content-Type": "text/plain"}), 415, "Content-Type")
+            assert d.job(job)["state"] == "running"
+            assert [j["id"] for j in http.get("/jobs").json()["jobs"]] == [job]
+            same = http.post(f"/jobs/{job}/cancel", headers={
+                "Origin": base, "Sec-Fetch-Site": "same-origin",
+                "Content-Type": "application/json"})
+            assert same.status_code == 200, same.text
+        assert d.wait(job)["state"] == "cancelled"
+    finally:
+        forward.close()
