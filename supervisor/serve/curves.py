@@ -13,6 +13,7 @@ request, so a page reload of a long run costs only its tail.
 from __future__ import annotations
 
 import bisect
+import itertools
 import json
 import math
 import re
@@ -29,13 +30,15 @@ MAX_POINTS = BASE_BUCKETS
 MAX_MARKERS = 200
 #: jobs whose folded history is kept between requests
 CACHED_JOBS = 16
+#: epochs whose mean is kept per job (later epochs are counted, not kept)
+MAX_EPOCHS = 10_000
 READ_BLOCK = 4 * 1024 * 1024
 #: a step record as events.step_json writes it (the fast path; anything else goes through
 #: json.loads): t, step, total, loss, avg_loss, lr
 STEP_LINE = re.compile(
     rb'\{"t":([-0-9.e+]+),"kind":"step","step":([0-9]{1,18})(?:,"total":([0-9]{1,18}))?'
     rb'(?:,"loss":("?[-0-9.e+naif]+"?))?(?:,"avg_loss":("?[-0-9.e+naif]+"?))?'
-    rb'(?:,"lr":("?[-0-9.e+naif]+"?))?(?:,"epoch":[0-9]{1,18})?\}')
+    rb'(?:,"lr":("?[-0-9.e+naif]+"?))?(?:,"epoch":([0-9]{1,18}))?\}')
 #: where a record that is not a step names its kind (markers, starts, outcomes)
 OTHER_KIND = re.compile(rb'"kind":\s*"(?!step")')
 #: outcomes that mean the run stopped making progress (the page's stall panel)
@@ -198,6 +201,9 @@ class Curves:
     stacks: dict[str, Any] | None = None
     outcome: dict[str, Any] | None = None
     steps_total: int | None = None
+    #: epoch -> [sum of finite losses, their count, last step]
+    epochs: dict[int, list[float]] = field(default_factory=dict)
+    epochs_dropped: int = 0
     _prev: tuple[float, int] | None = None
     _start: float | None = None
 
@@ -244,9 +250,10 @@ class Curves:
         b = self.buckets
         if len(rows) != segment.count(b"\n") or not rows or self._start is None:
             return self._slowly(attempt, segment)
-        times, steps, totals, losses, avgs, lrs = (
+        times, steps, totals, losses, avgs, lrs, epochs = (
             [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows],
-            [r[3] for r in rows], [r[4] for r in rows], [r[5] for r in rows])
+            [r[3] for r in rows], [r[4] for r in rows], [r[5] for r in rows],
+            [r[6] for r in rows])
         steps_i = list(map(int, steps))
         chosen = losses if b"" not in losses else avgs
         if b"" in chosen or b"" in times or steps_i != sorted(steps_i) or (
@@ -294,6 +301,14 @@ class Curves:
             i = j
         self._prev = prev
         self.last_step = steps_i[-1]
+        at = 0
+        for epoch, run in itertools.groupby(epochs):  # runs of one epoch, summed at once
+            length = sum(1 for _ in run)
+            if epoch:
+                part = values[at:at + length]
+                finite = part if not quoted else [v for v in part if math.isfinite(v)]
+                self._epoch(int(epoch), sum(finite), len(finite), steps_i[at + length - 1])
+            at += length
         last_total = next((x for x in reversed(totals) if x), b"")
         if last_total:
             self.steps_total = int(last_total)
@@ -313,12 +328,13 @@ class Curves:
     def _line(self, attempt: int, line: bytes) -> None:
         fast = STEP_LINE.fullmatch(line)
         if fast is not None:
-            t_text, step_text, total, loss_text, avg_text, lr_text = fast.groups()
+            t_text, step_text, total, loss_text, avg_text, lr_text, epoch = fast.groups()
             value = loss_text or avg_text
             self._step(attempt, int(step_text), float(t_text),
                        None if value is None else float(value.strip(b'"')),
                        None if lr_text is None else float(lr_text.strip(b'"')),
-                       None if total is None else int(total))
+                       None if total is None else int(total),
+                       None if epoch is None else int(epoch))
             return
         if not line.startswith(b"{"):
             return
@@ -338,9 +354,11 @@ class Curves:
             loss = _number(record.get("loss"))
             if loss is None:
                 loss = _number(record.get("avg_loss"))
-            total = record.get("total")
+            total, epoch = record.get("total"), record.get("epoch")
             self._step(attempt, step, t, loss, _number(record.get("lr")),
                        total if isinstance(total, int) and not isinstance(total, bool)
+                       else None,
+                       epoch if isinstance(epoch, int) and not isinstance(epoch, bool)
                        else None)
             return
         if kind == "started":
@@ -385,8 +403,19 @@ class Curves:
                                         "line": str(record.get("reason", ""))[:300]}
         self._marker(out)
 
+    def _epoch(self, epoch: int, total: float, count: int, step: int) -> None:
+        kept = self.epochs.get(epoch)
+        if kept is None:
+            if len(self.epochs) >= MAX_EPOCHS:
+                self.epochs_dropped += 1
+                return
+            kept = self.epochs[epoch] = [0.0, 0, step]
+        kept[0] += total
+        kept[1] += count
+        kept[2] = max(kept[2], step)
+
     def _step(self, attempt: int, step: int, t: float | None, loss: float | None,
-              lr: float | None, total: int | None) -> None:
+              lr: float | None, total: int | None, epoch: int | None = None) -> None:
         pace = None
         prev = self._prev
         if t is not None:
@@ -401,6 +430,9 @@ class Curves:
             self.steps_total = total
         if loss is not None and not math.isfinite(loss):
             self._marker({"kind": "nan", "step": step, "t": wall, "attempt": attempt})
+        if epoch is not None:
+            finite = loss is not None and math.isfinite(loss)
+            self._epoch(epoch, loss if finite else 0.0, 1 if finite else 0, step)
 
     def as_json(self, points: int) -> dict[str, Any]:
         rows = self.buckets.rows(points)
@@ -420,6 +452,13 @@ class Curves:
             out["t"] = [r.get("t") for r in rows]
         if any(r.get("s_per_step") is not None for r in rows):
             out["s_per_step"] = [r.get("s_per_step") for r in rows]
+        shown = sorted((e, kept) for e, kept in self.epochs.items() if kept[1])
+        if shown:  # per-epoch mean of the finite losses, at each epoch's last step
+            out["epochs"] = {"epoch": [e for e, _ in shown],
+                             "mean": [k[0] / k[1] for _, k in shown],
+                             "count": [int(k[1]) for _, k in shown],
+                             "last": [int(k[2]) for _, k in shown],
+                             "dropped": self.epochs_dropped}
         if self._start is not None:
             out["attempt_start"] = self._start  # the live tail's t is relative to it
         for name in ("steps_total", "stall", "stacks", "outcome", "wall0"):

@@ -314,8 +314,18 @@
         ema.push(k ? pos(state.alpha === 0 ? v : v / (1 - Math.pow(state.alpha, k))) : null);
         avg.push(n ? pos(sum / n) : null);
       }
+      // per-epoch mean: a point at each epoch's last step
+      const epochMean = rows.map(() => null);
+      const ep = series && series.epochs;
+      if (ep) {
+        let at = 0;
+        for (let e = 0; e < ep.epoch.length; e++) {
+          while (at < rows.length - 1 && rows[at].step < ep.last[e]) at++;
+          if (rows.length) epochMean[at] = pos(ep.mean[e]);
+        }
+      }
       const data = [x, rows.map((r) => pos(r.mean)), rows.map((r) => pos(r.min)),
-                    rows.map((r) => pos(r.max)), ema, avg, rows.map((r) => r.lr)];
+                    rows.map((r) => pos(r.max)), ema, avg, rows.map((r) => r.lr), epochMean];
       const lastStep = rows.length ? rows[rows.length - 1].step : "";
       chart.dataset.lastStep = String(lastStep);
       chart.dataset.points = String(rows.length);
@@ -344,6 +354,8 @@
             {label: "EMA", stroke: "#e8590c", width: 2},
             {label: "running avg", stroke: "#2b8a3e", width: 1, dash: [4, 4]},
             {label: "lr", stroke: "#7048e8", width: 1, scale: "lr", show: hasLr},
+            {label: "epoch mean", stroke: "#c2255c", width: 2, spanGaps: true,
+             points: {show: true, size: 7}},
           ],
           bands: [{series: [3, 2], fill: "rgba(37,99,235,0.08)"}],
           axes: [{}, {label: "loss"}, {scale: "lr", side: 1, label: "lr", grid: {show: false},
