@@ -299,3 +299,39 @@ def test_a_forwarded_socket_refuses_what_another_origin_sends(daemons, tmp_path:
         assert d.wait(job)["state"] == "cancelled"
     finally:
         forward.close()
+
+
+def test_the_event_stream_resumes_without_gap_or_repeat(daemons, tmp_path: Path) -> None:
+    d = daemons().start()
+    http = d.http
+    assert http is not None
+    job = d.submit_ok(bar_job(400, 0.02))
+    d.wait_step(job, 1)
+
+    def read(headers: dict[str, str], count: int) -> tuple[list[int], str, list[str]]:
+        steps: list[int] = []
+        kinds: list[str] = []
+        last = ""
+        with http.stream("GET", "/events", headers=headers) as stream:
+            kind, carried = "", False
+            for line in stream.iter_lines():
+                if line.startswith("event: "):
+                    kind = line[7:]
+                    kinds.append(kind)
+                elif line.startswith("id: "):
+                    last, carried = line[4:], True  # on a batch's last event
+                elif line.startswith("data: ") and kind == "step":
+                    steps.append(int(line.split('"step":')[1].split(",")[0].rstrip("}")))
+                elif line == "":
+                    if carried and len(steps) >= count:
+                        break  # at the end of a batch: its id covers every step read
+                    carried = False
+        return steps, last, kinds
+
+    first, last_id, _ = read({}, 20)
+    assert first == list(range(first[0], first[0] + len(first)))
+    again, _, kinds = read({"Last-Event-ID": last_id}, 5)
+    assert kinds[0] == "jobs"  # a fresh list, then the file from where it stopped
+    assert again[0] == first[-1] + 1, (first[-3:], again[:3])
+    http.post(f"/jobs/{job}/cancel")
+    d.wait(job)
