@@ -105,6 +105,9 @@ def test_rebound_host_and_other_origins_are_refused(served, tmp_path: Path) -> N
                 assert bare.get(f"/jobs/{job}", headers={"Accept": "text/html"}
                                 ).status_code == 200
                 assert bare.get("/static/app.js").status_code == 200
+                # ... and says nothing about which jobs exist
+                assert bare.get("/jobs/999", headers={"Accept": "text/html"}
+                                ).status_code == 200
         assert d.job(job)["state"] == "running"
         ok = unix.post(f"/jobs/{job}/cancel", headers={"Content-Type": "application/json"})
         assert ok.status_code == 200, ok.text

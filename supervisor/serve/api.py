@@ -42,6 +42,8 @@ JOB_ID = re.compile(r"[0-9]{1,18}")
 POSITION = re.compile(r"([0-9]{1,9}):([0-9]{1,18})")
 #: an ``Idempotency-Key``: visible ASCII (a uuid4 from ``lorasup submit``)
 IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")
+#: set in the scope of a request BearerAuth let through without the token (a page shell)
+PUBLIC_KEY = "lorasup.public"
 #: bytes read per step while streaming a file
 STREAM_BLOCK = 256 * 1024
 FOLLOW_SECONDS = 0.25
@@ -193,7 +195,9 @@ def make_app(daemon: JobsApi, token: str | None = None, listen: str | None = Non
 
     async def job(request: Request) -> Response:
         if dashboard.wants_html(request.headers):  # a browser: the run page
-            daemon.show(job_id(request))  # a missing job is a JSON 404 for it too
+            ident = job_id(request)
+            if not request.scope.get(PUBLIC_KEY):  # without the token, no word on the job
+                daemon.show(ident)  # a missing job is a JSON 404 for it too
             return dashboard.run_page()
         return json_response(daemon.show(job_id(request)))
 
@@ -424,7 +428,9 @@ class BearerAuth:
         self.public = public or (lambda scope: False)
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and not self.public(scope):
+        if scope["type"] == "http" and self.public(scope):
+            scope = {**scope, PUBLIC_KEY: True}
+        elif scope["type"] == "http":
             given = dict(scope.get("headers") or []).get(b"authorization", b"")
             if not hmac.compare_digest(given, self.expected):
                 body = b'{"error":"a bearer token is required (Authorization: Bearer ...)"}'
