@@ -47,7 +47,8 @@ class Daemon:
                                          env={**child_env(), **self.env}, cwd=self.tmp,
                                          umask=umask)
         self.http = httpx.Client(transport=httpx.HTTPTransport(
-            uds=str(self.state / "lorasup.sock")), base_url="http://lorasup", timeout=20)
+            uds=str(self.state / "lorasup.sock")), base_url="http://lorasup", timeout=20,
+            headers={"X-Lorasup-CSRF": "1"})  # as the CLI sends (security.py)
         if wait:
             assert wait_for(self._healthy, timeout=20), self.log.read_text()[-3000:]
         return self

@@ -169,7 +169,7 @@ def test_a_body_over_the_limit_is_refused_unread(daemons, tmp_path: Path) -> Non
     d = daemons().start()
     sock = d.state / "lorasup.sock"
     # Content-Length says 2 MiB; only the head is sent: the 413 comes without the body
-    head = (b"POST /jobs HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    head = (b"POST /jobs HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
             b"Content-Length: %d\r\n\r\n{" % (2 * MAX_BODY))
     status, headers, body = raw_request(sock, head)
     assert status == 413 and headers["content-type"] == "application/json"
@@ -178,7 +178,7 @@ def test_a_body_over_the_limit_is_refused_unread(daemons, tmp_path: Path) -> Non
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
         conn.settimeout(20)
         conn.connect(str(sock))
-        conn.sendall(b"POST /jobs HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        conn.sendall(b"POST /jobs HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
                      b"Transfer-Encoding: chunked\r\n\r\n")
         piece = b"7" * 65536
         sent = 0
@@ -195,9 +195,9 @@ def test_a_body_over_the_limit_is_refused_unread(daemons, tmp_path: Path) -> Non
 def test_unparseable_http_gets_a_json_400(daemons, tmp_path: Path) -> None:
     d = daemons().start()
     sock = d.state / "lorasup.sock"
-    for data in (b"GARBAGE\r\n\r\n", b"GET /jobs HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n",
-                 b"GET /jobs HTTP/1.1\r\nHost: x\r\nX: " + b"a" * 2_000_000 + b"\r\n\r\n",
-                 b"POST /jobs HTTP/1.1\r\nHost: x\r\nContent-Length: x1\r\n\r\n"):
+    for data in (b"GARBAGE\r\n\r\n", b"GET /jobs HTTP/1.1\r\nHost: localhost\r\nBad Header\r\n\r\n",
+                 b"GET /jobs HTTP/1.1\r\nHost: localhost\r\nX: " + b"a" * 2_000_000 + b"\r\n\r\n",
+                 b"POST /jobs HTTP/1.1\r\nHost: localhost\r\nContent-Length: x1\r\n\r\n"):
         status, headers, body = raw_request(sock, data)
         assert status == 400 and headers["content-type"] == "application/json", (data[:40], body)
         assert json.loads(body)["error"].startswith("bad HTTP request")
@@ -527,7 +527,7 @@ def test_an_unexpected_fault_is_a_json_500_and_logged(tmp_path: Path) -> None:
 
     async def main() -> httpx.Response:
         transport = httpx.ASGITransport(app=make_app(Broken()))  # type: ignore[arg-type]
-        async with httpx.AsyncClient(transport=transport, base_url="http://x") as client:
+        async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
             return await client.get("/jobs")
 
     response = anyio.run(main)

@@ -24,8 +24,10 @@ from typing import Any
 import anyio
 import structlog
 
+from lorasup.supervisor.serve import dashboard
 from lorasup.supervisor.serve.errors import ApiError, JobsApi
 from lorasup.supervisor.serve.runs import LOG_NAME
+from lorasup.supervisor.serve.security import Shield
 from lorasup.supervisor.serve.store import StoreUnavailable
 
 log = structlog.get_logger("lorasup.serve.api")
@@ -40,6 +42,8 @@ JOB_ID = re.compile(r"[0-9]{1,18}")
 POSITION = re.compile(r"([0-9]{1,9}):([0-9]{1,18})")
 #: an ``Idempotency-Key``: visible ASCII (a uuid4 from ``lorasup submit``)
 IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")
+#: set in the scope of a request BearerAuth let through without the token (a page shell)
+PUBLIC_KEY = "lorasup.public"
 #: bytes read per step while streaming a file
 STREAM_BLOCK = 256 * 1024
 FOLLOW_SECONDS = 0.25
@@ -156,8 +160,10 @@ async def follow_files(daemon: JobsApi, job_id: int, name: str, follow: bool,
         await anyio.sleep(FOLLOW_SECONDS)
 
 
-def make_app(daemon: JobsApi, token: str | None = None) -> Any:
-    """The ASGI app: starlette's routes inside ``Guard`` (and ``BearerAuth`` on TCP)."""
+def make_app(daemon: JobsApi, token: str | None = None, listen: str | None = None) -> Any:
+    """The ASGI app: starlette's routes inside ``Guard`` and ``Shield`` (security.py: Host,
+    Origin, CSRF), and ``BearerAuth`` on TCP. ``listen``: the --listen address, whose host
+    the API answers to (by default the daemon's ``listen_address``)."""
     from starlette.applications import Starlette
     from starlette.exceptions import HTTPException
     from starlette.requests import Request
@@ -191,6 +197,11 @@ def make_app(daemon: JobsApi, token: str | None = None) -> Any:
         return json_response({"jobs": daemon.list_jobs(counts["limit"], counts["finished"])})
 
     async def job(request: Request) -> Response:
+        if dashboard.wants_html(request.headers):  # a browser: the run page
+            ident = job_id(request)
+            if not request.scope.get(PUBLIC_KEY):  # without the token, no word on the job
+                daemon.show(ident)  # a missing job is a JSON 404 for it too
+            return dashboard.run_page()
         return json_response(daemon.show(job_id(request)))
 
     async def cancel(request: Request) -> Response:
@@ -292,11 +303,16 @@ def make_app(daemon: JobsApi, token: str | None = None) -> Any:
         Route("/jobs/{job_id}/log", logs, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),
+        *dashboard.routes(daemon, job_id, json_response, parse_body),
     ]
     app = Starlette(routes=routes, exception_handlers={
         ApiError: api_error, HTTPException: http_error, StoreUnavailable: store_error,
         Exception: internal_error})
-    return Guard(app if token is None else BearerAuth(app, token))
+    if listen is None:
+        given = getattr(daemon, "listen_address", None)
+        listen = given if isinstance(given, str) else None
+    inner = app if token is None else BearerAuth(app, token, public=dashboard.is_public)
+    return Guard(Shield(inner, listen))
 
 
 def json_response(content: Any, status: int = 200, close: bool = False,
@@ -410,12 +426,17 @@ def _read_or_none(path: Path) -> bytes | None:
 class BearerAuth:
     """ASGI middleware for the TCP listener: ``Authorization: Bearer <token>`` or 401."""
 
-    def __init__(self, app: Callable[..., Any], token: str) -> None:
+    def __init__(self, app: Callable[..., Any], token: str,
+                 public: Callable[[dict[str, Any]], bool] | None = None) -> None:
         self.app = app
         self.expected = f"Bearer {token}".encode()
+        #: requests that need no token (the dashboard's static shell, which holds no data)
+        self.public = public or (lambda scope: False)
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] == "http":
+        if scope["type"] == "http" and self.public(scope):
+            scope = {**scope, PUBLIC_KEY: True}
+        elif scope["type"] == "http":
             given = dict(scope.get("headers") or []).get(b"authorization", b"")
             if not hmac.compare_digest(given, self.expected):
                 body = b'{"error":"a bearer token is required (Authorization: Bearer ...)"}'

@@ -105,7 +105,9 @@ class Client:
         "no daemon" (2); a connection that breaks after that is EX_TEMPFAIL (75)."""
         conn = _UnixConnection(self.socket, timeout)
         data = None if body is None else json.dumps(body).encode()
-        headers = dict(headers or {})
+        # what a cross-origin browser request cannot send (security.py): a POST without it
+        # (an empty cancel) is refused
+        headers = {"X-Lorasup-CSRF": "1", **(headers or {})}
         if data is not None:
             headers["Content-Type"] = "application/json"
         try:

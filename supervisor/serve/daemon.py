@@ -306,3 +306,22 @@ class Daemon(Views, Dispatch, Attempts, Settling, Recovery, StorageFaults, Daemo
                 "storage": self.storage_problem, "incidents": list(self.store.incidents),
                 "uptime_s": round(time.time() - self.started, 3),
                 "start_time": start_time(os.getpid())}
+
+    # -- the dashboard's additions (issue 18) -----------------------------------------------
+
+    @property
+    def listen_address(self) -> str | None:
+        """``--listen HOST:PORT``: its host is one the API answers to (security.Shield)."""
+        return self.config.listen
+
+    def set_priority(self, job_id: int, priority: int) -> dict[str, Any]:
+        """A queued job's new priority (the scheduler orders by the column)."""
+        assert self.store is not None
+        job = self._job(job_id)
+        if job.state != "queued":
+            raise ApiError(409, f"job {job_id} is {job.state}: only a queued job's priority "
+                                "can change")
+        self.store.update_job(job_id, priority=priority)
+        log.info("job_priority", job=job_id, priority=priority, was=job.priority)
+        self.wake()
+        return self.describe(self._job(job_id))

@@ -3,7 +3,8 @@
 --steps N --step-seconds S: the pace. --marker FILE: each started run appends a line
 (pid) there, so a test sees how often it was started. --hang-after K: stop printing after
 step K and sleep (a stall). --fail-code C: exit C after the last step. --env NAME: print
-NAME=value of that variable at start. Exits 130 on SIGINT, 143 on SIGTERM.
+NAME=value of that variable at start. --nan-at K: step K's loss is nan. Exits 130 on
+SIGINT, 143 on SIGTERM.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ def main() -> int:
     parser.add_argument("--hang-after", type=int, default=None)
     parser.add_argument("--fail-code", type=int, default=0)
     parser.add_argument("--env", default=None)
+    parser.add_argument("--nan-at", type=int, default=None)
     args = parser.parse_args()
     signal.signal(signal.SIGINT, lambda *_: sys.exit(130))
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -40,7 +42,8 @@ def main() -> int:
         print(f"{args.env}={os.environ.get(args.env, '<unset>')}", flush=True)
     for step in range(1, args.steps + 1):
         time.sleep(args.step_seconds)
-        sys.stdout.write(frame(step, args.steps, 1.0 / step))
+        loss = float("nan") if step == args.nan_at else 1.0 / step
+        sys.stdout.write(frame(step, args.steps, loss))
         sys.stdout.flush()
         if args.hang_after is not None and step >= args.hang_after:
             while True:

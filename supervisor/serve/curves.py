@@ -1,0 +1,519 @@
+"""``GET /jobs/<id>/series``: a job's whole loss history in at most ``points`` buckets.
+
+Built from the attempts' ``events.jsonl`` (the report's source of truth) into
+:class:`Buckets`: at most :data:`BASE_BUCKETS` buckets of ``width`` consecutive steps,
+doubling the width (merging neighbours) when a step lands past the end, so memory never
+grows with the run. Each bucket keeps its step range, count, mean, finite min and max, and
+the count of NaN/inf losses, so a spike or a NaN is never averaged away; lr (last value)
+and seconds per step (mean between step records) where the run has them. A
+:class:`Curves` per job is kept (a few, LRU) and fed only the bytes appended since the last
+request, so a page reload of a long run costs only its tail.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+import json
+import math
+import re
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+#: buckets kept per job (a request asks for at most this many points)
+BASE_BUCKETS = 4096
+MAX_POINTS = BASE_BUCKETS
+#: markers kept per job (the first ones of each kind, then only counted)
+MAX_MARKERS = 200
+#: jobs whose folded history is kept between requests
+CACHED_JOBS = 16
+#: epochs whose mean is kept per job (later epochs are counted, not kept)
+MAX_EPOCHS = 10_000
+READ_BLOCK = 4 * 1024 * 1024
+#: a step record as events.step_json writes it (the fast path; anything else goes through
+#: json.loads): t, step, total, loss, avg_loss, lr
+STEP_LINE = re.compile(
+    rb'\{"t":([-0-9.e+]+),"kind":"step","step":([0-9]{1,18})(?:,"total":([0-9]{1,18}))?'
+    rb'(?:,"loss":("?[-0-9.e+naif]+"?))?(?:,"avg_loss":("?[-0-9.e+naif]+"?))?'
+    rb'(?:,"lr":("?[-0-9.e+naif]+"?))?(?:,"epoch":([0-9]{1,18}))?\}')
+#: where a record that is not a step names its kind (markers, starts, outcomes)
+OTHER_KIND = re.compile(rb'"kind":\s*"(?!step")')
+#: outcomes that mean the run stopped making progress (the page's stall panel)
+STALL_OUTCOMES = ("stalled", "hung", "no_progress")
+MARKER_KINDS = {"checkpoint": "checkpoint", "resumed": "resume", "signal": "signal",
+                "outcome": "outcome", "started": "resume", "problem": "problem",
+                "stacks": "stacks"}
+
+
+@dataclass(slots=True)
+class Bucket:
+    first: int
+    last: int
+    count: int = 0
+    total: float = 0.0
+    finite: int = 0
+    low: float = math.inf
+    high: float = -math.inf
+    nonfinite: int = 0
+    lr: float | None = None
+    t: float | None = None
+    pace_sum: float = 0.0
+    pace_n: int = 0
+
+    def add(self, step: int, loss: float | None, lr: float | None, t: float | None,
+            pace: float | None) -> None:
+        self.first, self.last = min(self.first, step), max(self.last, step)
+        if loss is not None:
+            self.count += 1
+            if math.isfinite(loss):
+                self.finite += 1
+                self.total += loss
+                self.low, self.high = min(self.low, loss), max(self.high, loss)
+            else:
+                self.nonfinite += 1
+        if lr is not None and math.isfinite(lr):
+            self.lr = lr
+        if t is not None:
+            self.t = t if self.t is None else max(self.t, t)
+        if pace is not None:
+            self.pace_sum += pace
+            self.pace_n += 1
+
+    def merge(self, other: Bucket) -> None:
+        self.first, self.last = min(self.first, other.first), max(self.last, other.last)
+        self.count += other.count
+        self.finite += other.finite
+        self.total += other.total
+        self.low, self.high = min(self.low, other.low), max(self.high, other.high)
+        self.nonfinite += other.nonfinite
+        if other.lr is not None:
+            self.lr = other.lr
+        if other.t is not None:
+            self.t = other.t if self.t is None else max(self.t, other.t)
+        self.pace_sum += other.pace_sum
+        self.pace_n += other.pace_n
+
+    def as_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"first": self.first, "last": self.last, "count": self.count,
+                               "nonfinite": self.nonfinite}
+        if self.finite:
+            out.update(mean=self.total / self.finite, min=self.low, max=self.high)
+        if self.lr is not None:
+            out["lr"] = self.lr
+        if self.t is not None:
+            out["t"] = round(self.t, 3)
+        if self.pace_n:
+            out["s_per_step"] = self.pace_sum / self.pace_n
+        return out
+
+
+class Buckets:
+    """Steps ``base + k*width ... base + (k+1)*width - 1`` fall into bucket ``k``."""
+
+    def __init__(self, capacity: int = BASE_BUCKETS) -> None:
+        self.capacity = capacity
+        self.width = 1
+        self.base: int | None = None
+        self.slots: dict[int, Bucket] = {}
+
+    def add(self, step: int, loss: float | None, lr: float | None, t: float | None,
+            pace: float | None) -> None:
+        if self.base is None:
+            self.base = step
+        if step < self.base:  # an earlier step (a resume from before the first seen)
+            self._rebase(step)
+        index = (step - self.base) // self.width
+        while index >= self.capacity:
+            self._double()
+            index = (step - self.base) // self.width
+        bucket = self.slots.get(index)
+        if bucket is None:
+            bucket = self.slots[index] = Bucket(step, step)
+        bucket.add(step, loss, lr, t, pace)
+
+    def _double(self) -> None:
+        merged: dict[int, Bucket] = {}
+        for index in sorted(self.slots):
+            bucket = self.slots[index]
+            into = merged.get(index // 2)
+            if into is None:
+                merged[index // 2] = bucket
+            else:
+                into.merge(bucket)
+        self.slots = merged
+        self.width *= 2
+
+    def _rebase(self, step: int) -> None:
+        old = sorted(self.slots.values(), key=lambda b: b.first)
+        self.base, self.slots, self.width = step, {}, 1
+        for bucket in old:
+            index = (bucket.first - step) // self.width
+            while index >= self.capacity or (bucket.last - step) // self.width >= \
+                    self.capacity:
+                self._double()
+                index = (bucket.first - step) // self.width
+            into = self.slots.get(index)
+            if into is None:
+                self.slots[index] = bucket
+            else:
+                into.merge(bucket)
+
+    def rows(self, points: int) -> list[dict[str, Any]]:
+        """At most ``points`` buckets: neighbours merged by a whole factor."""
+        ordered = [self.slots[k] for k in sorted(self.slots)]
+        if not ordered:
+            return []
+        group = max(1, math.ceil(len(ordered) / max(points, 1)))
+        out: list[dict[str, Any]] = []
+        for i in range(0, len(ordered), group):
+            first = ordered[i]
+            acc = Bucket(first.first, first.last)
+            for bucket in ordered[i:i + group]:
+                acc.merge(bucket)
+            out.append(acc.as_json())
+        return out
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        return float(value)
+    if value in ("nan", "inf", "-inf"):
+        return float(value)
+    return None
+
+
+@dataclass
+class Curves:
+    """The folded history of one job: positions read per attempt, buckets, markers."""
+
+    buckets: Buckets = field(default_factory=Buckets)
+    offsets: dict[int, int] = field(default_factory=dict)
+    markers: list[dict[str, Any]] = field(default_factory=list)
+    dropped_markers: int = 0
+    last_step: int | None = None
+    wall0: float | None = None
+    stall: dict[str, Any] | None = None
+    stacks: dict[str, Any] | None = None
+    outcome: dict[str, Any] | None = None
+    steps_total: int | None = None
+    #: epoch -> [sum of finite losses, their count, last step]
+    epochs: dict[int, list[float]] = field(default_factory=dict)
+    epochs_dropped: int = 0
+    _prev: tuple[float, int] | None = None
+    _start: float | None = None
+
+    def feed(self, attempt: int, path: Path) -> None:
+        """Fold what was appended to ``path`` since the last call (whole lines only)."""
+        offset = self.offsets.get(attempt, 0)
+        try:
+            with path.open("rb") as fh:
+                fh.seek(offset)
+                while True:
+                    data = fh.read(READ_BLOCK)
+                    end = data.rfind(b"\n")
+                    if end < 0:
+                        break
+                    self._block(attempt, data[:end + 1])
+                    offset += end + 1
+                    fh.seek(offset)
+                    if len(data) < READ_BLOCK:
+                        break
+        except OSError:
+            pass
+        self.offsets[attempt] = offset
+
+    def _block(self, attempt: int, block: bytes) -> None:
+        """Whole lines: runs of step records in bulk, every other line on its own."""
+        at = 0
+        for other in OTHER_KIND.finditer(block):
+            start = block.rfind(b"\n", 0, other.start()) + 1
+            if start < at:  # a second "kind" inside a line already handled
+                continue
+            end = block.find(b"\n", other.end()) + 1 or len(block)
+            if start > at:
+                self._steps(attempt, block[at:start])
+            self._line(attempt, block[start:end].rstrip(b"\n"))
+            at = end
+        if at < len(block):
+            self._steps(attempt, block[at:])
+
+    def _steps(self, attempt: int, segment: bytes) -> None:
+        """A run of step records (one a line): parsed by one regex pass and folded a bucket
+        at a time (a million steps in about a second); anything unusual (a gap in a field,
+        steps out of order) goes line by line."""
+        rows = STEP_LINE.findall(segment)
+        b = self.buckets
+        if len(rows) != segment.count(b"\n") or not rows or self._start is None:
+            return self._slowly(attempt, segment)
+        times, steps, totals, losses, avgs, lrs, epochs = (
+            [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows],
+            [r[3] for r in rows], [r[4] for r in rows], [r[5] for r in rows],
+            [r[6] for r in rows])
+        steps_i = list(map(int, steps))
+        chosen = losses if b"" not in losses else avgs
+        if b"" in chosen or b"" in times or steps_i != sorted(steps_i) or (
+                b.base is not None and steps_i[0] < b.base):
+            return self._slowly(attempt, segment)
+        quoted = b'"nan"' in segment or b'"inf"' in segment or b'"-inf"' in segment
+        values = [float(v.strip(b'"')) for v in chosen] if quoted else list(map(float, chosen))
+        t = list(map(float, times))
+        lr = None if lrs[0] == b"" or b"" in lrs else (
+            [float(v.strip(b'"')) for v in lrs] if quoted else list(map(float, lrs)))
+        n = len(steps_i)
+        if b.base is None:
+            b.base = steps_i[0]
+        prev = self._prev
+        i = 0
+        while i < n:
+            k = (steps_i[i] - b.base) // b.width
+            if k >= b.capacity:
+                b._double()
+                continue
+            j = bisect.bisect_left(steps_i, b.base + (k + 1) * b.width, i)
+            part = values[i:j]
+            chunk = Bucket(steps_i[i], steps_i[j - 1], count=j - i)
+            finite = part if not quoted else [v for v in part if math.isfinite(v)]
+            chunk.finite = len(finite)
+            chunk.nonfinite = chunk.count - chunk.finite
+            if finite:
+                chunk.total, chunk.low, chunk.high = sum(finite), min(finite), max(finite)
+            for at in range(i, j) if chunk.nonfinite else ():
+                if not math.isfinite(values[at]):
+                    self._marker({"kind": "nan", "step": steps_i[at],
+                                  "t": self._start + t[at], "attempt": attempt})
+            if lr is not None and math.isfinite(lr[j - 1]):
+                chunk.lr = lr[j - 1]
+            chunk.t = self._start + t[j - 1]
+            if prev is not None and steps_i[j - 1] > prev[1] and t[j - 1] > prev[0]:
+                chunk.pace_sum, chunk.pace_n = (t[j - 1] - prev[0]) / (
+                    steps_i[j - 1] - prev[1]), 1
+            prev = (t[j - 1], steps_i[j - 1])
+            into = b.slots.get(k)
+            if into is None:
+                b.slots[k] = chunk
+            else:
+                into.merge(chunk)
+            i = j
+        self._prev = prev
+        self.last_step = steps_i[-1]
+        at = 0
+        for epoch, run in itertools.groupby(epochs):  # runs of one epoch, summed at once
+            length = sum(1 for _ in run)
+            if epoch:
+                part = values[at:at + length]
+                finite = part if not quoted else [v for v in part if math.isfinite(v)]
+                self._epoch(int(epoch), sum(finite), len(finite), steps_i[at + length - 1])
+            at += length
+        last_total = next((x for x in reversed(totals) if x), b"")
+        if last_total:
+            self.steps_total = int(last_total)
+        return None
+
+    def _slowly(self, attempt: int, segment: bytes) -> None:
+        for line in segment.split(b"\n"):
+            if line:
+                self._line(attempt, line)
+
+    def _marker(self, record: dict[str, Any]) -> None:
+        if len(self.markers) >= MAX_MARKERS:
+            self.dropped_markers += 1
+            return
+        self.markers.append(record)
+
+    def _line(self, attempt: int, line: bytes) -> None:
+        fast = STEP_LINE.fullmatch(line)
+        if fast is not None:
+            t_text, step_text, total, loss_text, avg_text, lr_text, epoch = fast.groups()
+            value = loss_text or avg_text
+            self._step(attempt, int(step_text), float(t_text),
+                       None if value is None else float(value.strip(b'"')),
+                       None if lr_text is None else float(lr_text.strip(b'"')),
+                       None if total is None else int(total),
+                       None if epoch is None else int(epoch))
+            return
+        if not line.startswith(b"{"):
+            return
+        try:
+            record = json.loads(line)
+        except ValueError:
+            return
+        if not isinstance(record, dict):
+            return
+        kind = record.get("kind")
+        t = _number(record.get("t"))
+        wall = None if t is None or self._start is None else self._start + t
+        if kind == "step":
+            step = record.get("step")
+            if not isinstance(step, int) or isinstance(step, bool):
+                return
+            loss = _number(record.get("loss"))
+            if loss is None:
+                loss = _number(record.get("avg_loss"))
+            total, epoch = record.get("total"), record.get("epoch")
+            self._step(attempt, step, t, loss, _number(record.get("lr")),
+                       total if isinstance(total, int) and not isinstance(total, bool)
+                       else None,
+                       epoch if isinstance(epoch, int) and not isinstance(epoch, bool)
+                       else None)
+            return
+        if kind == "started":
+            start = _number(record.get("wall_time"))
+            self._start = start
+            self._prev = None
+            if self.wall0 is None:
+                self.wall0 = start
+            if attempt > 1:
+                self._marker({"kind": "resume", "step": self.last_step, "t": start,
+                              "attempt": attempt, "label": f"attempt {attempt}"})
+            return
+        shown = MARKER_KINDS.get(str(kind))
+        if shown is None:
+            return
+        step = record.get("step") if isinstance(record.get("step"), int) else self.last_step
+        out: dict[str, Any] = {"kind": shown, "step": step, "t": wall, "attempt": attempt}
+        if kind == "checkpoint":
+            out["label"] = str(record.get("path", ""))[-80:]
+        elif kind == "signal":
+            out["label"] = f"{record.get('signal')}: {str(record.get('reason', ''))[:80]}"
+        elif kind == "outcome":
+            out["label"] = f"{record.get('outcome')}: {str(record.get('reason', ''))[:120]}"
+            self.outcome = {"outcome": record.get("outcome"),
+                            "reason": str(record.get("reason", ""))[:300]}
+            if record.get("outcome") in STALL_OUTCOMES:
+                self.stall = self.stall or {"problem": record.get("outcome"), "step": step,
+                                            "line": str(record.get("reason", ""))[:300]}
+        elif kind == "resumed":
+            out["label"] = f"resumed after step {record.get('step')}"
+        elif kind == "problem":
+            out["label"] = f"{record.get('problem')}: {str(record.get('line', ''))[:120]}"
+            if "stall" in str(record.get("problem")) or "hang" in str(record.get("problem")):
+                self.stall = {"problem": record.get("problem"), "step": step,
+                              "line": str(record.get("line", ""))[:300]}
+        elif kind == "stacks":
+            out["label"] = f"stacks: {str(record.get('reason', ''))[:80]}"
+            self.stacks = {"reason": str(record.get("reason", ""))[:300],
+                           "processes": _small(record.get("processes")),
+                           "file": record.get("file")}
+            self.stall = self.stall or {"problem": "stall", "step": step,
+                                        "line": str(record.get("reason", ""))[:300]}
+        self._marker(out)
+
+    def _epoch(self, epoch: int, total: float, count: int, step: int) -> None:
+        kept = self.epochs.get(epoch)
+        if kept is None:
+            if len(self.epochs) >= MAX_EPOCHS:
+                self.epochs_dropped += 1
+                return
+            kept = self.epochs[epoch] = [0.0, 0, step]
+        kept[0] += total
+        kept[1] += count
+        kept[2] = max(kept[2], step)
+
+    def _step(self, attempt: int, step: int, t: float | None, loss: float | None,
+              lr: float | None, total: int | None, epoch: int | None = None) -> None:
+        pace = None
+        prev = self._prev
+        if t is not None:
+            if prev is not None and step > prev[1] and t > prev[0]:
+                pace = (t - prev[0]) / (step - prev[1])
+            if prev is None or t > prev[0]:
+                self._prev = (t, step)
+        wall = None if t is None or self._start is None else self._start + t
+        self.buckets.add(step, loss, lr, wall, pace)
+        self.last_step = step
+        if total is not None:
+            self.steps_total = total
+        if loss is not None and not math.isfinite(loss):
+            self._marker({"kind": "nan", "step": step, "t": wall, "attempt": attempt})
+        if epoch is not None:
+            finite = loss is not None and math.isfinite(loss)
+            self._epoch(epoch, loss if finite else 0.0, 1 if finite else 0, step)
+
+    def as_json(self, points: int) -> dict[str, Any]:
+        rows = self.buckets.rows(points)
+        out: dict[str, Any] = {
+            "points": len(rows), "bucket_steps": self.buckets.width,
+            "first": [r["first"] for r in rows], "last": [r["last"] for r in rows],
+            "count": [r["count"] for r in rows],
+            "mean": [r.get("mean") for r in rows], "min": [r.get("min") for r in rows],
+            "max": [r.get("max") for r in rows],
+            "nonfinite": [r["nonfinite"] for r in rows],
+            "markers": self.markers, "markers_dropped": self.dropped_markers,
+            "last_step": self.last_step,
+        }
+        if any(r.get("lr") is not None for r in rows):
+            out["lr"] = [r.get("lr") for r in rows]
+        if any(r.get("t") is not None for r in rows):
+            out["t"] = [r.get("t") for r in rows]
+        if any(r.get("s_per_step") is not None for r in rows):
+            out["s_per_step"] = [r.get("s_per_step") for r in rows]
+        shown = sorted((e, kept) for e, kept in self.epochs.items() if kept[1])
+        if shown:  # per-epoch mean of the finite losses, at each epoch's last step
+            out["epochs"] = {"epoch": [e for e, _ in shown],
+                             "mean": [k[0] / k[1] for _, k in shown],
+                             "count": [int(k[1]) for _, k in shown],
+                             "last": [int(k[2]) for _, k in shown],
+                             "dropped": self.epochs_dropped}
+        if self._start is not None:
+            out["attempt_start"] = self._start  # the live tail's t is relative to it
+        for name in ("steps_total", "stall", "stacks", "outcome", "wall0"):
+            value = getattr(self, name)
+            if value is not None:
+                out[name] = value
+        return out
+
+
+def _small(processes: Any) -> list[dict[str, Any]]:
+    """The stacks record's processes, cut to what a page shows."""
+    if not isinstance(processes, list):
+        return []
+    out = []
+    for proc in processes[:16]:
+        if isinstance(proc, dict):
+            item: dict[str, Any] = {}
+            for k, v in list(proc.items())[:12]:
+                if isinstance(v, list | dict) and len(json.dumps(v, default=str)) <= 8000:
+                    item[str(k)] = v  # the threads with their frames, as recorded
+                else:
+                    item[str(k)] = v if isinstance(v, int | float) else str(v)[:2000]
+            out.append(item)
+    return out
+
+
+class CurveCache:
+    """A few jobs' :class:`Curves`, fed incrementally (called from a worker thread)."""
+
+    def __init__(self, size: int = CACHED_JOBS) -> None:
+        self.size = size
+        self.jobs: OrderedDict[tuple[int, tuple[str, ...]], Curves] = OrderedDict()
+        self.lock = threading.Lock()
+
+    def series(self, job_id: int, dirs: list[Path], points: int) -> dict[str, Any]:
+        key = (job_id, tuple(str(d) for d in dirs[:1]))
+        with self.lock:
+            curves = self.jobs.pop(key, None) or Curves()
+            self.jobs[key] = curves
+            while len(self.jobs) > self.size:
+                self.jobs.popitem(last=False)
+            for attempt, run_dir in enumerate(dirs, start=1):
+                curves.feed(attempt, run_dir / "events.jsonl")
+            return curves.as_json(points)
+
+
+def tail_lines(path: Path, lines: int = 200, limit: int = 256 * 1024) -> str:
+    """The last ``lines`` lines of a file (at most ``limit`` bytes read), as text."""
+    try:
+        with path.open("rb") as fh:
+            fh.seek(0, 2)
+            size = fh.tell()
+            fh.seek(max(0, size - limit))
+            data = fh.read(limit)
+    except OSError:
+        return ""
+    text = data.decode("utf-8", errors="replace")
+    return "\n".join(text.splitlines()[-lines:])
