@@ -169,6 +169,11 @@ def start(
         "--tensorboard",
         help=f"{_for('tensorboard')} make the script write TensorBoard event files into the "
              "run directory, and read them live")] = False,
+    resume_from: Annotated[str | None, typer.Option(
+        metavar="RUN", help="continue an earlier attempt of this job (a run directory, or a "
+                            "run id under --logs-dir): the trainer resumes its saved state "
+                            "and the job ends at its total step count (nothing saved yet: "
+                            "a fresh start)")] = None,
 ) -> None:
     # From here on a stop signal is remembered, never fatal (see supervisor/signals.py).
     signals.hold()
@@ -203,7 +208,9 @@ def start(
         })
         chosen = logs.configure(job.log_format)  # type: ignore[arg-type]
         on_terminal = sys.stderr.isatty()
-        plan, adapter = plan_run(job, progress_tty=chosen == "console" and on_terminal)
+        previous = _previous_run(resume_from, job) if resume_from is not None else None
+        plan, adapter = plan_run(job, progress_tty=chosen == "console" and on_terminal,
+                                 resume_from=previous)
     except (ConfigError, UsageError) as exc:
         plot.discard()
         raise _fail(str(exc)) from None
@@ -224,6 +231,19 @@ def start(
     global _run_ended
     _run_ended = True
     raise typer.Exit(result.exit_code)
+
+
+def _previous_run(ref: str, job: Any) -> Path:
+    """``--resume-from``: a run directory, or a run id under the job's logs directory."""
+    from lorasup.supervisor.config import ConfigError
+    from lorasup.supervisor.show import RunNotFound, find_run
+
+    logs_dir = job.logs_dir if job.cwd is None or job.logs_dir.is_absolute() \
+        else job.cwd / job.logs_dir
+    try:
+        return find_run(ref, logs_dir)
+    except RunNotFound as exc:
+        raise ConfigError(f"--resume-from: {exc}") from None
 
 
 _RUN_HELP = "a run directory, or a run id under --logs-dir"

@@ -56,7 +56,7 @@ from lorasup.supervisor.process import (
 )
 from lorasup.supervisor.redact import redact_argv, redact_text
 from lorasup.supervisor.safefs import open_append, write_all_fd
-from lorasup.supervisor.signals import STOP_SIGNALS
+from lorasup.supervisor.signals import PREEMPT_SIGNAL, STOP_SIGNALS
 from lorasup.supervisor.sink import Batch, ReportSink
 from lorasup.supervisor.stacks import evidence, take_stacks
 from lorasup.supervisor.streams import LineSplitter
@@ -83,6 +83,8 @@ EXIT_CODES = {
     "timeout": 3,
     "stalled": 4,
     "diverged": 5,
+    # SIGUSR1, the scheduler's "time is nearly up": saved and stopped, requeue it (issue 19)
+    "preempted": 6,
     "internal_error": 70,
 }
 READ_SIZE = 64 * 1024
@@ -376,9 +378,10 @@ class Supervisor:
             self.interrupt_signal = sig
             self._signalled_at = now
             log.warning("lorasup_signalled", signal=sig.name)
-            self.request_stop("interrupted")
-        elif (sig in REPEATABLE_SIGNALS and self.interrupt_signal in REPEATABLE_SIGNALS
-              and now - self._signalled_at < REPEATED_SIGNAL_SECONDS):
+            self.request_stop("preempted" if sig == PREEMPT_SIGNAL else "interrupted")
+        elif sig == PREEMPT_SIGNAL or (  # a repeated time warning asks for nothing new
+                sig in REPEATABLE_SIGNALS and self.interrupt_signal in REPEATABLE_SIGNALS
+                and now - self._signalled_at < REPEATED_SIGNAL_SECONDS):
             log.warning("lorasup_signalled_again", signal=sig.name,
                         action="the same stop request: the grace goes on")
         else:
@@ -847,7 +850,7 @@ class Supervisor:
     async def _supervise(self, send: ObjectSendStream[Batch]) -> int | None:
         plan = self.plan
         become_subreaper()
-        if self.stop_reason == "interrupted":
+        if self.stop_reason in ("interrupted", "preempted"):
             return None  # signalled before anything was started: nothing to stop
         try:
             self._trainer_log = open_append(plan.run_dir / "trainer.log")  # 0600, no symlink
@@ -945,6 +948,13 @@ class Supervisor:
         if returncode is None and reason == "interrupted" and self.tree is None:
             sig = self.interrupt_signal or signal.SIGINT
             return "interrupted", 128 + int(sig), f"lorasup received {sig.name} before the start"
+        # -- issue 19: SIGUSR1 (time nearly up) is "preempted" unless the job got done --
+        if reason == "preempted" and not (
+                returncode == 0 and self.gate.last >= self.gate.final_step):
+            return "preempted", EXIT_CODES["preempted"], (
+                "lorasup received SIGUSR1 (the scheduler's time limit is near); the trainer "
+                "was stopped with its final save: requeue to continue")
+        # -- end issue 19 --
         guard_fault = self.tree.guard_fault if self.tree is not None else None
         if returncode is None and guard_fault is None:
             return "usage", EXIT_CODES["usage"], self.spawn_error or "trainer not started"
