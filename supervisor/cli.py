@@ -301,9 +301,16 @@ def status(
                                                      show_default=False)
                         ] = DEFAULT_LOGS_DIR,
     as_json: Annotated[bool, typer.Option("--json", help=_JSON_HELP)] = False,
+    slurm: Annotated[bool, typer.Option(
+        "--slurm", help="RUN is a SLURM job id (lorasup sbatch): its state and attempts")
+    ] = False,
 ) -> None:
     from lorasup.supervisor.show import RunSummary, load_run, status_json, status_text
 
+    if slurm:
+        from lorasup.supervisor.cluster.commands import slurm_status
+
+        return slurm_status(run, logs_dir, as_json)
     run_dir = _find(run, logs_dir)
     data = load_run(run_dir)
     summary = RunSummary.of(run_dir, data)
@@ -334,6 +341,7 @@ def list_runs(
 
 
 __import__("lorasup.supervisor.serve.commands", fromlist=["register"]).register(app)
+__import__("lorasup.supervisor.cluster.commands", fromlist=["register"]).register(app)
 
 
 def _format(value: str) -> Literal["auto", "json", "console"]:
