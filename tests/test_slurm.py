@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 REPO = Path(__file__).resolve().parent.parent
 CLUSTER = REPO / "tests" / "cluster"
@@ -106,19 +108,26 @@ def queue_state(slurm: dict[str, str], job_id: str) -> str | None:
     return None
 
 
+#: states a job ends in (jobcomp and squeue spell them alike)
+ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
+
+
 def final_state(slurm: dict[str, str], job_id: str) -> str:
-    """The job's end state from the jobcomp log (accounting is off in the test cluster),
-    once SLURM has forgotten the job; the last line for the job counts (a requeue writes
-    one per attempt)."""
+    """The job's end state from the jobcomp log (accounting is off in the test cluster):
+    its last line for the job (a requeue writes one per attempt) says it ended, and squeue
+    no longer shows it pending or running."""
     log = Path(slurm["_ROOT"]) / "log" / "jobcomp.txt"
 
     def ended() -> str | None:
-        if queue_state(slurm, job_id) is not None or not log.exists():
+        if not log.exists():
             return None
         states = [part.split("=", 1)[1] for line in log.read_text().splitlines()
                   if f"JobId={job_id} " in line for part in line.split()
                   if part.startswith("JobState=")]
-        return states[-1] if states else None
+        if not states or states[-1] not in ENDED:
+            return None
+        in_queue = queue_state(slurm, job_id)
+        return states[-1] if in_queue is None or in_queue in ENDED else None
 
     return _wait(f"SLURM job {job_id} to end", ended)
 
@@ -254,10 +263,111 @@ def test_a_trainer_failure_is_not_requeued(slurm: dict[str, str], tmp_path: Path
 def test_the_restart_cap_holds(slurm: dict[str, str], tmp_path: Path) -> None:
     job = ('trainer = "command"\nsteps = 5\nno_output_timeout = 1\ngrace = 2\ncommand = ["'
            + sys.executable + '", "-c", "import time; time.sleep(60)"]\n')
-    job_id = submit(slurm, tmp_path, job, "--max-restarts", "1")
+    # A cap of 0 requeues: a stalled run would be requeued (see the time-warning test for a
+    # requeue after exit 6; stalled is 4, in the same list) but the cap is used up.
+    job_id = submit(slurm, tmp_path, job, "--max-restarts", "0")
     assert final_state(slurm, job_id) == "FAILED"
-    runs = [attempt(tmp_path, job_id, n) for n in range(2)]
-    assert [outcome_of(r)["outcome"] for r in runs] == ["stalled", "stalled"]
-    assert not attempt(tmp_path, job_id, 2).exists()
+    outcome = outcome_of(attempt(tmp_path, job_id, 0))
+    assert outcome["outcome"] == "stalled" and outcome["exit_code"] == 4
+    assert not attempt(tmp_path, job_id, 1).exists()
     log = (tmp_path / "logs" / f"slurm-{job_id}.out").read_text()
-    assert "not requeued, 1 of 1 restarts used" in log
+    assert "exit 4: not requeued, 0 of 0 restarts used" in log
+
+
+# -- without a cluster: the script, the options, the time parser ---------------------------
+
+def test_the_shipped_script_is_the_generated_one() -> None:
+    from lorasup.supervisor.cluster.slurm import shipped
+
+    assert (REPO / "systemd" / "slurm" / "lorasup.sbatch").read_text() == shipped()
+
+
+def test_requeue_codes_are_the_engines() -> None:
+    from lorasup.supervisor.cluster.slurm import REQUEUE_EXITS
+    from lorasup.supervisor.run import EXIT_CODES
+
+    assert {name: EXIT_CODES[name] for name in REQUEUE_EXITS} == REQUEUE_EXITS
+    # a cancel (143), a completed run, a trainer's failure, usage, divergence: never
+    assert not {0, 1, 2, 5, 130, 143} & set(REQUEUE_EXITS.values())
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="bash is not installed")
+def test_the_scripts_are_valid_bash(tmp_path: Path) -> None:
+    (tmp_path / "job.toml").write_text("steps = 3\n")
+    printed = subprocess.run([sys.executable, "-m", "lorasup", "sbatch", "job.toml", "--print",
+                              "--warn", "60", "--max-restarts", "2", "--", "--time=0-1"],
+                             cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert printed.returncode == 0, printed.stderr
+    script = printed.stdout
+    assert "#SBATCH --signal=B:USR1@60" in script and "MAX_RESTARTS=2" in script
+    assert "#SBATCH --requeue" in script and "#SBATCH --open-mode=append" in script
+    assert f"JOB={tmp_path / 'job.toml'}" in script
+    for text in (script, (REPO / "systemd" / "slurm" / "lorasup.sbatch").read_text()):
+        checked = subprocess.run(["bash", "-n"], input=text, capture_output=True, text=True,
+                                 timeout=30)
+        assert checked.returncode == 0, checked.stderr
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--warn", "300", "--", "--time=5"], "--warn 300 is not shorter than the job's time "
+                                          "limit (300 s)"),
+    (["--", "-t", "1:00"], "--warn 300 is not shorter than the job's time limit (60 s)"),
+    (["--", "--signal=USR2@60"], "--signal is set by lorasup sbatch"),
+    (["--", "--no-requeue"], "--no-requeue is set by lorasup sbatch"),
+    (["--", "--time=soon"], "invalid --time 'soon'"),
+    (["--warn", "0"], "--warn must be at least 1 second"),
+])
+def test_sbatch_refuses_with_one_line(tmp_path: Path, args: list[str], message: str) -> None:
+    (tmp_path / "job.toml").write_text("steps = 3\n")
+    done = subprocess.run([sys.executable, "-m", "lorasup", "sbatch", "job.toml", "--print",
+                           *args], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.count("\n") == 1 and message in done.stderr, done.stderr
+
+
+def test_sbatch_refuses_a_job_that_names_its_run_dir(tmp_path: Path) -> None:
+    (tmp_path / "job.toml").write_text('steps = 3\nrun_dir = "x"\n')
+    done = subprocess.run([sys.executable, "-m", "lorasup", "sbatch", "job.toml", "--print"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "run_dir is set by lorasup sbatch" in done.stderr
+
+
+def test_time_limits_in_every_form() -> None:
+    from lorasup.supervisor.cluster.slurm import parse_time, time_limit
+
+    assert parse_time("90") == 5400 and parse_time("1:30") == 90
+    assert parse_time("1:00:01") == 3601 and parse_time("2-3") == (2 * 24 + 3) * 3600
+    assert parse_time("1-0:5") == 86400 + 300 and parse_time("1-0:0:7") == 86407
+    assert parse_time("UNLIMITED") is None and parse_time("infinite") is None
+    assert time_limit(["--gres=gpu:1", "-t", "5"]) == 300
+    assert time_limit(["-t10"]) == 600 and time_limit(["--time", "1:0:0"]) == 3600
+    assert time_limit(["--gres=gpu:1"]) is None
+
+
+@given(st.integers(0, 400), st.integers(0, 23), st.integers(0, 59), st.integers(0, 59),
+       st.sampled_from(["M", "M:S", "H:M:S", "D-H", "D-H:M", "D-H:M:S"]))
+def test_time_parser_agrees_with_slurms_forms(d: int, h: int, m: int, s: int,
+                                              form: str) -> None:
+    from lorasup.supervisor.cluster.slurm import parse_time
+
+    text, expected = {
+        "M": (f"{m}", m * 60),
+        "M:S": (f"{m}:{s}", m * 60 + s),
+        "H:M:S": (f"{h}:{m}:{s}", h * 3600 + m * 60 + s),
+        "D-H": (f"{d}-{h}", d * 86400 + h * 3600),
+        "D-H:M": (f"{d}-{h}:{m}", d * 86400 + h * 3600 + m * 60),
+        "D-H:M:S": (f"{d}-{h}:{m}:{s}", d * 86400 + h * 3600 + m * 60 + s),
+    }[form]
+    assert parse_time(text) == expected
+
+
+@given(st.text(max_size=20))
+def test_time_parser_never_raises_anything_but_its_error(text: str) -> None:
+    from lorasup.supervisor.cluster.slurm import SlurmError, parse_time
+
+    try:
+        value = parse_time(text)
+    except SlurmError as exc:
+        assert "invalid --time" in str(exc)
+    else:
+        assert value is None or value >= 0

@@ -105,7 +105,7 @@ def _value(given: str | None, variable: str, default: str | None) -> str:
     if given is not None:
         return f"{variable}={shlex.quote(given)}"
     if default is None:
-        return f"{variable}=${{{variable}:?set {variable}}}"
+        return f"{variable}=${{{variable}:?set {variable} to a lorasup job file}}"
     return f"{variable}=${{{variable}:-{default}}}"
 
 
@@ -115,6 +115,10 @@ def render(job: BatchJob) -> str:
              "# lorasup as the per-job entrypoint of a SLURM job: SLURM schedules, requeues and",
              "# cancels; lorasup supervises one attempt (README \"Clusters\"). Written by",
              "# `lorasup sbatch`; systemd/slurm/lorasup.sbatch is the same script.",
+             *(["#", "#   sbatch --export=ALL,JOB=/srv/lora/jobs/mystyle.toml "
+                "systemd/slurm/lorasup.sbatch", "#"] if job.job_file is None else []),
+             "# A cancel (scancel) is SIGTERM, then SIGKILL after slurm.conf's KillWait (30 s",
+             "# by default): keep the job's grace below it so the trainer's save completes.",
              *job.directives,
              "#SBATCH --requeue",
              "#SBATCH --open-mode=append",
