@@ -174,6 +174,9 @@ def start(
                             "run id under --logs-dir): the trainer resumes its saved state "
                             "and the job ends at its total step count (nothing saved yet: "
                             "a fresh start)")] = None,
+    resume_newest: Annotated[bool, typer.Option(
+        "--resume-newest", help="continue the newest run under --logs-dir, if it holds one "
+                                "(a pod retry: one logs directory per job)")] = False,
 ) -> None:
     # From here on a stop signal is remembered, never fatal (see supervisor/signals.py).
     signals.hold()
@@ -208,7 +211,8 @@ def start(
         })
         chosen = logs.configure(job.log_format)  # type: ignore[arg-type]
         on_terminal = sys.stderr.isatty()
-        previous = _previous_run(resume_from, job) if resume_from is not None else None
+        previous = _previous_run(resume_from, job, newest=resume_newest) \
+            if resume_from is not None or resume_newest else None
         plan, adapter = plan_run(job, progress_tty=chosen == "console" and on_terminal,
                                  resume_from=previous)
     except (ConfigError, UsageError) as exc:
@@ -233,13 +237,24 @@ def start(
     raise typer.Exit(result.exit_code)
 
 
-def _previous_run(ref: str, job: Any) -> Path:
-    """``--resume-from``: a run directory, or a run id under the job's logs directory."""
+def _previous_run(ref: str | None, job: Any, *, newest: bool) -> Path | None:
+    """``--resume-from``: a run directory, or a run id under the job's logs directory;
+    ``--resume-newest``: the newest run there (by its last record), None when none is."""
     from lorasup.supervisor.config import ConfigError
     from lorasup.supervisor.show import RunNotFound, find_run
 
     logs_dir = job.logs_dir if job.cwd is None or job.logs_dir.is_absolute() \
         else job.cwd / job.logs_dir
+    if newest:
+        if ref is not None:
+            raise ConfigError("--resume-from and --resume-newest exclude each other")
+        try:
+            runs = [(p.joinpath("events.jsonl").stat().st_mtime, str(p))
+                    for p in logs_dir.iterdir() if p.joinpath("events.jsonl").is_file()]
+        except OSError:
+            return None
+        return Path(max(runs)[1]) if runs else None
+    assert ref is not None
     try:
         return find_run(ref, logs_dir)
     except RunNotFound as exc:
