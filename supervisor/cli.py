@@ -1,7 +1,7 @@
 """The ``lorasup`` command: a thin translation of flags into a Job, then one run.
 
 Exit codes are the outcome table of the README (0 completed, 1 trainer_failed, 2 usage,
-3 timeout, 4 stalled, 5 diverged, 130/143 interrupted).
+3 timeout, 4 stalled, 5 diverged, 6 preempted, 70 internal_error, 130/143 interrupted).
 
 Help is plain text (no rich markup): defaults in ``[default: ...]`` stay visible, and the
 option lists are generated from the trainer registry and the config defaults so that
