@@ -16,6 +16,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
 PREEMPTED_EXIT = 6
 #: a builtin step with 64 images per batch takes a few ms: a stop lands mid-run
 BUILTIN_ARGS = ("--", "--batch-size", "64")
@@ -174,3 +177,50 @@ def test_the_builtin_state_step_is_read_without_numpy(tmp_path: Path) -> None:
     else:
         raise AssertionError("a truncated state was read")
     assert os.path.getsize(state) > 100
+
+
+# -- the readers, on any input --------------------------------------------------------------
+
+_LINES = st.one_of(
+    st.binary(max_size=80),
+    st.builds(lambda k, n: f'{{"t":0.1,"kind":"step","step":{n}}}'.encode() if k else
+              json.dumps({"kind": "checkpoint", "path": "x", "step": n}).encode(),
+              st.booleans(), st.integers(-5, 10**6)),
+    st.builds(lambda kind, v: json.dumps({"kind": kind, "step": v, "steps_requested": v,
+                                          "outcome": v}).encode(),
+              st.sampled_from(["started", "resumed", "checkpoint", "outcome", "step"]),
+              st.one_of(st.integers(-3, 10**9), st.text(max_size=5), st.none(),
+                        st.booleans(), st.floats(allow_nan=True))))
+
+
+@settings(max_examples=150, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(_LINES, max_size=12))
+def test_the_record_reader_takes_any_events_file(tmp_path: Path, lines: list[bytes]) -> None:
+    from lorasup.supervisor.resume import read_record
+
+    run = tmp_path / "run"
+    run.mkdir(exist_ok=True)
+    (run / "events.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    record = read_record(run)  # a started record without a live supervisor: never refused
+    assert record.saved_step >= 0 and record.last_step >= 0
+    assert record.target_step is None or record.target_step >= 0
+    assert record.outcome is None or isinstance(record.outcome, str)
+
+
+@settings(max_examples=100, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.binary(max_size=200))
+def test_the_state_step_reader_refuses_any_damaged_metadata(tmp_path: Path,
+                                                            meta: bytes) -> None:
+    import zipfile
+
+    from lorasup.trainers.builtin.inputs import StateError, saved_state_step
+
+    path = tmp_path / "state.npz"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("meta.npy", meta)
+    try:
+        step = saved_state_step(path)
+    except StateError as exc:
+        assert str(path) in str(exc)
+    else:
+        assert isinstance(step, int) and step >= 0
