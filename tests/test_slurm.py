@@ -371,3 +371,24 @@ def test_time_parser_never_raises_anything_but_its_error(text: str) -> None:
         assert "invalid --time" in str(exc)
     else:
         assert value is None or value >= 0
+
+
+def test_status_reads_the_attempts_without_the_scheduler(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "SLURM_CONF"}  # no cluster to ask
+    run = subprocess.run([sys.executable, "-m", "lorasup", "start", "--steps", "3",
+                          "--run-dir", "logs/slurm-99-0", "--log-format", "json"],
+                         cwd=tmp_path, env=env, capture_output=True, timeout=120)
+    assert run.returncode == 0
+    done = subprocess.run([sys.executable, "-m", "lorasup", "status", "--slurm", "99",
+                           "--logs-dir", "logs", "--json"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    data = json.loads(done.stdout)
+    assert data["outcome"] == "completed" and data["last_step"] == 3
+    assert [(a["restart"], a["first_step"], a["last_step"]) for a in data["attempts"]] == [
+        (0, 1, 3)]
+    for bad, message in (("98", "no SLURM job 98"), ("x1", "a SLURM job id is a number")):
+        refused = subprocess.run([sys.executable, "-m", "lorasup", "status", "--slurm", bad,
+                                  "--logs-dir", "logs"], cwd=tmp_path, env=env,
+                                 capture_output=True, text=True, timeout=60)
+        assert refused.returncode == 2 and message in refused.stderr

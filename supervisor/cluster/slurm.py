@@ -40,6 +40,8 @@ DEFAULT_MAX_RESTARTS = 3
 #: options the script sets itself; a user's value would break the requeue rules
 OWNED_OPTIONS = ("--signal", "--no-requeue", "--open-mode")
 SUBMIT_TIMEOUT_S = 60.0
+#: squeue/sacct retry an unreachable controller for long: ``status`` answers without them
+QUERY_TIMEOUT_S = 10.0
 #: SLURM's words for no time limit
 UNLIMITED = ("infinite", "unlimited")
 
@@ -267,7 +269,8 @@ def _json_of(argv: list[str]) -> dict[str, Any] | None:
     if shutil.which(argv[0]) is None:
         return None
     try:
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=QUERY_TIMEOUT_S,
+                              check=False)
         data = json.loads(done.stdout) if done.returncode == 0 else None
     except (OSError, subprocess.TimeoutExpired, ValueError):
         return None
