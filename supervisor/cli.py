@@ -1,7 +1,7 @@
 """The ``lorasup`` command: a thin translation of flags into a Job, then one run.
 
 Exit codes are the outcome table of the README (0 completed, 1 trainer_failed, 2 usage,
-3 timeout, 4 stalled, 5 diverged, 130/143 interrupted).
+3 timeout, 4 stalled, 5 diverged, 6 preempted, 70 internal_error, 130/143 interrupted).
 
 Help is plain text (no rich markup): defaults in ``[default: ...]`` stay visible, and the
 option lists are generated from the trainer registry and the config defaults so that
@@ -175,6 +175,14 @@ def start(
     echo: Annotated[bool, typer.Option(
         "--echo", help="show the trainer's own output on stderr even when it is not a "
                        "terminal")] = False,
+    resume_from: Annotated[str | None, typer.Option(
+        metavar="RUN", help="continue an earlier attempt of this job (a run directory, or a "
+                            "run id under --logs-dir): the trainer resumes its saved state "
+                            "and the job ends at its total step count (nothing saved yet: "
+                            "a fresh start)")] = None,
+    resume_newest: Annotated[bool, typer.Option(
+        "--resume-newest", help="continue the newest run under --logs-dir, if it holds one "
+                                "(a pod retry: one logs directory per job)")] = False,
 ) -> None:
     # From here on a stop signal is remembered, never fatal (see supervisor/signals.py).
     signals.hold()
@@ -214,8 +222,11 @@ def start(
         # The trainer's own output on a terminal (its bar is then the progress: lorasup's
         # live line is off); --quiet hides it, --echo shows it anywhere.
         echoed = echo or (on_terminal and not quiet)
+        previous = _previous_run(resume_from, job, newest=resume_newest) \
+            if resume_from is not None or resume_newest else None
         plan, adapter = plan_run(job, progress_tty=(chosen == "console" and on_terminal
-                                                    and not echoed))
+                                                    and not echoed),
+                                 resume_from=previous)
     except (ConfigError, UsageError) as exc:
         plot.discard()
         raise _fail(str(exc)) from None
@@ -249,6 +260,30 @@ def start(
     global _run_ended
     _run_ended = True
     raise typer.Exit(result.exit_code)
+
+
+def _previous_run(ref: str | None, job: Any, *, newest: bool) -> Path | None:
+    """``--resume-from``: a run directory, or a run id under the job's logs directory;
+    ``--resume-newest``: the newest run there (by its last record), None when none is."""
+    from lorasup.supervisor.config import ConfigError
+    from lorasup.supervisor.show import RunNotFound, find_run
+
+    logs_dir = job.logs_dir if job.cwd is None or job.logs_dir.is_absolute() \
+        else job.cwd / job.logs_dir
+    if newest:
+        if ref is not None:
+            raise ConfigError("--resume-from and --resume-newest exclude each other")
+        try:
+            runs = [(p.joinpath("events.jsonl").stat().st_mtime, str(p))
+                    for p in logs_dir.iterdir() if p.joinpath("events.jsonl").is_file()]
+        except OSError:
+            return None
+        return Path(max(runs)[1]) if runs else None
+    assert ref is not None
+    try:
+        return find_run(ref, logs_dir)
+    except RunNotFound as exc:
+        raise ConfigError(f"--resume-from: {exc}") from None
 
 
 _RUN_HELP = "a run directory, or a run id under --logs-dir"
@@ -306,9 +341,16 @@ def status(
                                                      show_default=False)
                         ] = DEFAULT_LOGS_DIR,
     as_json: Annotated[bool, typer.Option("--json", help=_JSON_HELP)] = False,
+    slurm: Annotated[bool, typer.Option(
+        "--slurm", help="RUN is a SLURM job id (lorasup sbatch): its state and attempts")
+    ] = False,
 ) -> None:
     from lorasup.supervisor.show import RunSummary, load_run, status_json, status_text
 
+    if slurm:
+        from lorasup.supervisor.cluster.commands import slurm_status
+
+        return slurm_status(run, logs_dir, as_json)
     run_dir = _find(run, logs_dir)
     data = load_run(run_dir)
     summary = RunSummary.of(run_dir, data)
@@ -339,6 +381,7 @@ def list_runs(
 
 
 __import__("lorasup.supervisor.serve.commands", fromlist=["register"]).register(app)
+__import__("lorasup.supervisor.cluster.commands", fromlist=["register"]).register(app)
 
 
 def _format(value: str) -> Literal["auto", "json", "console"]:

@@ -21,6 +21,8 @@ EXIT_CODES = {
     "timeout": 3,
     "stalled": 4,
     "diverged": 5,
+    # SIGUSR1, the scheduler's "time is nearly up": saved and stopped, requeue it
+    "preempted": 6,
     "internal_error": 70,
 }
 
@@ -88,6 +90,12 @@ def decide(facts: RunFacts) -> Decision:
         sig = facts.interrupt_signal or signal.SIGINT
         return Decision("interrupted", 128 + int(sig),
                         f"lorasup received {sig.name} before the start")
+    if reason == "preempted" and not (
+            returncode == 0 and facts.last_step >= facts.final_step):
+        # SIGUSR1 (time nearly up) is "preempted" unless the job got done meanwhile
+        return Decision("preempted", EXIT_CODES["preempted"], (
+            "lorasup received SIGUSR1 (the scheduler's time limit is near); the trainer "
+            "was stopped with its final save: requeue to continue"))
     guard_fault = facts.guard_fault if facts.started else None
     if returncode is None and guard_fault is None:
         return Decision("usage", EXIT_CODES["usage"], facts.spawn_error or "trainer not started")

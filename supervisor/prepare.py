@@ -13,9 +13,10 @@ from pathlib import Path
 
 from lorasup.supervisor.config import Job
 from lorasup.supervisor.plan import RunPlan, new_run_id
+from lorasup.supervisor.resume import Record, nothing_left, read_record, write_marker
 from lorasup.supervisor.rundir import claim_run_dir
 from lorasup.trainers import get_adapter
-from lorasup.trainers.base import Adapter, TrainerJob, UsageError
+from lorasup.trainers.base import Adapter, Resume, TrainerJob, UsageError
 
 
 def _check_program(argv: list[str], cwd: Path) -> None:
@@ -36,11 +37,41 @@ def _run_dir_path(job: Job, run_id: str, cwd: Path) -> Path:
     return run_dir if run_dir.is_absolute() else cwd / run_dir
 
 
-def plan_run(job: Job, *, progress_tty: bool = False) -> tuple[RunPlan, Adapter]:
-    """Resolve the job; raises UsageError (nothing started, nothing written) when it can't run."""
+def _resumed(job: Job, adapter: Adapter, steps: int, cwd: Path, resume_from: Path
+             ) -> tuple[Job, int, Record, int, Resume | None]:
+    """The job as an attempt that continues ``resume_from`` (``--resume-from``): its trainer
+    args, options and step limit from the adapter's rule; the record, total and resume."""
+    record = read_record(resume_from)
+    target = record.target_step or steps
+    probe = TrainerJob(steps=steps, argv=tuple(job.trainer_argv), run_dir="",
+                       options=job.options.as_pairs())
+    folders = [str(p if Path(p).is_absolute() else cwd / p) for p in adapter.output_dirs(probe)]
+    resume = adapter.resume(probe, target_step=target, saved_step=record.saved_step,
+                            output_dirs=folders, cwd=cwd)
+    done = nothing_left(record, target, resume)
+    if done is not None:
+        raise UsageError(done)
+    if resume is None:
+        # Nothing saved yet (or a trainer that cannot continue): all the steps, fresh.
+        return job.model_copy(update={"steps": target}), target, record, target, None
+    options = job.options.model_copy(update=dict(resume.options))
+    limit = resume.steps if resume.steps is not None else target
+    update = {"trainer_argv": resume.argv, "options": options, "steps": limit}
+    return job.model_copy(update=update), limit, record, target, resume
+
+
+def plan_run(job: Job, *, progress_tty: bool = False,
+             resume_from: Path | None = None) -> tuple[RunPlan, Adapter]:
+    """Resolve the job; raises UsageError (nothing started, nothing written) when it can't run.
+
+    ``resume_from``: an earlier attempt's run directory to continue (see resume.py)."""
     adapter = get_adapter(job.trainer)
     cwd = (job.cwd or Path.cwd()).resolve()
     steps = adapter.resolve_steps(job.steps, list(job.trainer_argv))
+    resumed: tuple[Record, int, Resume | None] | None = None
+    if resume_from is not None:
+        job, steps, record, target, resume = _resumed(job, adapter, steps, cwd, resume_from)
+        resumed = (record, target, resume)
     if job.parse and not adapter.accepts_parse_table:
         raise UsageError(f"a [parse] table is read by --trainer command only; --trainer "
                          f"{job.trainer} reads its own output")
@@ -63,6 +94,11 @@ def plan_run(job: Job, *, progress_tty: bool = False) -> tuple[RunPlan, Adapter]
         adapter.preflight(trainer_job, cwd)  # the trainer's inputs; raises UsageError
         # Claimed last: a job refused above leaves nothing behind.
         claim_run_dir(run_dir)
+        if resumed is not None:
+            try:
+                write_marker(run_dir, *resumed)
+            except OSError as exc:
+                raise UsageError(f"cannot write {run_dir}: {exc.strerror or exc}") from None
         break
     else:
         raise UsageError(f"could not find a free run id under {job.logs_dir}")

@@ -304,7 +304,7 @@ class Supervisor:
     async def _supervise(self, send: ObjectSendStream[Batch]) -> int | None:
         plan = self.plan
         become_subreaper()
-        if self.stop_reason == "interrupted":
+        if self.stop_reason in ("interrupted", "preempted"):
             return None  # signalled before anything was started: nothing to stop
         note = self.intake.trainer_log.open(plan.run_dir / TrainerLog.NAME)
         if note is not None:

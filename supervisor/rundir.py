@@ -24,12 +24,15 @@ LOSS_CURVES_PNG = "loss_curves.png"
 TRAINER_LOG = "trainer.log"
 #: the Python stacks of a hung trainer's tree (supervisor/stacks.py)
 STACKS_TXT = "stacks.txt"
+#: a resumed attempt's link to the job: its total and the save it continues (resume.py)
+RESUME_JSON = "resume.json"
 
 __all__ = [
     "EVENTS_JSONL",
     "LOSSES_CSV",
     "LOSS_CURVES_PNG",
     "REPORT_JSON",
+    "RESUME_JSON",
     "STACKS_TXT",
     "TRAINER_LOG",
     "claim_run_dir",

@@ -3,7 +3,9 @@
 The ladder: the adapter's graceful signals in order, each given its share of the grace,
 then SIGKILL (README "How it stops a trainer"). lorasup's own SIGINT/SIGTERM/SIGHUP: the
 first is a stop request; a second SIGINT skips what is left of the grace, while a SIGTERM
-or SIGHUP repeated within seconds is the same request (README "Signals").
+or SIGHUP repeated within seconds is the same request (README "Signals"). SIGUSR1 is a
+scheduler's "time is nearly up": the same graceful stop, outcome ``preempted``; repeated, it
+asks for nothing new.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from anyio.abc import ObjectSendStream
 
 from lorasup.supervisor.events import Event, SignalSent
 from lorasup.supervisor.process import ProcessTree, wait_gone
+from lorasup.supervisor.signals import PREEMPT_SIGNAL
 from lorasup.supervisor.sink import Batch, emit
 
 log = structlog.get_logger("lorasup")
@@ -56,9 +59,10 @@ class Stopper:
             self.interrupt_signal = sig
             self._signalled_at = now
             log.warning("lorasup_signalled", signal=sig.name)
-            self.request_stop("interrupted")
-        elif (sig in REPEATABLE_SIGNALS and self.interrupt_signal in REPEATABLE_SIGNALS
-              and now - self._signalled_at < REPEATED_SIGNAL_SECONDS):
+            self.request_stop("preempted" if sig == PREEMPT_SIGNAL else "interrupted")
+        elif sig == PREEMPT_SIGNAL or (  # a repeated time warning asks for nothing new
+                sig in REPEATABLE_SIGNALS and self.interrupt_signal in REPEATABLE_SIGNALS
+                and now - self._signalled_at < REPEATED_SIGNAL_SECONDS):
             log.warning("lorasup_signalled_again", signal=sig.name,
                         action="the same stop request: the grace goes on")
         else:

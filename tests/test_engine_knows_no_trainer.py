@@ -29,14 +29,6 @@ ALLOWED: dict[tuple[str, str], int] = {
     # the one choice of a default trainer (the job's default), by name
     ("defaults.py", "builtin"): 1,
     # PENDING (integrator, issue 20): these are in other helpers' areas in this round.
-    # serve's resume of an attempt, which goes to AdapterBase.argv_for(job, steps,
-    # resume)/resume_argv.
-    ("serve/attempts.py", "builtin"): 1,
-    ("serve/jobspec.py", "builtin"): 8,
-    ("serve/jobspec.py", "hf"): 2,
-    ("serve/jobspec.py", "kohya"): 2,
-    ("serve/jobspec.py", "--resume_from_checkpoint"): 3,
-    ("serve/jobspec.py", "--save_state"): 2,
 }
 
 

@@ -106,13 +106,38 @@ def test_job_file_refuses_what_toml_cannot_hold() -> None:
         jobspec.to_toml({"x": None})
 
 
-def test_resume_for_the_builtin_trainer_continues_the_remaining_steps() -> None:
-    values = {"steps": 100, "trainer_argv": ["--new", "--seed", "3"], "options": {"a": "b"}}
+def _builtin_state(folder: Path, step: int) -> Path:
+    """A state file as the builtin trainer writes it (only its metadata matters here)."""
+    import json
+
+    import numpy as np
+
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "lorasup_lora-state.npz"
+    meta = json.dumps({"format": "lorasup-builtin-state/1", "step": step}).encode()
+    with path.open("wb") as handle:
+        np.savez(handle, meta=np.frombuffer(meta, dtype=np.uint8))
+    return path
+
+
+def test_resume_for_the_builtin_trainer_continues_the_remaining_steps(tmp_path: Path) -> None:
+    values = {"steps": 100, "trainer_argv": ["--new", "--seed", "3"], "options": {"a": "b"},
+              "cwd": str(tmp_path)}
+    # nothing saved on disk yet: the attempt starts over (a --continue would be refused)
+    assert jobspec.resumed_values(values, "builtin", target_step=100, saved_step=40) is None
+    _builtin_state(tmp_path / "lora_output", 40)
     resumed = jobspec.resumed_values(values, "builtin", target_step=100, saved_step=40)
-    assert resumed == {"steps": 60, "trainer_argv": ["--seed", "3"],
+    assert resumed == {"steps": 60, "trainer_argv": ["--seed", "3"], "cwd": str(tmp_path),
                        "options": {"a": "b", "mode": "continue"}}
+    # the state file is the truth: a save lorasup did not record (step 45) counts
+    _builtin_state(tmp_path / "lora_output", 45)
+    resumed = jobspec.resumed_values(values, "builtin", target_step=100, saved_step=40)
+    assert resumed is not None and resumed["steps"] == 55
+    # nothing recorded as saved by this job: the file is another run's, start over
     assert jobspec.resumed_values(values, "builtin", target_step=100, saved_step=0) is None
     assert jobspec.resumed_values(values, "command", target_step=100, saved_step=40) is None
+    # all steps saved already: nothing to continue
+    assert jobspec.resumed_values(values, "builtin", target_step=45, saved_step=45) is None
 
 
 def test_resume_for_hf_and_kohya_picks_the_newest_saved_folder(tmp_path: Path) -> None:

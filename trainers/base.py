@@ -40,6 +40,27 @@ class TrainerJob:
         return dict(self.options).get(name, default)
 
 
+@dataclass(frozen=True, slots=True)
+class Resume:
+    """How one attempt continues the state an earlier attempt of the same job saved.
+
+    ``AdapterBase.resume`` answers it, for ``lorasup start --resume-from`` and for the
+    daemon's retries alike (one resume logic): the trainer args and step limit of the new
+    attempt, so that the job ends at its requested total step, however often it was cut.
+    """
+
+    #: the user's trainer args for the attempt (a resume flag added, a "new" flag dropped)
+    argv: tuple[str, ...]
+    #: the attempt's step limit; None: the job's own (the trainer counts on from its save)
+    steps: int | None = None
+    #: job options set for the attempt, on top of the job's (``mode = "continue"``)
+    options: tuple[tuple[str, str], ...] = ()
+    #: what it continues from (a state file, a checkpoint folder), for the log and report
+    point: str = ""
+    #: the step that save holds, where the trainer's own files tell it
+    step: int | None = None
+
+
 #: the series a TensorBoard scalar tag can feed (``scalar_tags`` values)
 SERIES_KINDS = frozenset({"loss", "avg_loss", "epoch_loss", "lr"})
 
@@ -110,6 +131,17 @@ class AdapterBase:
         """The trainer's own argv continuing from ``resume``; UsageError when it can't."""
         raise UsageError(f"--trainer {self.name or 'this trainer'} cannot resume from a "
                          "checkpoint")
+
+    def resume(self, job: TrainerJob, *, target_step: int, saved_step: int,
+               output_dirs: Sequence[str], cwd: Path) -> Resume | None:
+        """How an attempt of ``job`` continues what earlier attempts saved, so that the
+        job ends at ``target_step`` in total; None when there is nothing to continue from
+        (nothing saved yet, or a trainer that cannot resume): the attempt starts fresh.
+
+        ``saved_step`` is the newest save lorasup recorded (0: none); ``output_dirs`` are
+        absolute. May read the trainer's output folders (blocking, small).
+        """
+        return None
 
     def preflight(self, job: TrainerJob, cwd: Path) -> None:
         """Check the trainer's inputs (dataset, output folder, resume state) before anything
@@ -330,3 +362,17 @@ def postfix_value(info: str, key: str) -> float | None:
     if at < 0:
         return None
     return read_float(info[at + len(key):].split(",", 1)[0])
+
+
+def newest_folder(folders: Sequence[str], wanted: Callable[[Path], bool]) -> Path | None:
+    """The most recently modified sub-folder of ``folders`` that ``wanted`` accepts (a
+    trainer's newest checkpoint or state folder), or None; unreadable folders are skipped."""
+    found: list[tuple[float, str]] = []
+    for folder in folders:
+        try:
+            for path in Path(folder).iterdir():
+                if path.is_dir() and wanted(path):
+                    found.append((path.stat().st_mtime, str(path)))
+        except OSError:
+            continue
+    return Path(max(found)[1]) if found else None

@@ -83,6 +83,7 @@ import re
 import signal
 from collections import deque
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from types import MappingProxyType
 
 from lorasup.supervisor.events import Checkpoint, Event, Problem, Scalar, Step
@@ -90,11 +91,13 @@ from lorasup.supervisor.numbers import MAX_COUNT, read_count, read_float, read_s
 from lorasup.trainers.base import (
     PYTHON_PROBLEM_NEEDLES,
     AdapterBase,
+    Resume,
     TrainerJob,
     UsageError,
     checkpoint_path,
     drop_flag,
     flag_value,
+    newest_folder,
     python_problems,
     replace_flag,
     steps_from_flag,
@@ -272,6 +275,18 @@ class HfAdapter(AdapterBase):
     def resume_argv(self, argv: Sequence[str], resume: str) -> list[str]:
         """``--resume_from_checkpoint <checkpoint-N folder>``: the Trainer counts on from it."""
         return [*drop_flag(argv, RESUME_FLAG), RESUME_FLAG, resume]
+
+    def resume(self, job: TrainerJob, *, target_step: int, saved_step: int,
+               output_dirs: Sequence[str], cwd: Path) -> Resume | None:
+        """The newest ``checkpoint-*`` folder of the output folders; the Trainer counts on
+        from its step up to the same ``--max_steps``. None when the user names one."""
+        if flag_value(job.argv, RESUME_FLAG) is not None or RESUME_FLAG in job.argv:
+            return None
+        newest = newest_folder(output_dirs, lambda p: p.name.startswith("checkpoint-"))
+        if newest is None:
+            return None
+        return Resume(argv=tuple(self.resume_argv(job.argv, str(newest))), point=str(newest),
+                      step=read_count(newest.name.removeprefix("checkpoint-")))
 
     def tensorboard_dir(self, job: TrainerJob) -> str | None:
         """Where the Trainer writes event files, or None when it writes none (or we can't know)."""

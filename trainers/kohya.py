@@ -22,6 +22,7 @@ from __future__ import annotations
 import re
 import signal
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from types import MappingProxyType
 
 from lorasup.supervisor.events import Checkpoint, Epoch, Event, Finished, Step
@@ -32,11 +33,13 @@ from lorasup.trainers.base import (
     PYTHON_PROBLEMS,
     AdapterBase,
     ProblemPattern,
+    Resume,
     TrainerJob,
     UsageError,
     checkpoint_path,
     drop_flag,
     flag_value,
+    newest_folder,
     parse_bar_line,
     postfix_value,
     python_problems,
@@ -86,6 +89,8 @@ MISSING_HINTS = MappingProxyType({
           "needs --logging_dir)",
 })
 RESUME_FLAG = "--resume"
+#: kohya saves a resumable state folder (``<name>-<step>-state``) only with this
+SAVE_STATE_FLAG = "--save_state"
 
 
 class KohyaAdapter(AdapterBase):
@@ -120,6 +125,18 @@ class KohyaAdapter(AdapterBase):
     def resume_argv(self, argv: Sequence[str], resume: str) -> list[str]:
         """``--resume=<state folder>`` (kohya saves one with ``--save_state``)."""
         return [*drop_flag(argv, RESUME_FLAG), f"{RESUME_FLAG}={resume}"]
+
+    def resume(self, job: TrainerJob, *, target_step: int, saved_step: int,
+               output_dirs: Sequence[str], cwd: Path) -> Resume | None:
+        """With ``--save_state``, the newest ``*-state`` folder of the output folders
+        (``--resume``); kohya counts on from it. None without one, or when the user
+        already gives ``--resume``."""
+        if SAVE_STATE_FLAG not in job.argv or any(a.startswith(RESUME_FLAG) for a in job.argv):
+            return None
+        newest = newest_folder(output_dirs, lambda p: p.name.endswith("-state"))
+        if newest is None:
+            return None
+        return Resume(argv=tuple(self.resume_argv(job.argv, str(newest))), point=str(newest))
 
     def missing_hint(self, series: str, argv: Sequence[str] | None) -> str | None:
         """The hint, or, when a --logging_dir was given (lorasup injects one), that the

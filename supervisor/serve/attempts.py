@@ -89,12 +89,16 @@ class Attempts(DaemonParts):
         _fault("after_claim_run_dir")
         why = job.reason if n > 1 and job.reason else "submitted"
         values = None
+        resume_from: int | str | None = None
         if n > 1 and job.target_step is not None:
-            values = await anyio.to_thread.run_sync(lambda: jobspec.resumed_values(
+            found = await anyio.to_thread.run_sync(lambda: jobspec.resumed(
                 job.spec.values, job.spec.trainer, target_step=job.target_step or 0,
                 saved_step=job.saved_step, output_dirs=job.spec.output_dirs))
-        resume_from = (job.saved_step if job.spec.trainer == "builtin" else "checkpoint") \
-            if values is not None else None
+            if found is not None:
+                # the step the save holds where the trainer's files tell it, else the save
+                values, resume = found
+                resume_from = resume.step if resume.step is not None else (
+                    resume.point or "checkpoint")
         text = jobspec.to_toml(values or job.spec.values)
         devices = tuple(d for s in slots for d in s.devices) if self.gpu_mode else None
         slot_names = ",".join(s.name for s in slots)

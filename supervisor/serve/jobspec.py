@@ -8,7 +8,6 @@ before the job reaches ``lorasup start``.
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
 import os
@@ -17,8 +16,11 @@ import unicodedata
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
+
+if TYPE_CHECKING:
+    from lorasup.trainers.base import Resume
 
 #: keys only the daemon reads; never passed on to ``lorasup start``
 DAEMON_KEYS = ("name", "priority", "gpus", "cwd", "retries", "notify")
@@ -236,27 +238,13 @@ def parse(values: dict[str, Any], *, cwd: str | None, scratch: Path, name: str |
         gpus=gpus, cwd=str(job_cwd), retries=retries, notify=notify, trainer=job.trainer,
         steps=plan.steps, grace=plan.grace, run_dir=run_dir, logs_dir=logs_dir,
         output_dirs=tuple(dict.fromkeys(_absolute(p, job_cwd) for p in (
-            *plan.output_dirs, *_output_flags(job.trainer, job.trainer_argv,
-                                              start_values.get("options"))))),
+            *plan.output_dirs, *_output_flags(job.trainer_argv)))),
     )
 
 
-def _builtin_default_output() -> str:
-    """The builtin trainer's default output folder (its module moved once: read defensively)."""
-    for module in ("lorasup.trainers.builtin.options", "lorasup.trainers.builtin.cli"):
-        try:
-            value = getattr(importlib.import_module(module), "DEFAULT_OUTPUT_DIR", None)
-        except ImportError:
-            continue
-        if isinstance(value, str):
-            return value
-    return "lora_output"
-
-
-def _output_flags(trainer: str, argv: tuple[str, ...], options: Any) -> list[str]:
-    """Where a trainer writes its model, from its options and flags (``--output_dir X``,
-    ``--output-dir=X``); the builtin trainer's default when it is given none."""
-    options = options if isinstance(options, dict) else {}
+def _output_flags(argv: tuple[str, ...]) -> list[str]:
+    """Where a program writes its model by its flags (``--output_dir X``, ``--output-dir=X``),
+    beside the folders its adapter names (``plan.output_dirs``)."""
     found: list[str] = []
     for i, arg in enumerate(argv):
         for flag in ("--output_dir", "--output-dir"):
@@ -264,10 +252,6 @@ def _output_flags(trainer: str, argv: tuple[str, ...], options: Any) -> list[str
                 found.append(argv[i + 1])
             elif arg.startswith(flag + "="):
                 found.append(arg.split("=", 1)[1])
-    if trainer == "builtin":
-        given = options.get("output_dir")
-        found = [given if isinstance(given, str) and given else (
-            found[-1] if found else _builtin_default_output())]
     return found
 
 
@@ -360,48 +344,48 @@ def to_toml(values: dict[str, Any]) -> str:
 def resumed_values(spec_values: dict[str, Any], trainer: str, *, target_step: int,
                    saved_step: int, output_dirs: tuple[str, ...] = ()
                    ) -> dict[str, Any] | None:
-    """The job file for an attempt that continues an earlier one; None when this trainer
-    cannot continue (then the attempt starts over). Reads the output folders (blocking).
+    """The job file for an attempt that continues an earlier one (see ``resumed``)."""
+    found = resumed(spec_values, trainer, target_step=target_step, saved_step=saved_step,
+                    output_dirs=output_dirs)
+    return found[0] if found is not None else None
 
-    builtin: ``mode = "continue"`` with the steps left after ``saved_step`` (its state is
-    saved on every graceful stop), so step numbers continue up to ``target_step``. hf: the
-    newest ``checkpoint-*`` folder (``--resume_from_checkpoint``; the Trainer counts on from
-    it). kohya: with ``--save_state``, the newest ``*-state`` folder (``--resume``).
+
+def resumed(spec_values: dict[str, Any], trainer: str, *, target_step: int, saved_step: int,
+            output_dirs: tuple[str, ...] = ()) -> tuple[dict[str, Any], Resume] | None:
+    """The job file for an attempt that continues an earlier one, and what it continues
+    from; None when there is nothing to continue from (then the attempt starts over).
+    Reads the output folders (blocking).
+
+    The trainer's adapter decides how (``AdapterBase.resume``, the same rule ``lorasup start
+    --resume-from`` follows): its trainer args, step limit and options for the attempt, so
+    that the job ends at ``target_step`` in total.
     """
+    from lorasup.trainers import get_adapter
+    from lorasup.trainers.base import TrainerJob, UsageError
+
     values = dict(spec_values)
     argv = values.get("trainer_argv")
-    argv = list(argv) if isinstance(argv, list) else []
-    if trainer == "builtin":
-        if saved_step <= 0 or saved_step >= target_step:
-            return None
-        options = dict(values.get("options") or {})
-        options["mode"] = "continue"
-        values["options"] = options
-        values["steps"] = target_step - saved_step
-        if argv:
-            values["trainer_argv"] = [a for a in argv if a != "--new"]
-        return values
-    if trainer == "hf" and not any(a.startswith("--resume_from_checkpoint") for a in argv):
-        newest = _newest(output_dirs, lambda p: p.name.startswith("checkpoint-"))
-        if newest is not None:
-            values["trainer_argv"] = [*argv, "--resume_from_checkpoint", str(newest)]
-            return values
-    if trainer == "kohya" and "--save_state" in argv and not any(
-            a.startswith("--resume") for a in argv):
-        newest = _newest(output_dirs, lambda p: p.name.endswith("-state"))
-        if newest is not None:
-            values["trainer_argv"] = [*argv, f"--resume={newest}"]
-            return values
-    return None
-
-
-def _newest(folders: tuple[str, ...], wanted: Any) -> Path | None:
-    found: list[tuple[float, Path]] = []
-    for folder in folders:
-        try:
-            for path in Path(folder).iterdir():
-                if path.is_dir() and wanted(path):
-                    found.append((path.stat().st_mtime, path))
-        except OSError:
-            continue
-    return max(found)[1] if found else None
+    argv = list(argv) if isinstance(argv, list | tuple) else []
+    options = values.get("options")
+    options = dict(options) if isinstance(options, dict) else {}
+    pairs = tuple(sorted((str(k), "1" if v is True else str(v)) for k, v in options.items()
+                         if v is not None and v is not False))
+    steps = values.get("steps")
+    job = TrainerJob(steps=steps if isinstance(steps, int) else target_step, argv=tuple(argv),
+                     run_dir="", options=pairs)
+    cwd = Path(str(values.get("cwd") or "."))
+    try:
+        resume = get_adapter(trainer).resume(job, target_step=target_step,
+                                             saved_step=saved_step, output_dirs=output_dirs,
+                                             cwd=cwd)
+    except (UsageError, KeyError):
+        return None
+    if resume is None or (resume.step is not None and resume.step >= target_step):
+        return None
+    if resume.steps is not None:
+        values["steps"] = resume.steps
+    if resume.options:
+        values["options"] = {**options, **dict(resume.options)}
+    if resume.argv or "trainer_argv" in values:
+        values["trainer_argv"] = list(resume.argv)
+    return values, resume

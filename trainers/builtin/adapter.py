@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from lorasup.trainers.base import TrainerJob, UsageError, drop_flag
+from lorasup.trainers.base import Resume, TrainerJob, UsageError, drop_flag
 from lorasup.trainers.native import NativeAdapter
 
 MODES = {"new": "--new", "continue": "--continue"}
@@ -60,7 +60,41 @@ class BuiltinAdapter(NativeAdapter):
         (``resume`` names that save; the trainer finds it itself)."""
         return [*(a for a in argv if a not in MODES.values()), MODES["continue"]]
 
-    def preflight(self, job: TrainerJob, cwd: Path) -> None:
+    def output_dirs(self, job: TrainerJob) -> list[str]:
+        """Its ``--output-dir`` (the job's ``output_dir`` option), else the default folder."""
+        from .options import DEFAULT_OUTPUT_DIR
+        from .preflight import InputError, output_folder
+
+        try:
+            return [output_folder(self.trainer_args(job))]
+        except (InputError, UsageError):
+            return [job.option("output_dir") or DEFAULT_OUTPUT_DIR]
+
+    def resume(self, job: TrainerJob, *, target_step: int, saved_step: int,
+               output_dirs: Sequence[str], cwd: Path) -> Resume | None:
+        """``mode = "continue"`` with the steps left: the trainer saves its state on every
+        graceful stop, and its step numbers go on from the state's step. The state file
+        says which step that is (lorasup's record may miss a save its own end cut off).
+
+        None (a fresh start with all the steps) when lorasup recorded no save of this job
+        yet: a state file already in the output folder is then another run's, and a first
+        attempt stopped before its first save has nothing to continue.
+        """
+        if saved_step <= 0:
+            return None
+        from .inputs import StateError, saved_state_step
+        from .preflight import InputError, state_file
+
+        argv = tuple(a for a in job.argv if a not in MODES.values())
+        try:
+            path = state_file(self.trainer_args(job), cwd)
+            step = saved_state_step(path)
+        except (InputError, StateError, UsageError):
+            return None
+        return Resume(argv=argv, steps=max(target_step - step, 0),
+                      options=(("mode", "continue"),), point=str(path), step=step)
+
+
         """A missing or empty dataset, an unreadable image, an output folder that cannot be
         written, ``--continue`` without a saved state: one line, before anything starts."""
         from .preflight import InputError, check  # PIL only when a builtin run starts

@@ -9,6 +9,7 @@ the trainer at all, so both refuse the same inputs with the same message.
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 import zipfile
@@ -197,3 +198,33 @@ def check_state_file(path: Path) -> None:
         raise StateError(f"cannot read saved state {path}: {bad} is damaged")
     if "meta.npy" not in names:
         raise StateError(f"{path} is not a lorasup builtin state (no metadata)")
+
+
+#: the metadata member of a state file is small JSON: more is not a state of ours
+MAX_META_BYTES = 1 << 20
+
+
+def saved_state_step(path: Path) -> int:
+    """The step a state file holds, read from its ``meta.npy`` member without numpy (so that
+    lorasup can plan a resume while staying small), or StateError naming the file.
+
+    ``meta.npy`` is a 1-D uint8 array (``save_state``): the npy magic, a version, a header
+    length (2 bytes in version 1, 4 after), the header, then the JSON bytes themselves.
+    """
+    check_state_file(path)
+    try:
+        with zipfile.ZipFile(path) as archive, archive.open("meta.npy") as member:
+            raw = member.read(MAX_META_BYTES + 1)
+        if len(raw) > MAX_META_BYTES or not raw.startswith(b"\x93NUMPY") or len(raw) < 10:
+            raise ValueError("meta.npy is not an npy array of metadata")
+        size = 2 if raw[6] == 1 else 4
+        start = 8 + size + int.from_bytes(raw[8:8 + size], "little")
+        header = raw[8 + size:start].decode("latin-1")
+        if "'|u1'" not in header and "'u1'" not in header:
+            raise ValueError("meta.npy is not a byte array")
+        step = json.loads(raw[start:].decode("utf-8"))["step"]
+    except (OSError, zipfile.BadZipFile, ValueError, KeyError, TypeError, IndexError) as exc:
+        raise StateError(f"cannot read saved state {path}: {exc}") from exc
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise StateError(f"cannot read saved state {path}: step {step!r} is not a step")
+    return step

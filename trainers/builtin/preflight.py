@@ -60,3 +60,15 @@ def check(trainer_args: Sequence[str], cwd: Path) -> None:
         verify_dataset(root)
     except DatasetError as exc:
         raise InputError(str(exc)) from None
+
+
+def state_file(trainer_args: Sequence[str], cwd: Path) -> Path:
+    """Where the trainer run with ``trainer_args`` keeps its resume state (InputError when
+    the args do not parse)."""
+    args = build_parser(_RaisingParser).parse_args(list(trainer_args))
+    return state_path(cwd / args.output_dir, args.name)
+
+
+def output_folder(trainer_args: Sequence[str]) -> str:
+    """The output folder the args name (relative to the trainer's cwd), or InputError."""
+    return str(build_parser(_RaisingParser).parse_args(list(trainer_args)).output_dir)
