@@ -94,7 +94,7 @@ class BuiltinAdapter(NativeAdapter):
         return Resume(argv=argv, steps=max(target_step - step, 0),
                       options=(("mode", "continue"),), point=str(path), step=step)
 
-
+    def preflight(self, job: TrainerJob, cwd: Path) -> None:
         """A missing or empty dataset, an unreadable image, an output folder that cannot be
         written, ``--continue`` without a saved state: one line, before anything starts."""
         from .preflight import InputError, check  # PIL only when a builtin run starts
