@@ -20,6 +20,26 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 os.environ.setdefault("LORASUP_NO_PLOT", "1")
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Compile lorasup's sources once, before any test starts a lorasup process.
+
+    An installed lorasup has its bytecode written at install time; an editable checkout
+    under ``PYTHONDONTWRITEBYTECODE=1`` (this box, CI) would otherwise recompile every
+    module in each of the suite's hundreds of lorasup, guard and trainer processes. Only
+    the controller compiles (xdist workers start after it); a failure costs speed, never a
+    test.
+    """
+    if hasattr(config, "workerinput"):
+        return
+    import compileall
+
+    root = Path(__file__).resolve().parent.parent
+    for folder in ("supervisor", "trainers"):
+        compileall.compile_dir(root / folder, quiet=2, workers=1)
+    compileall.compile_file(root / "__init__.py", quiet=2)
+    compileall.compile_file(root / "__main__.py", quiet=2)
+
+
 @pytest.fixture
 def real_plot(monkeypatch: pytest.MonkeyPatch) -> None:
     """This test checks the drawn PNG: matplotlib draws it (here and in the children)."""
