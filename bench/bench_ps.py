@@ -25,30 +25,18 @@ import time
 from pathlib import Path
 
 import httpx
+from serve_common import env, job_spec
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT.parent))
-
-from lorasup.supervisor.serve.jobspec import JobSpec  # noqa: E402
-from lorasup.supervisor.serve.store import Store  # noqa: E402
+from lorasup.supervisor.serve.store import Store
 
 QUEUED = 10
-
-
-def env() -> dict[str, str]:
-    out = dict(os.environ)
-    out["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT.parent),
-                                                      out.get("PYTHONPATH")]))
-    return out
 
 
 def fill(state: Path, count: int) -> None:
     """``count`` jobs: the first finished (completed or failed), the last QUEUED queued."""
     state.mkdir(parents=True)
     store = Store(state / "lorasup.db")
-    spec = JobSpec(values={"trainer": "command", "steps": 100}, name="bench", priority=0,
-                   gpus=0, cwd="/tmp", retries=2, notify={}, trainer="command", steps=100,
-                   grace=30.0, run_dir=None, logs_dir=None)
+    spec = job_spec("bench", retries=2)
     for i in range(count):
         job = store.add_job(spec)
         if i >= count - QUEUED:

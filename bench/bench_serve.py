@@ -30,12 +30,9 @@ from pathlib import Path
 
 import httpx
 import psutil
+from serve_common import env, job_spec
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT.parent))
-
-from lorasup.supervisor.serve.jobspec import JobSpec  # noqa: E402
-from lorasup.supervisor.serve.store import Store  # noqa: E402
+from lorasup.supervisor.serve.store import Store
 
 TRAINER = """import sys, time
 print(f"T0 {time.time():.6f}", flush=True)
@@ -45,19 +42,10 @@ for k in range(1, 4):
 """
 
 
-def env() -> dict[str, str]:
-    out = dict(os.environ)
-    out["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT.parent),
-                                                      out.get("PYTHONPATH")]))
-    return out
-
-
 def fill(state: Path, count: int) -> None:
     state.mkdir(parents=True)
     store = Store(state / "lorasup.db")
-    spec = JobSpec(values={"trainer": "command", "steps": 100}, name="old", priority=0,
-                   gpus=0, cwd="/tmp", retries=0, notify={}, trainer="command", steps=100,
-                   grace=30.0, run_dir=None, logs_dir=None)
+    spec = job_spec("old", retries=0)
     for i in range(count):
         job = store.add_job(spec)
         store.start_attempt(job, 1, f"job{job}-a1", f"/tmp/none/{job}", "submitted", "cpu0",

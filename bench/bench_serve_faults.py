@@ -33,21 +33,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
-
-ROOT = Path(__file__).resolve().parent.parent
+from serve_common import env
 
 TRAINER = """import sys, time
 for k in range(1, 4):
     time.sleep(0.02)
     print(f"steps: {k}/3 [00:00<00:00, avr_loss=0.5]", flush=True)
 """
-
-
-def env() -> dict[str, str]:
-    out = dict(os.environ)
-    out["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT.parent),
-                                                      out.get("PYTHONPATH")]))
-    return out
 
 
 class Serve:

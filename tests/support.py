@@ -38,6 +38,21 @@ class Finished:
         return [json.loads(line) for line in lines if line]
 
 
+def events(run_dir: Path) -> list[dict[str, Any]]:
+    """The records of a run's events.jsonl."""
+    return [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+
+
+def steps_of(run_dir: Path) -> list[int]:
+    """The steps a run recorded, in file order."""
+    return [e["step"] for e in events(run_dir) if e["kind"] == "step"]
+
+
+def outcome_of(run_dir: Path) -> dict[str, Any]:
+    """A run's outcome record (StopIteration when it has none)."""
+    return next(e for e in events(run_dir) if e["kind"] == "outcome")
+
+
 def lorasup_argv(*args: str) -> list[str]:
     return [sys.executable, "-m", "lorasup", *args]
 

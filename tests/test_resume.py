@@ -19,6 +19,8 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.support import events, outcome_of, steps_of
+
 PREEMPTED_EXIT = 6
 #: a builtin step with 64 images per batch takes a few ms: a stop lands mid-run
 BUILTIN_ARGS = ("--", "--batch-size", "64")
@@ -28,18 +30,6 @@ def lorasup(cwd: Path, *args: str) -> subprocess.Popen[str]:
     return subprocess.Popen([sys.executable, "-m", "lorasup", "start", "--log-format", "json",
                              *args], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
-
-
-def events(run_dir: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
-
-
-def steps_of(run_dir: Path) -> list[int]:
-    return [e["step"] for e in events(run_dir) if e["kind"] == "step"]
-
-
-def outcome_of(run_dir: Path) -> dict[str, Any]:
-    return next(e for e in events(run_dir) if e["kind"] == "outcome")
 
 
 def stop_at(process: subprocess.Popen[str], run_dir: Path, step: int, sig: signal.Signals

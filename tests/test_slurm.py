@@ -27,6 +27,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from tests.support import events, outcome_of, steps_of
+
 REPO = Path(__file__).resolve().parent.parent
 CLUSTER = REPO / "tests" / "cluster"
 pytestmark = pytest.mark.xdist_group("slurm")
@@ -130,18 +132,6 @@ def final_state(slurm: dict[str, str], job_id: str) -> str:
         return states[-1] if in_queue is None or in_queue in ENDED else None
 
     return _wait(f"SLURM job {job_id} to end", ended)
-
-
-def events(run_dir: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
-
-
-def steps_of(run_dir: Path) -> list[int]:
-    return [e["step"] for e in events(run_dir) if e["kind"] == "step"]
-
-
-def outcome_of(run_dir: Path) -> dict[str, Any]:
-    return next(e for e in events(run_dir) if e["kind"] == "outcome")
 
 
 def attempt(folder: Path, job_id: str, restart: int) -> Path:

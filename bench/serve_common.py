@@ -1,0 +1,28 @@
+"""What the daemon benchmarks share: the environment that imports this checkout, and a
+plain job spec to fill a state database with."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT.parent))
+
+from lorasup.supervisor.serve.jobspec import JobSpec  # noqa: E402
+
+
+def env() -> dict[str, str]:
+    """The environment for the daemon and clients: this checkout first on the path."""
+    out = dict(os.environ)
+    out["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT.parent),
+                                                      out.get("PYTHONPATH")]))
+    return out
+
+
+def job_spec(name: str, retries: int = 0) -> JobSpec:
+    """A 100-step ``command`` job as the store holds it (nothing to run: a row to list)."""
+    return JobSpec(values={"trainer": "command", "steps": 100}, name=name, priority=0,
+                   gpus=0, cwd="/tmp", retries=retries, notify={}, trainer="command",
+                   steps=100, grace=30.0, run_dir=None, logs_dir=None)
