@@ -169,6 +169,9 @@ def start(
         "--tensorboard",
         help=f"{_for('tensorboard')} make the script write TensorBoard event files into the "
              "run directory, and read them live")] = False,
+    private: Annotated[bool, typer.Option(
+        "--private", help="make the run directory 0700: nothing of the run, report, CSV and "
+                          "PNG included, is readable by other users")] = False,
     quiet: Annotated[bool, typer.Option(
         "--quiet", "-q", help="do not show the trainer's own output (shown on stderr when "
                               "it is a terminal); trainer.log has it either way")] = False,
@@ -211,7 +214,7 @@ def start(
             "timeout": timeout, "no_output_timeout": no_output_timeout, "grace": grace,
             "startup_timeout": startup_timeout, "no_progress_timeout": no_progress_timeout,
             "finish_timeout": finish_timeout, "nan_patience": nan_patience,
-            "log_format": log_format,
+            "log_format": log_format, "private": private or None,
             "trainer_argv": tuple(ctx.args) if ctx.args else None,
         }, {
             "mode": "new" if new else ("continue" if continue_ else None),

@@ -117,6 +117,9 @@ class Job(BaseModel):
     #: non-finite losses tolerated before the run counts as diverged (0: the first stops it)
     nan_patience: int = Field(default=0, ge=0, le=MAX_NAN_PATIENCE)
     log_format: Literal["auto", "json", "console"] = "auto"
+    #: the run directory 0700: nothing of the run (report, CSV, PNG included) is reachable
+    #: by other users, whatever the umask
+    private: bool = False
     #: trainer-specific options (which trainer reads which: lorasup.trainers.OPTIONS)
     options: Options = Field(default_factory=Options)
     #: the job file's ``[parse]`` table: regexes that read steps and values from a program's

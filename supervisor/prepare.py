@@ -93,7 +93,7 @@ def plan_run(job: Job, *, progress_tty: bool = False,
         _check_program(argv, cwd)
         adapter.preflight(trainer_job, cwd)  # the trainer's inputs; raises UsageError
         # Claimed last: a job refused above leaves nothing behind.
-        claim_run_dir(run_dir)
+        claim_run_dir(run_dir, private=job.private)
         if resumed is not None:
             try:
                 write_marker(run_dir, *resumed)

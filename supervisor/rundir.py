@@ -49,12 +49,16 @@ def _refuse_foreign_symlink(path: Path) -> None:
         raise UsageError(f"{path} is a symlink owned by another user; refusing to follow it")
 
 
-def claim_run_dir(run_dir: Path) -> None:
+def claim_run_dir(run_dir: Path, *, private: bool = False) -> None:
     """Make the run directory ours alone: ``events.jsonl`` created with O_EXCL (0600, never
-    through a symlink), so of two starts on one directory exactly one gets it."""
+    through a symlink), so of two starts on one directory exactly one gets it. ``private``:
+    the directory is made 0700 first, so nothing the run writes in it is reachable by
+    another user (whatever the umask and the files' own modes)."""
     _refuse_foreign_symlink(run_dir)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
+        if private:
+            os.chmod(run_dir, 0o700)
         fd = os.open(run_dir / EVENTS_JSONL,
                      os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     except FileExistsError:

@@ -226,6 +226,33 @@ def test_files_that_can_hold_secrets_are_private(tmp_path: Path) -> None:
         assert (result.run_dir / name).stat().st_mode & 0o077 == 0, name
 
 
+@pytest.mark.parametrize("how", ["flag", "job file"])
+def test_a_private_run_is_reachable_by_nobody_else_whatever_the_umask(tmp_path: Path,
+                                                                      how: str) -> None:
+    """Issue 16.9: ``--private`` (``private = true``): the run directory 0700 even under a
+    umask of 0, so report, CSV and PNG (0644 by choice) are out of other users' reach."""
+    run_dir = tmp_path / "run"
+    args: list[str] = ["--private"]
+    if how == "job file":
+        job = tmp_path / "job.toml"
+        job.write_text("private = true\n", encoding="utf-8")
+        args = ["--config", str(job)]
+    argv = lorasup_argv("start", "--run-dir", str(run_dir), "--log-format", "json", *args,
+                        *native(steps=2))
+    proc = subprocess.run(argv, cwd=tmp_path, env=child_env(), capture_output=True,
+                          text=True, timeout=60, preexec_fn=lambda: os.umask(0))
+    assert proc.returncode == 0, proc.stderr
+    assert run_dir.stat().st_mode & 0o777 == 0o700
+    assert {"report.json", "losses.csv", "loss_curves.png"} <= {p.name for p in run_dir.iterdir()}
+    plain = tmp_path / "plain"
+    proc = subprocess.run(lorasup_argv("start", "--run-dir", str(plain), "--log-format", "json",
+                                       *native(steps=2)), cwd=tmp_path, env=child_env(),
+                          capture_output=True, text=True, timeout=60,
+                          preexec_fn=lambda: os.umask(0o022))
+    assert proc.returncode == 0, proc.stderr
+    assert plain.stat().st_mode & 0o777 == 0o755  # without it: the umask decides, as before
+
+
 def test_generated_run_ids_do_not_collide(tmp_path: Path) -> None:
     argv = lorasup_argv("start", "--logs-dir", str(tmp_path / "logs"), "--log-format",
                         "json", *native(steps=1))
