@@ -4,39 +4,58 @@ WAL keeps readers (``lorasup ps`` through the API) from waiting on writers; ever
 change is committed before the daemon acts on it, so a crash at any point leaves a record
 the next daemon can act on. Calls are small single-row statements, cheap enough for the
 event loop's thread.
+
+
+The database file's faults are in ``dbfile``, the rows and the stored spec in ``rows``;
+their names are importable from here as before.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
-import json
 import os
 import shutil
 import sqlite3
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import structlog
 
+from lorasup.supervisor.serve.dbfile import (
+    BUSY_MS,
+    MIN_FREE,
+    SIDE_FILES,
+    GuardedConnection,
+    StoreUnavailable,
+    _utc_stamp,
+    damage,
+    move_aside,
+    unavailable,
+)
 from lorasup.supervisor.serve.jobspec import JobSpec
+from lorasup.supervisor.serve.rows import (
+    ACTIVE,
+    FINAL,
+    STATES,
+    AttemptRow,
+    JobRow,
+    _check_columns,
+    _spec,
+    _spec_json,
+    broken_spec,
+    load_spec,
+    spec_data,
+)
+
+#: re-exported: the rest of serve/ knows these as ``store.<name>``
+__all__ = ["ACTIVE", "BUSY_MS", "FINAL", "MIN_FREE", "SIDE_FILES", "STATES", "AttemptRow",
+           "GuardedConnection", "JobRow", "Store", "StoreUnavailable", "broken_spec", "damage",
+           "internal_reason", "load_spec", "move_aside", "spec_data", "unavailable"]
 
 log = structlog.get_logger("lorasup.serve")
 
-#: a write waits this long for a lock held by another process before the store says busy
-#: (short: the event loop's thread waits with it; the callers retry with a backoff)
-BUSY_MS = 200
-#: below this much free space in the state directory new jobs are refused (507)
-MIN_FREE = 1 << 20
-#: the database files: the main file and SQLite's WAL and shared-memory index
-SIDE_FILES = ("-wal", "-shm")
 
-#: states a job can be in; the last four are final
-STATES = ("queued", "running", "completed", "failed", "cancelled", "lost")
-ACTIVE = ("queued", "running")
-FINAL = ("completed", "failed", "cancelled", "lost")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -92,30 +111,6 @@ CREATE TABLE IF NOT EXISTS submits (
 SUBMIT_KEY_SECONDS = 24 * 3600
 
 
-@dataclass
-class JobRow:
-    id: int
-    name: str
-    priority: int
-    state: str
-    outcome: str | None
-    reason: str | None
-    spec: JobSpec
-    retries_used: int
-    attempts: int
-    not_before: float
-    target_step: int | None
-    saved_step: int
-    steps_done: int | None
-    last_loss: float | None
-    stop_request: str | None
-    waiting: str | None
-    created: float
-    updated: float
-    #: why the stored spec could not be loaded (the job is failed, ``spec`` is a stand-in)
-    broken: str | None = None
-
-
 def internal_reason(exc: BaseException, doing: str | None = None) -> str:
     """``internal: <ExcType>: <message>``, one bounded line: a job's own failure reason."""
     while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
@@ -123,205 +118,6 @@ def internal_reason(exc: BaseException, doing: str | None = None) -> str:
     where = f"{doing}: " if doing else ""
     text = f"internal: {where}{type(exc).__name__}: {exc}"
     return " ".join(text.split())[:500]
-
-
-@dataclass
-class AttemptRow:
-    job_id: int
-    n: int
-    run_id: str
-    run_dir: str
-    why: str
-    slot: str | None
-    devices: str | None
-    pid: int | None
-    start_time: int | None
-    boot_id: str | None
-    started: float
-    ended: float | None
-    outcome: str | None
-    exit_code: int | None
-    end_reason: str | None
-    steps: int | None
-
-
-class StoreUnavailable(Exception):
-    """The database cannot be written now (locked by another process, disk full, replaced):
-    the API answers ``status`` with ``Retry-After``, the daemon retries with a backoff."""
-
-    def __init__(self, status: int, message: str, retry_after: int = 1) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.retry_after = retry_after
-
-
-def unavailable(exc: BaseException) -> StoreUnavailable | None:
-    """What a storage fault means for the user; None for an error that is not one (a bug,
-    a bad value: those stay errors of the one job concerned)."""
-    if isinstance(exc, StoreUnavailable):
-        return exc
-    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return StoreUnavailable(507, "no space left in the state directory; new jobs are "
-                                     "refused until space returns", 5)
-    if not isinstance(exc, sqlite3.DatabaseError):
-        return None
-    text = str(exc).lower()
-    if "malformed" in text or "not a database" in text:
-        return StoreUnavailable(503, f"the job database is damaged ({exc}); restart the "
-                                     "daemon to move it aside and rebuild it", 30)
-    if not isinstance(exc, sqlite3.OperationalError):
-        return None
-    if "locked" in text or "busy" in text:
-        return StoreUnavailable(503, "the job database is locked by another process; "
-                                     "try again", 1)
-    if "full" in text:
-        return StoreUnavailable(507, "no space left in the state directory; new jobs are "
-                                     "refused until space returns", 5)
-    if "i/o" in text or "readonly" in text or "unable to open" in text:
-        return StoreUnavailable(503, f"the job database cannot be written: {exc}", 5)
-    return None
-
-
-class GuardedConnection(sqlite3.Connection):
-    """A connection whose ``with`` block is one real transaction (``BEGIN IMMEDIATE``: in
-    autocommit mode Python's own ``with`` commits nothing) and whose storage faults surface
-    as :class:`StoreUnavailable`. ``fault``: the last one, until a write commits again."""
-
-    fault: StoreUnavailable | None = None
-
-    def execute(self, *args: Any, **kwargs: Any) -> sqlite3.Cursor:  # type: ignore[override]
-        try:
-            return super().execute(*args, **kwargs)
-        except sqlite3.DatabaseError as exc:
-            fault = unavailable(exc)
-            if fault is None:
-                raise
-            self.fault = fault
-            raise fault from exc
-
-    def __enter__(self) -> GuardedConnection:
-        self.execute("BEGIN IMMEDIATE")
-        return self
-
-    def __exit__(self, kind: Any, value: Any, tb: Any) -> bool:  # type: ignore[override]
-        if kind is None:
-            try:
-                super().execute("COMMIT")
-                self.fault = None
-                return False
-            except sqlite3.OperationalError as exc:
-                with contextlib.suppress(sqlite3.Error):
-                    super().execute("ROLLBACK")
-                fault = unavailable(exc)
-                if fault is None:
-                    raise
-                self.fault = fault
-                raise fault from exc
-        with contextlib.suppress(sqlite3.Error):
-            super().execute("ROLLBACK")
-        return False
-
-
-def _utc_stamp() -> str:
-    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-
-
-def move_aside(path: Path, label: str) -> Path:
-    """``path`` and its -wal/-shm renamed to ``<name>.<label>-<UTC time>``; the new name."""
-    target = path.with_name(f"{path.name}.{label}-{_utc_stamp()}")
-    n = 1
-    while target.exists():
-        n += 1
-        target = path.with_name(f"{path.name}.{label}-{_utc_stamp()}.{n}")
-    for suffix in ("", *SIDE_FILES):
-        with contextlib.suppress(FileNotFoundError):
-            os.replace(f"{path}{suffix}", f"{target}{suffix}")
-    return target
-
-
-def damage(path: Path) -> str | None:
-    """What is wrong with the database file (``PRAGMA quick_check``); None if it is sound
-    or absent."""
-    if not path.exists():
-        return None
-    try:
-        with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as db:
-            rows = [r[0] for r in db.execute("PRAGMA quick_check").fetchall()]
-            if rows != ["ok"]:
-                return "; ".join(map(str, rows[:3]))[:300]
-            db.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
-    except sqlite3.OperationalError as exc:
-        text = str(exc).lower()
-        if "malformed" in text or "not a database" in text or "corrupt" in text:
-            return f"{type(exc).__name__}: {exc}"
-        return None  # busy, unreadable, no space: not damage; the open itself says what
-    except sqlite3.DatabaseError as exc:
-        return f"{type(exc).__name__}: {exc}"
-    return None
-
-
-def _spec_json(spec: JobSpec) -> str:
-    data = dict(spec.__dict__)
-    data["output_dirs"] = list(spec.output_dirs)
-    return json.dumps(data)
-
-
-def spec_data(spec: JobSpec) -> dict[str, Any]:
-    """The spec as stored (JSON-ready): also written into each run's attempt.json."""
-    return dict(json.loads(_spec_json(spec)))
-
-
-def load_spec(text: str) -> JobSpec:
-    """A stored spec, type-checked (raises on anything else)."""
-    return _spec(text)
-
-
-def _spec(text: str) -> JobSpec:
-    data = json.loads(text)
-    data["output_dirs"] = tuple(data.get("output_dirs") or ())
-    spec = JobSpec(**data)
-    # A row written by another version or by hand: the fields the loop does arithmetic
-    # and comparisons with must have their types, or this one job fails, not the daemon.
-    for name in ("priority", "gpus", "retries", "steps"):
-        value = getattr(spec, name)
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"{name} is {type(value).__name__}, not a whole number")
-    if isinstance(spec.grace, bool) or not isinstance(spec.grace, int | float):
-        raise TypeError(f"grace is {type(spec.grace).__name__}, not a number")
-    if not isinstance(spec.values, dict) or not isinstance(spec.notify, dict):
-        raise TypeError("values and notify must be tables")
-    return spec
-
-
-#: columns of ``jobs`` the loop computes with, and the types they must hold
-_NUMBERS = {"priority": int, "retries_used": int, "attempts": int, "saved_step": int,
-            "not_before": (int, float), "created": (int, float), "updated": (int, float)}
-_OPTIONAL = {"target_step": int, "steps_done": int, "last_loss": (int, float)}
-
-
-def _check_columns(data: dict[str, Any]) -> None:
-    """SQLite keeps whatever was written into a column (a hand-edited row, another
-    version): a value of the wrong type fails its job, not the scheduler's arithmetic."""
-    for name, kind in (*_NUMBERS.items(), *_OPTIONAL.items()):
-        value = data.get(name)
-        if value is None and name in _OPTIONAL:
-            continue
-        if isinstance(value, bool) or not isinstance(value, kind):
-            raise TypeError(f"column {name} holds {type(value).__name__} {str(value)[:40]!r}")
-    if data.get("state") not in STATES:
-        raise ValueError(f"unknown state {str(data.get('state'))[:40]!r}")
-
-
-def broken_spec(row: sqlite3.Row) -> JobSpec:
-    """What a job whose stored spec cannot be loaded still shows (its own columns)."""
-    def number(name: str) -> int:
-        value = row[name]
-        return value if isinstance(value, int) and not isinstance(value, bool) else 0
-
-    return JobSpec(values={}, name=str(row["name"]), priority=number("priority"),
-                   gpus=number("gpus"), cwd="", retries=number("retries"), notify={},
-                   trainer="", steps=0, grace=0.0, run_dir=None, logs_dir=None)
 
 
 class Store:
