@@ -27,9 +27,10 @@ from anyio.from_thread import start_blocking_portal
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lorasup.supervisor.serve.api import MAX_BODY, make_app
+from lorasup.supervisor.serve.api import make_app
 from lorasup.supervisor.serve.daemon import Daemon as DaemonObject
 from lorasup.supervisor.serve.daemon import DaemonConfig
+from lorasup.supervisor.serve.door import MAX_BODY
 from lorasup.supervisor.serve.jobspec import to_toml
 from lorasup.supervisor.serve.store import Store
 from tests.serve_support import bar_job

@@ -14,10 +14,9 @@ The API is handed a ``JobsApi`` (errors.py), not the daemon: it imports nothing 
 from __future__ import annotations
 
 import contextlib
-import hmac
 import json
 import re
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,13 @@ import anyio
 import structlog
 
 from lorasup.supervisor.serve import dashboard
+from lorasup.supervisor.serve.door import (
+    PUBLIC_KEY,
+    BearerAuth,
+    Guard,
+    _internal,
+    json_response,
+)
 from lorasup.supervisor.serve.errors import ApiError, JobsApi
 from lorasup.supervisor.serve.runs import LOG_NAME
 from lorasup.supervisor.serve.security import Shield
@@ -32,8 +38,6 @@ from lorasup.supervisor.serve.store import StoreUnavailable
 
 log = structlog.get_logger("lorasup.serve.api")
 
-#: the largest request body (a job is a few KiB); larger ones get 413 unread
-MAX_BODY = 1024 * 1024
 #: JSON nesting a job may have ({"job": {"options": {...}}} is 3)
 MAX_DEPTH = 32
 #: a job id in a path: a plain decimal that fits SQLite's integer
@@ -43,7 +47,6 @@ POSITION = re.compile(r"([0-9]{1,9}):([0-9]{1,18})")
 #: an ``Idempotency-Key``: visible ASCII (a uuid4 from ``lorasup submit``)
 IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")
 #: set in the scope of a request BearerAuth let through without the token (a page shell)
-PUBLIC_KEY = "lorasup.public"
 #: bytes read per step while streaming a file
 STREAM_BLOCK = 256 * 1024
 FOLLOW_SECONDS = 0.25
@@ -315,97 +318,6 @@ def make_app(daemon: JobsApi, token: str | None = None, listen: str | None = Non
     return Guard(Shield(inner, listen))
 
 
-def json_response(content: Any, status: int = 200, close: bool = False,
-                  headers: dict[str, str] | None = None) -> Any:
-    """A JSON response that any value the API holds can be written as: text that is not
-    valid Unicode (a lone surrogate from a ``\\ud800`` escape) is sent escaped. ``close``:
-    the connection ends after it (a refused body is not read to its end first)."""
-    from starlette.responses import Response
-
-    try:
-        body = json.dumps(content, ensure_ascii=False, separators=(",", ":")).encode()
-    except UnicodeEncodeError:
-        body = json.dumps(content, separators=(",", ":")).encode()
-    extra = {**(headers or {}), **({"Connection": "close"} if close else {})}
-    return Response(body, status_code=status, media_type="application/json",
-                    headers=extra or None)
-
-
-def _internal(exc: BaseException) -> str:
-    """The one line a client gets for a fault of the daemon's own (no traceback)."""
-    text = (str(exc).splitlines() or [""])[0][:200]
-    return f"internal: {type(exc).__name__}" + (f": {text}" if text else "")
-
-
-async def _send_json(send: Any, status: int, content: dict[str, Any]) -> None:
-    """A JSON answer written by Guard itself; the connection is closed after it (a body may
-    be left unread)."""
-    body = json.dumps(content).encode()
-    await send({"type": "http.response.start", "status": status, "headers": [
-        (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-        (b"connection", b"close")]})
-    await send({"type": "http.response.body", "body": body})
-
-
-class Guard:
-    """The outermost ASGI layer: a body over MAX_BODY is refused (413) from its
-    Content-Length before a byte of it is read, or, sent in chunks, as soon as the count
-    passes the limit; any exception that reaches here is logged and answered with a JSON
-    500 (when the response has not started), so no request ever gets a traceback."""
-
-    def __init__(self, app: Callable[..., Any], max_body: int = MAX_BODY) -> None:
-        self.app = app
-        self.max_body = max_body
-
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        too_big = ApiError(413, f"the body is larger than {self.max_body} bytes")
-        length = dict(scope.get("headers") or []).get(b"content-length")
-        if length is not None and (not length.isdigit() or len(length) > 18):
-            await _send_json(send, 400, {"error": "invalid Content-Length"})
-            return
-        if length is not None and int(length) > self.max_body:
-            await _send_json(send, too_big.status, {"error": too_big.message})
-            return
-        started = False
-        received = 0
-
-        async def counting_receive() -> Any:
-            nonlocal received
-            message = await receive()
-            if message.get("type") == "http.request":
-                received += len(message.get("body") or b"")
-                if received > self.max_body:
-                    raise too_big
-            return message
-
-        async def watching_send(message: Any) -> None:
-            nonlocal started
-            if message.get("type") == "http.response.start":
-                started = True
-            await send(message)
-
-        try:
-            await self.app(scope, counting_receive, watching_send)
-        except ApiError as exc:  # raised outside starlette's handlers (none today)
-            if not started:
-                await _send_json(send, exc.status, {"error": exc.message})
-        except Exception as exc:
-            from starlette.requests import ClientDisconnect
-
-            if isinstance(exc, ClientDisconnect):  # the client left before its body came
-                log.info("api_client_gone", method=scope.get("method"),
-                         path=ascii(str(scope.get("path", ""))[:200]))
-                return
-            log.error("api_internal_error", method=scope.get("method"),
-                      path=ascii(str(scope.get("path", ""))[:200]), error=_internal(exc),
-                      exc_info=exc)
-            if not started:
-                await _send_json(send, 500, {"error": _internal(exc)})
-
-
 def _kind(line: bytes) -> bytes:
     start = line.find(b'"kind":"')
     if start < 0:
@@ -421,31 +333,6 @@ def _read_or_none(path: Path) -> bytes | None:
         return path.read_bytes()
     except OSError:
         return None
-
-
-class BearerAuth:
-    """ASGI middleware for the TCP listener: ``Authorization: Bearer <token>`` or 401."""
-
-    def __init__(self, app: Callable[..., Any], token: str,
-                 public: Callable[[dict[str, Any]], bool] | None = None) -> None:
-        self.app = app
-        self.expected = f"Bearer {token}".encode()
-        #: requests that need no token (the dashboard's static shell, which holds no data)
-        self.public = public or (lambda scope: False)
-
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and self.public(scope):
-            scope = {**scope, PUBLIC_KEY: True}
-        elif scope["type"] == "http":
-            given = dict(scope.get("headers") or []).get(b"authorization", b"")
-            if not hmac.compare_digest(given, self.expected):
-                body = b'{"error":"a bearer token is required (Authorization: Bearer ...)"}'
-                await send({"type": "http.response.start", "status": 401, "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"www-authenticate", b"Bearer")]})
-                await send({"type": "http.response.body", "body": body})
-                return
-        await self.app(scope, receive, send)
 
 
 def make_server(daemon: JobsApi, token: str | None = None) -> Any:
