@@ -253,6 +253,16 @@ def redact_value(value: Any, key: str = "", depth: int = 0) -> Any:
 MIN_REMEMBERED = 6
 #: at most this many remembered values (the argv and environment of one run hold a few)
 MAX_REMEMBERED = 64
+#: environment variables whose names end in a secret word but hold none: the shell's
+#: working directories (``pwd``), the desktop session's name
+NOT_SECRET_ENVIRONMENT = frozenset({"PWD", "OLDPWD", "DESKTOP_SESSION"})
+
+
+def _rememberable(value: str) -> bool:
+    """A value worth masking wherever it shows: long enough, and not a path (a secret-named
+    variable that holds a folder would otherwise mask that folder in every line)."""
+    return (len(value) >= MIN_REMEMBERED and REDACTED not in value
+            and not value.startswith(("/", "~/", "./")))
 
 
 class _Known:
@@ -263,7 +273,7 @@ class _Known:
         self.pattern: re.Pattern[str] | None = None
 
     def add(self, values: Iterable[str]) -> None:
-        fresh = {v for v in values if len(v) >= MIN_REMEMBERED and REDACTED not in v} - self.values
+        fresh = {v for v in values if _rememberable(v)} - self.values
         if not fresh:
             return
         for value in sorted(fresh, key=len, reverse=True):
@@ -304,7 +314,8 @@ def remember(argv: Sequence[str] = (), environ: Mapping[str, str] | None = None)
     """
     values = secrets_in_argv(argv)
     if environ:
-        values += [v for k, v in environ.items() if is_secret_name(k)]
+        values += [v for k, v in environ.items()
+                   if k not in NOT_SECRET_ENVIRONMENT and is_secret_name(k)]
     _known.add(v.strip() for v in values)
 
 

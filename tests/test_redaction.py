@@ -279,6 +279,17 @@ def test_a_value_seen_under_a_secret_name_is_masked_wherever_it_appears(remember
     assert redact_text("MY_PASSWORD=pw") == "MY_PASSWORD=***"
 
 
+def test_working_directories_and_paths_are_not_remembered(remembered) -> None:
+    """``PWD`` ends in a secret word (``--pwd``) but is the shell's working directory: it
+    must not mask the run's paths in every line (found in a newcomer's first run)."""
+    remembered.remember(["--db_password", "/etc/secret-file"],
+                        {"PWD": "/tmp/newbie", "OLDPWD": "/home/alice/project",
+                         "DESKTOP_SESSION": "ubuntu-wayland", "MY_TOKEN": "tok-123456"})
+    line = "report: /tmp/newbie/training_logs/x, from /home/alice/project on ubuntu-wayland"
+    assert redact_text(line) == line
+    assert redact_text("with tok-123456") == "with ***"
+
+
 def test_remembered_values_are_bounded_and_idempotent(remembered) -> None:
     remembered.remember(environ={f"X{i}_TOKEN": f"value-number-{i:04d}" for i in range(500)})
     assert len(redact._known.values) == redact.MAX_REMEMBERED
@@ -296,7 +307,7 @@ def test_masking_remembered_values_is_total_and_idempotent(values: list[str], te
         once = redact_text(text + "".join(values))
         assert redact_text(once) == once
         for v in values:
-            if len(v.strip()) >= redact.MIN_REMEMBERED and REDACTED not in v:
+            if redact._rememberable(v.strip()):
                 assert v.strip() not in once
     finally:
         redact.forget_all()
