@@ -547,3 +547,19 @@ def test_serve_flags_are_bounded(tmp_path: Path) -> None:
         assert out.returncode == 2, (args, out.stderr)
         assert out.stderr.count("\n") == 1 and "Traceback" not in out.stderr
         assert word in out.stderr, out.stderr
+
+
+def test_listen_beyond_loopback_needs_an_explicit_choice(tmp_path: Path) -> None:
+    """Issue 18.5: no TLS here, so a non-loopback --listen is refused unless the user says
+    --insecure-listen; loopback addresses (127.0.0.0/8, ::1, localhost) need no word."""
+    token = tmp_path / "token"
+    token.write_text("0123456789abcdef0123", encoding="utf-8")
+    for address in ("0.0.0.0:8710", "192.0.2.7:8710", "[2001:db8::1]:8710", "gpu-box:8710"):
+        out = cli(tmp_path, tmp_path / "state", "serve", "--gpus", "none", "--listen", address,
+                  "--token-file", str(token), timeout=60)
+        assert out.returncode == 2, (address, out.stderr)
+        assert "--insecure-listen" in out.stderr and out.stderr.count("\n") == 1, out.stderr
+    from lorasup.supervisor.serve.commands import _loopback
+
+    assert all(_loopback(h) for h in ("localhost", "127.0.0.1", "127.8.9.10", "::1"))
+    assert not any(_loopback(h) for h in ("0.0.0.0", "192.0.2.7", "::", "gpu-box", ""))

@@ -101,6 +101,9 @@ def serve(
         help="also serve the API on HOST:PORT (needs --token-file)")] = None,
     token_file: Annotated[Path | None, typer.Option(
         help="file holding the bearer token for --listen")] = None,
+    insecure_listen: Annotated[bool, typer.Option(
+        "--insecure-listen", help="allow --listen on a non-loopback address in plain HTTP "
+                                  "(the token crosses the network readable)")] = False,
     config: Annotated[Path | None, typer.Option(
         help="daemon TOML: a notify table (webhook, secret, format), retry_backoff")] = None,
     retry_backoff: Annotated[float | None, typer.Option(
@@ -121,6 +124,11 @@ def serve(
     if listen is not None:
         if token_file is None:
             raise _fail("--listen needs --token-file (the API on TCP requires a bearer token)")
+        host = listen.rpartition(":")[0].strip("[]")
+        if not insecure_listen and not _loopback(host):
+            raise _fail(f"--listen {listen} is not a loopback address, and lorasup serve "
+                        "speaks no TLS: forward the socket (ssh -L) or a loopback port "
+                        "instead, or pass --insecure-listen to accept plain HTTP")
         try:
             token = token_file.read_text(encoding="utf-8").strip()
         except OSError as exc:
@@ -393,3 +401,15 @@ def register(app: typer.Typer) -> None:
                                   "else JSON lines); -f follows it.")(
         logs_command)
     app.command(help="Show a job and its report.")(show)
+
+
+def _loopback(host: str) -> bool:
+    """``localhost`` or a loopback address (127.0.0.0/8, ::1): reachable from this box only."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
