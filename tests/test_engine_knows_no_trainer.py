@@ -28,7 +28,6 @@ NAMES = re.compile(
 ALLOWED: dict[tuple[str, str], int] = {
     # the one choice of a default trainer (the job's default), by name
     ("defaults.py", "builtin"): 1,
-    # PENDING (integrator, issue 20): these are in other helpers' areas in this round.
 }
 
 
