@@ -24,8 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import httpx
-from serve_common import env, job_spec
+from serve_common import env, job_spec, start_daemon
 
 from lorasup.supervisor.serve.store import Store
 
@@ -82,19 +81,8 @@ def main() -> None:
         results["daemon_down_ps_s"] = timed(ps, args.rounds)
         results["daemon_down_ps_all_s"] = timed([*ps, "--all"], args.rounds)
         log = (Path(tmp_name) / "daemon.log").open("wb")
-        daemon = subprocess.Popen(
-            [sys.executable, "-m", "lorasup", "serve", "--state-dir", str(state), "--gpus",
-             "none", "--log-format", "json"], stdout=log, stderr=subprocess.STDOUT, env=env())
-        http = httpx.Client(transport=httpx.HTTPTransport(uds=str(state / "lorasup.sock")),
-                            base_url="http://lorasup", timeout=30)
+        daemon, http = start_daemon(state, log)
         try:
-            deadline = time.monotonic() + 30
-            while time.monotonic() < deadline:
-                try:
-                    if http.get("/healthz").status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    time.sleep(0.05)
             shown = subprocess.run(ps, env=env(), capture_output=True, text=True, check=True)
             results["rows_shown_by_default"] = len(shown.stdout.splitlines()) - 1
             results["daemon_up_ps_s"] = timed(ps, args.rounds)

@@ -28,9 +28,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import httpx
 import psutil
-from serve_common import env, job_spec
+from serve_common import env, job_spec, start_daemon
 
 from lorasup.supervisor.serve.store import Store
 
@@ -69,21 +68,8 @@ def main() -> None:
         trainer = tmp / "trainer.py"
         trainer.write_text(TRAINER, encoding="utf-8")
         log = (tmp / "daemon.log").open("wb")
-        daemon = subprocess.Popen(
-            [sys.executable, "-m", "lorasup", "serve", "--state-dir", str(state), "--gpus",
-             "none", "--log-format", "json"], stdout=log, stderr=subprocess.STDOUT, env=env())
-        http = httpx.Client(transport=httpx.HTTPTransport(uds=str(state / "lorasup.sock")),
-                            base_url="http://lorasup", timeout=30)
+        daemon, http = start_daemon(state, log)
         try:
-            deadline = time.monotonic() + 30
-            while time.monotonic() < deadline:
-                if (state / "lorasup.sock").exists():
-                    try:
-                        http.get("/healthz")
-                        break
-                    except httpx.HTTPError:
-                        pass
-                time.sleep(0.05)
             proc = psutil.Process(daemon.pid)
             time.sleep(1.0)
             results["idle_rss_mb"] = round(proc.memory_info().rss / 2**20, 1)

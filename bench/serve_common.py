@@ -4,8 +4,13 @@ plain job spec to fill a state database with."""
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import IO
+
+import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT.parent))
@@ -26,3 +31,22 @@ def job_spec(name: str, retries: int = 0) -> JobSpec:
     return JobSpec(values={"trainer": "command", "steps": 100}, name=name, priority=0,
                    gpus=0, cwd="/tmp", retries=retries, notify={}, trainer="command",
                    steps=100, grace=30.0, run_dir=None, logs_dir=None)
+
+
+def start_daemon(state: Path, log: IO[bytes]) -> tuple[subprocess.Popen[bytes], httpx.Client]:
+    """``lorasup serve`` on ``state`` (CPU slots), and a client of its socket, once it
+    answers ``/healthz`` (30 s at most)."""
+    daemon = subprocess.Popen(
+        [sys.executable, "-m", "lorasup", "serve", "--state-dir", str(state), "--gpus",
+         "none", "--log-format", "json"], stdout=log, stderr=subprocess.STDOUT, env=env())
+    http = httpx.Client(transport=httpx.HTTPTransport(uds=str(state / "lorasup.sock")),
+                        base_url="http://lorasup", timeout=30)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            if http.get("/healthz").status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)
+    return daemon, http
