@@ -58,14 +58,17 @@ def headline(report: dict[str, Any]) -> str:
     status = report.get("outcome") or report.get("status") or "running"
     parts = [str(status)]
     steps = report.get("steps") or {}
-    first, last = steps.get("first"), steps.get("last")
+    last = steps.get("last")
     if isinstance(last, int):
         requested = steps.get("requested")
         target = ((steps.get("resumed_from") or 0) + requested
                   if isinstance(requested, int) else None)
         shown = f"step {last}/{target}" if target else f"step {last}"
-        parts.append(shown + (f" (from {first})" if isinstance(first, int) and first > 1
-                              else ""))
+        # "from k": where a resumed attempt started; a fresh run whose bar first showed a
+        # later step (tqdm's mininterval) did not start there
+        resumed = steps.get("resumed_from")
+        start = resumed + 1 if isinstance(resumed, int) and resumed > 0 else None
+        parts.append(shown + (f" (from {start})" if start is not None else ""))
     loss = report.get("loss") or {}
     name = "avg loss" if loss.get("basis") == "avg_loss" else "loss"
     final, low = _number(loss.get("final")), _number(loss.get("min"))

@@ -71,3 +71,15 @@ def test_a_resumed_run_is_drawn_on_its_own_steps(tmp_path: Path) -> None:
     seconds = next(ax for ax in drawn if ax.get_title() == "seconds per step")
     points = seconds.get_lines()[0]  # the measured points, at this run's own step numbers
     assert list(points.get_xdata()) == report["series"]["step"] == [31, 32, 33, 34, 35]
+
+
+
+def test_a_fresh_run_whose_bar_showed_a_later_first_step_is_not_called_resumed() -> None:
+    """tqdm's mininterval can hide steps 1..9: the run still started at 1 (no "from 10")."""
+    report = {"outcome": "completed", "steps": {"first": 10, "last": 100, "requested": 100,
+                                                "resumed_from": 0}}
+    assert headline(report).startswith("completed · step 100/100 ·") or \
+        headline(report) == "completed · step 100/100"
+    resumed = {"outcome": "completed", "steps": {"first": 31, "last": 35, "requested": 5,
+                                                 "resumed_from": 30}}
+    assert headline(resumed).startswith("completed · step 35/35 (from 31)")
