@@ -42,10 +42,14 @@ def _number(value: Any) -> float | None:
     return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
 
 
-def _duration(seconds: float) -> str:
+def format_duration(seconds: float | None) -> str:
+    """``12.3 s``, ``4 min 05 s``, ``2 h 07 min``; ``-`` when unknown (the PNG's headline
+    and ``lorasup status`` say durations the same way)."""
+    if seconds is None:
+        return "-"
     if seconds < 60:
         return f"{seconds:.1f} s"
-    minutes, secs = divmod(int(seconds), 60)
+    minutes, secs = divmod(round(seconds), 60)
     if minutes < 60:
         return f"{minutes} min {secs:02d} s"
     hours, minutes = divmod(minutes, 60)
@@ -80,7 +84,7 @@ def headline(report: dict[str, Any]) -> str:
     timing = report.get("timing") or {}
     duration, per_step = _number(timing.get("duration_s")), _number(timing.get("median_s_per_step"))
     if duration is not None:
-        parts.append(_duration(duration))
+        parts.append(format_duration(duration))
     if per_step is not None:
         parts.append(f"{per_step:.3g} s/step")
     return " · ".join(parts)

@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from lorasup.supervisor.plotfacts import format_duration
 from lorasup.supervisor.report.read import load
 from lorasup.supervisor.rundir import EVENTS_JSONL as EVENTS
 from lorasup.supervisor.rundir import REPORT_JSON as REPORT
@@ -209,18 +210,6 @@ def format_loss(value: float | str | None) -> str:
     if isinstance(value, str):  # "nan", "inf" as events.jsonl spells them
         return value
     return f"{value:.{HUMAN_DIGITS}g}"
-
-
-def format_duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    if seconds < 60:
-        return f"{seconds:.1f} s"
-    minutes, secs = divmod(round(seconds), 60)
-    if minutes < 60:
-        return f"{minutes} min {secs:02d} s"
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours} h {minutes:02d} min"
 
 
 def format_when(epoch: float | None) -> str:
