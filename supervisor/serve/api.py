@@ -32,7 +32,7 @@ from lorasup.supervisor.serve.door import (
     json_response,
 )
 from lorasup.supervisor.serve.errors import ApiError, JobsApi
-from lorasup.supervisor.serve.runs import LOG_NAME
+from lorasup.supervisor.serve.runs import LOG_NAME, read_lines
 from lorasup.supervisor.serve.security import Shield
 from lorasup.supervisor.serve.store import StoreUnavailable
 
@@ -55,18 +55,8 @@ KEEPALIVE_SECONDS = 15.0
 
 
 def _read_lines(path: Path, offset: int) -> tuple[bytes, int]:
-    """Complete lines from ``offset`` (at most one block); the new offset."""
-    try:
-        with path.open("rb") as fh:
-            fh.seek(offset)
-            data = fh.read(STREAM_BLOCK)
-    except OSError:
-        return b"", offset
-    end = data.rfind(b"\n")
-    if end < 0:
-        # a single line longer than a block is passed through in pieces
-        return (data, offset + len(data)) if len(data) == STREAM_BLOCK else (b"", offset)
-    return data[:end + 1], offset + end + 1
+    """Complete lines from ``offset`` (at most one block; a longer line in pieces)."""
+    return read_lines(path, offset, STREAM_BLOCK, split_long=True)
 
 
 def _position(text: str | None) -> tuple[int, int] | None:

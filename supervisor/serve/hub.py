@@ -24,6 +24,7 @@ from typing import Any
 import anyio
 
 from lorasup.supervisor.serve.errors import ApiError, JobsApi
+from lorasup.supervisor.serve.runs import read_lines
 
 TICK_SECONDS = 0.5
 KEEPALIVE_SECONDS = 15.0
@@ -70,16 +71,7 @@ def _size(path: Path) -> int:
 
 def _read(path: Path, offset: int) -> tuple[bytes, int]:
     """Whole lines from ``offset``, at most TICK_BYTES (a longer line is skipped)."""
-    try:
-        with path.open("rb") as fh:
-            fh.seek(offset)
-            data = fh.read(TICK_BYTES)
-    except OSError:
-        return b"", offset
-    end = data.rfind(b"\n")
-    if end < 0:
-        return (b"", offset + len(data)) if len(data) == TICK_BYTES else (b"", offset)
-    return data[:end + 1], offset + end + 1
+    return read_lines(path, offset, TICK_BYTES, split_long=False)
 
 
 def _event(kind: bytes, data: bytes, ident: str | None = None) -> bytes:

@@ -291,3 +291,24 @@ def usage_error(run_dir: Path) -> str | None:
         return None
     errors = [line for line in tail.splitlines() if line.startswith("lorasup: error: ")]
     return errors[-1].removeprefix("lorasup: error: ")[:500] if errors else None
+
+
+def read_lines(path: Path, offset: int, block: int, *, split_long: bool) -> tuple[bytes, int]:
+    """Complete lines of ``path`` from ``offset``, at most ``block`` bytes; the new offset.
+
+    A single line longer than a block is passed on in pieces (``split_long``: a raw log
+    that must lose nothing) or skipped (a stream of JSON records, where half a record is
+    worth nothing). A file that cannot be read gives nothing, at the same offset.
+    """
+    try:
+        with path.open("rb") as fh:
+            fh.seek(offset)
+            data = fh.read(block)
+    except OSError:
+        return b"", offset
+    end = data.rfind(b"\n")
+    if end < 0:
+        if len(data) < block:
+            return b"", offset  # a line still being written: wait for its end
+        return (data if split_long else b""), offset + len(data)
+    return data[:end + 1], offset + end + 1
