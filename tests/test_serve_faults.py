@@ -224,6 +224,35 @@ def test_a_locked_database_is_waited_out(daemons) -> None:
     assert d.http.get("/healthz").json()["storage"] is None  # type: ignore[union-attr]
 
 
+def test_the_client_waits_out_a_locked_database(daemons, tmp_path: Path) -> None:
+    """`lorasup submit` while another process holds lorasup.db: the 503's Retry-After is
+    waited out (the same Idempotency-Key each try), the job is queued once, exit 0."""
+    import threading
+
+    from lorasup.supervisor.serve.jobspec import to_toml
+
+    d = daemons().start()
+    job_file = tmp_path / "job.toml"
+    job_file.write_text(to_toml(bar_job(2)), encoding="utf-8")
+    holder = sqlite3.connect(db_path(d), isolation_level=None, check_same_thread=False)
+    holder.execute("BEGIN EXCLUSIVE")
+    release = threading.Timer(2.0, lambda: holder.execute("ROLLBACK"))
+    began = time.monotonic()
+    release.start()
+    try:
+        out = subprocess.run(lorasup_argv("submit", str(job_file), "--state-dir", str(d.state)),
+                             capture_output=True, text=True, timeout=60, env=child_env(),
+                             cwd=tmp_path)
+    finally:
+        release.join()
+        holder.close()
+    assert out.returncode == 0, out.stderr
+    assert time.monotonic() - began >= 1.5  # it did meet the lock, and waited
+    job = int(out.stdout.strip())
+    assert [row[0] for row in query(d, "SELECT id FROM jobs")] == [job]
+    assert d.wait(job)["state"] == "completed"
+
+
 @pytest.mark.parametrize("how", ["deleted", "replaced"])
 def test_a_database_deleted_or_replaced_is_noticed(daemons, how: str) -> None:
     d = daemons().start()

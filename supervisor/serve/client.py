@@ -6,6 +6,7 @@ import http.client
 import json
 import re
 import socket
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +17,8 @@ from lorasup.supervisor.serve import paths
 
 #: sysexits' EX_TEMPFAIL: the daemon went away in the middle of a request; try again later
 TEMPFAIL_EXIT = 75
+#: how long a client waits out a busy database (503 with Retry-After) before giving up
+BUSY_BUDGET = 30.0
 #: a connection that broke after the request went out (the daemon died or restarted)
 DROPPED: tuple[type[Exception], ...] = (ConnectionError, http.client.IncompleteRead,
                                         http.client.BadStatusLine)
@@ -142,13 +145,30 @@ class Client:
                 errors = [str(e) for e in body["errors"]]
         except (ValueError, AttributeError):
             message = data.decode(errors="replace")
-        return ClientError(str(message).strip(), 2 if status < 500 else 1, errors)
+        # 503/507: the daemon's storage is busy or full; a later try may go through
+        code = 2 if status < 500 else TEMPFAIL_EXIT if status in (503, 507) else 1
+        return ClientError(str(message).strip(), code, errors)
 
     def _exchange(self, method: str, url: str, body: Any, headers: dict[str, str] | None
                   ) -> tuple[int, bytes]:
+        """One exchange; a 503 (the daemon's database is busy: another process holds it)
+        is waited out, as its ``Retry-After`` says, for at most BUSY_BUDGET seconds."""
+        deadline = time.monotonic() + BUSY_BUDGET
+        while True:
+            status, data, retry_after = self._exchange_once(method, url, body, headers)
+            if status != 503 or time.monotonic() >= deadline:
+                return status, data
+            time.sleep(min(max(retry_after, 0.2), 5.0, max(deadline - time.monotonic(), 0)))
+
+    def _exchange_once(self, method: str, url: str, body: Any,
+                       headers: dict[str, str] | None) -> tuple[int, bytes, float]:
         conn, response = self._open(method, url, body, self.timeout, headers)
         try:
-            return response.status, response.read()
+            try:
+                retry_after = float(response.getheader("Retry-After") or 1)
+            except ValueError:
+                retry_after = 1.0
+            return response.status, response.read(), retry_after
         except DROPPED as exc:
             raise _dropped(exc) from None
         except TimeoutError:
