@@ -314,26 +314,6 @@ def test_a_damaged_database_is_moved_aside_and_rebuilt(daemons, tmp_path: Path) 
     assert "Traceback" not in text and "state_db_damaged" in text
 
 
-def test_a_database_deleted_while_no_daemon_ran_is_rebuilt(daemons) -> None:
-    """lorasup.db gone between two daemons, its runs kept: the jobs come back from the run
-    directories, said in the log and in /healthz, never silently forgotten."""
-    d = daemons().start()
-    jobs = [d.submit_ok(bar_job(2)) for _ in range(2)]
-    assert [d.wait(job)["state"] for job in jobs] == ["completed", "completed"]
-    d.signal(signal.SIGTERM)
-    assert d.wait_exit() == 0
-    for suffix in ("", "-wal", "-shm"):
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(f"{db_path(d)}{suffix}")
-    again = daemons().start()
-    assert [again.job(job)["state"] for job in jobs] == ["completed", "completed"]
-    assert any("missing" in note for note in
-               again.http.get("/healthz").json()["incidents"])  # type: ignore[union-attr]
-    assert "state_db_missing" in again.log.read_text()
-    new = again.submit_ok(bar_job(2))
-    assert new > max(jobs) and again.wait(new)["state"] == "completed"
-
-
 @pytest.fixture
 def small_fs(tmp_path: Path):
     """A 4 MiB tmpfs (root only); skipped where it cannot be mounted."""

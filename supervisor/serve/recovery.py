@@ -43,13 +43,6 @@ class Recovery(DaemonParts):
             moved = await anyio.to_thread.run_sync(stores.move_aside, path, "corrupt")
             log.error("state_db_damaged", path=str(path), problem=problem,
                       moved_to=str(moved), action="rebuilding the jobs from the run dirs")
-        runs = self.state / paths.RUNS
-        # Deleted while no daemon ran (with its runs kept): the history is in the run dirs.
-        missing = problem is None and not path.exists() and await anyio.to_thread.run_sync(
-            lambda: any(runs.glob("*/attempt.json")))
-        if missing:
-            log.error("state_db_missing", path=str(path),
-                      action="rebuilding the jobs from the run dirs")
         deadline = time.monotonic() + OPEN_WAIT
         delay = 0.1
         while True:
@@ -69,15 +62,13 @@ class Recovery(DaemonParts):
                                   f"{fault.message}") from None
             await anyio.sleep(delay)
             delay = min(delay * 2, STORE_BACKOFF_MAX)
-        if moved is not None or missing:
+        if moved is not None:
             from lorasup.supervisor.serve.rebuild import rebuild
 
-            note = (f"{path.name} was damaged ({problem}); moved aside as {moved.name}"
-                    if moved is not None else
-                    f"{path.name} was missing while runs/ held runs; rebuilt from them")
+            note = f"{path.name} was damaged ({problem}); moved aside as {moved.name}"
             store.incidents.append(note)
             try:
-                await anyio.to_thread.run_sync(rebuild, store, runs)
+                await anyio.to_thread.run_sync(rebuild, store, self.state / paths.RUNS)
             except Exception as exc:  # the daemon starts with what it has
                 log.error("rebuild_failed", error=internal_reason(exc), exc_info=exc)
         return store
