@@ -1,7 +1,9 @@
 """The dashboard in a real headless Chromium (the system's ``chromium``, driven by pip
 ``playwright``; never ``playwright install``), against a real daemon on ``--listen`` with
-its token (what ``ssh -L`` to the listener gives a laptop). The page reaches the token from
-the ``#token=`` fragment and nothing else: no request leaves the daemon's origin.
+its token (what ``ssh -L`` to the listener gives a laptop). The first visit carries the
+token once (``/?token=...``), exchanged for an HttpOnly SameSite=Strict cookie; no request
+leaves the daemon's origin, and a page on another port of 127.0.0.1 (same site for cookies)
+changes nothing.
 
 Debian: ``apt-get install -y --no-install-recommends chromium fonts-dejavu-core``. Without
 a browser the tests are skipped with that line. ``LORASUP_SCREENSHOTS=DIR`` keeps the
@@ -65,9 +67,17 @@ def test_live_list_run_page_nan_marker_and_cancel(browser, served, tmp_path: Pat
     page = context.new_page()
     requests: list[str] = []
     page.on("request", lambda r: requests.append(r.url))
-    page.goto(f"{origin}/#token={TOKEN}")
-    assert "token" not in page.url  # taken off the address bar
+    # without the token: the shell loads and says what to do; no data
+    page.goto(f"{origin}/")
+    page.wait_for_selector('#conn:has-text("not signed in")')
+    assert context.cookies() == []
+    page.goto(f"{origin}/?token={TOKEN}")
+    assert page.url == f"{origin}/"  # the exchange took it off the address bar
     page.wait_for_selector("#conn.live")
+    [cookie] = context.cookies()
+    assert (cookie["httpOnly"], cookie["sameSite"], cookie["path"]) == (True, "Strict", "/")
+    assert TOKEN not in cookie["value"]
+    assert page.evaluate("document.cookie") == ""  # out of the page's scripts' reach
 
     # a run that hangs after step 3 (stalled twice: a retry, then failed)
     hung = d.submit_ok(bar_job(20, 0.02, "--hang-after", "3", retries=1,
@@ -141,4 +151,68 @@ def test_live_list_run_page_nan_marker_and_cancel(browser, served, tmp_path: Pat
     context.close()
     foreign = [u for u in requests if not u.startswith(origin + "/")]
     assert foreign == []
-    assert all("token=" not in u for u in requests)
+    # the token was in one request only: the first visit, answered with the redirect
+    assert [u for u in requests if "token=" in u] == [f"{origin}/?token={TOKEN}"]
+
+
+EVIL_PAGE = """<!doctype html><html><body><form id="f" method="POST" target="sink"
+action="{origin}/jobs/{job}/cancel"><input name="a" value="1"></form>
+<iframe name="sink"></iframe><script>
+const opts = {{method: "POST", mode: "no-cors", credentials: "include",
+              headers: {{"Content-Type": "text/plain"}}}};
+Promise.allSettled([
+  fetch("{origin}/jobs/{job}/cancel", Object.assign({{body: "{{}}"}}, opts)),
+  fetch("{origin}/jobs", Object.assign({{body: {submit}}}, opts)),
+]).then(() => {{ document.getElementById("f").submit(); document.title = "sent"; }});
+</script></body></html>"""
+
+
+def test_a_page_on_another_port_cannot_use_the_session(browser, served) -> None:
+    """Cookies are shared by every port of a host, and SameSite treats them as one site: a
+    signed-in browser opening a page on another port of 127.0.0.1 sends the session cookie
+    with that page's requests. The Origin check and the CSRF header still refuse them."""
+    import http.server
+    import json
+    import threading
+
+    d, origin = served
+    job = d.submit_ok(bar_job(400, 0.05))
+    d.wait_step(job, 1)
+    submit = json.dumps('{"job": {"trainer": "command", "steps": 1, "command": ["true"]}}')
+    html = EVIL_PAGE.format(origin=origin, job=job, submit=submit).encode()
+
+    class Evil(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(html)))
+            self.end_headers()
+            self.wfile.write(html)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    evil = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Evil)
+    thread = threading.Thread(target=evil.serve_forever, daemon=True)
+    thread.start()
+    context = browser.new_context()
+    try:
+        page = context.new_page()
+        page.goto(f"{origin}/?token={TOKEN}")
+        page.wait_for_selector("#conn.live")
+        assert len(context.cookies()) == 1
+        answers: list[tuple[str, int]] = []
+        page.on("response", lambda r: answers.append((r.url, r.status)))
+        page.goto(f"http://127.0.0.1:{evil.server_address[1]}/")
+        page.wait_for_function("() => document.title === 'sent'")
+        page.wait_for_function(
+            "() => { try { return frames[0].location.href !== 'about:blank'; }"
+            " catch (e) { return true; } }")  # the form's answer came (cross-origin now)
+        assert d.job(job)["state"] == "running"
+        assert [j["id"] for j in d.http.get("/jobs").json()["jobs"]] == [job]
+        to_daemon = [status for url, status in answers if url.startswith(origin)]
+        assert to_daemon and all(status == 403 for status in to_daemon), answers
+    finally:
+        context.close()
+        evil.shutdown()
+        evil.server_close()

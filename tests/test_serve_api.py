@@ -550,8 +550,9 @@ def test_serve_flags_are_bounded(tmp_path: Path) -> None:
 
 
 def test_listen_beyond_loopback_needs_an_explicit_choice(tmp_path: Path) -> None:
-    """Issue 18.5: no TLS here, so a non-loopback --listen is refused unless the user says
-    --insecure-listen; loopback addresses (127.0.0.0/8, ::1, localhost) need no word."""
+    """Issue 18.5: a non-loopback --listen without --tls-cert/--tls-key is refused unless
+    the user says --insecure-listen; loopback addresses (127.0.0.0/8, ::1, localhost) need
+    no word. (With TLS: tests/test_serve_session.py.)"""
     token = tmp_path / "token"
     token.write_text("0123456789abcdef0123", encoding="utf-8")
     for address in ("0.0.0.0:8710", "192.0.2.7:8710", "[2001:db8::1]:8710", "gpu-box:8710"):
@@ -559,7 +560,8 @@ def test_listen_beyond_loopback_needs_an_explicit_choice(tmp_path: Path) -> None
                   "--token-file", str(token), timeout=60)
         assert out.returncode == 2, (address, out.stderr)
         assert "--insecure-listen" in out.stderr and out.stderr.count("\n") == 1, out.stderr
-    from lorasup.supervisor.serve.commands import _loopback
+        assert "--tls-cert" in out.stderr, out.stderr
+    from lorasup.supervisor.serve.listening import loopback
 
-    assert all(_loopback(h) for h in ("localhost", "127.0.0.1", "127.8.9.10", "::1"))
-    assert not any(_loopback(h) for h in ("0.0.0.0", "192.0.2.7", "::", "gpu-box", ""))
+    assert all(loopback(h) for h in ("localhost", "127.0.0.1", "127.8.9.10", "::1"))
+    assert not any(loopback(h) for h in ("0.0.0.0", "192.0.2.7", "::", "gpu-box", ""))

@@ -24,16 +24,11 @@ import anyio
 import structlog
 
 from lorasup.supervisor.serve import dashboard
-from lorasup.supervisor.serve.door import (
-    PUBLIC_KEY,
-    BearerAuth,
-    Guard,
-    _internal,
-    json_response,
-)
+from lorasup.supervisor.serve.door import Guard, _internal, json_response
 from lorasup.supervisor.serve.errors import ApiError, JobsApi
 from lorasup.supervisor.serve.runs import LOG_NAME, read_lines
 from lorasup.supervisor.serve.security import Shield
+from lorasup.supervisor.serve.session import PUBLIC_KEY, TokenAuth
 from lorasup.supervisor.serve.store import StoreUnavailable
 
 log = structlog.get_logger("lorasup.serve.api")
@@ -46,7 +41,6 @@ JOB_ID = re.compile(r"[0-9]{1,18}")
 POSITION = re.compile(r"([0-9]{1,9}):([0-9]{1,18})")
 #: an ``Idempotency-Key``: visible ASCII (a uuid4 from ``lorasup submit``)
 IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")
-#: set in the scope of a request BearerAuth let through without the token (a page shell)
 #: bytes read per step while streaming a file
 STREAM_BLOCK = 256 * 1024
 FOLLOW_SECONDS = 0.25
@@ -155,8 +149,8 @@ async def follow_files(daemon: JobsApi, job_id: int, name: str, follow: bool,
 
 def make_app(daemon: JobsApi, token: str | None = None, listen: str | None = None) -> Any:
     """The ASGI app: starlette's routes inside ``Guard`` and ``Shield`` (security.py: Host,
-    Origin, CSRF), and ``BearerAuth`` on TCP. ``listen``: the --listen address, whose host
-    the API answers to (by default the daemon's ``listen_address``)."""
+    Origin, CSRF), and ``TokenAuth`` on TCP (session.py). ``listen``: the --listen address,
+    whose host the API answers to (by default the daemon's ``listen_address``)."""
     from starlette.applications import Starlette
     from starlette.exceptions import HTTPException
     from starlette.requests import Request
@@ -304,7 +298,8 @@ def make_app(daemon: JobsApi, token: str | None = None, listen: str | None = Non
     if listen is None:
         given = getattr(daemon, "listen_address", None)
         listen = given if isinstance(given, str) else None
-    inner = app if token is None else BearerAuth(app, token, public=dashboard.is_public)
+    inner = app if token is None else TokenAuth(app, token, is_page=dashboard.is_page,
+                                                is_public=dashboard.is_public)
     return Guard(Shield(inner, listen))
 
 
@@ -325,8 +320,10 @@ def _read_or_none(path: Path) -> bytes | None:
         return None
 
 
-def make_server(daemon: JobsApi, token: str | None = None) -> Any:
-    """A uvicorn server for one socket, without its own signal handling (the daemon's)."""
+def make_server(daemon: JobsApi, token: str | None = None,
+                tls: tuple[str, str] | None = None) -> Any:
+    """A uvicorn server for one socket, without its own signal handling (the daemon's);
+    ``tls``: (certificate, key) files, checked by listening.check_tls."""
     import uvicorn
 
     class Server(uvicorn.Server):
@@ -336,7 +333,9 @@ def make_server(daemon: JobsApi, token: str | None = None) -> Any:
 
     config = uvicorn.Config(make_app(daemon, token), lifespan="off", log_config=None,
                             access_log=False, ws="none", timeout_graceful_shutdown=1,
-                            log_level="warning", http=_json_400_protocol())
+                            log_level="warning", http=_json_400_protocol(),
+                            ssl_certfile=tls[0] if tls else None,
+                            ssl_keyfile=tls[1] if tls else None)
     return Server(config)
 
 

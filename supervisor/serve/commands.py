@@ -101,6 +101,10 @@ def serve(
         help="also serve the API on HOST:PORT (needs --token-file)")] = None,
     token_file: Annotated[Path | None, typer.Option(
         help="file holding the bearer token for --listen")] = None,
+    tls_cert: Annotated[Path | None, typer.Option(
+        help="with --listen: serve HTTPS with this certificate (PEM, chain included)")] = None,
+    tls_key: Annotated[Path | None, typer.Option(
+        help="with --tls-cert: its private key (PEM, unencrypted)")] = None,
     insecure_listen: Annotated[bool, typer.Option(
         "--insecure-listen", help="allow --listen on a non-loopback address in plain HTTP "
                                   "(the token crosses the network readable)")] = False,
@@ -120,15 +124,19 @@ def serve(
 
     if log_format not in ("auto", "json", "console"):
         raise _fail(f"--log-format must be auto, json or console, not {log_format!r}")
-    token = None
+    token = tls = None
+    if listen is None and (tls_cert or tls_key):
+        raise _fail("--tls-cert/--tls-key need --listen (the UNIX socket speaks no TLS)")
     if listen is not None:
         if token_file is None:
             raise _fail("--listen needs --token-file (the API on TCP requires a bearer token)")
-        host = listen.rpartition(":")[0].strip("[]")
-        if not insecure_listen and not _loopback(host):
-            raise _fail(f"--listen {listen} is not a loopback address, and lorasup serve "
-                        "speaks no TLS: forward the socket (ssh -L) or a loopback port "
-                        "instead, or pass --insecure-listen to accept plain HTTP")
+        from lorasup.supervisor.serve import listening
+
+        try:
+            tls = listening.check_tls(tls_cert, tls_key)
+            listening.check_listen(listen, tls, insecure_listen)
+        except listening.ListenError as exc:
+            raise _fail(str(exc)) from None
         try:
             token = token_file.read_text(encoding="utf-8").strip()
         except OSError as exc:
@@ -151,8 +159,8 @@ def serve(
     try:
         daemon = Daemon(DaemonConfig(state_dir=paths.state_dir(state_dir), slots=slots,
                                      gpus=gpus, until_empty=until_empty, idle=idle,
-                                     listen=listen,
-                                     token=token, **settings))
+                                     listen=listen, token=token, tls=tls,
+                                     **settings))
         code = anyio.run(daemon.run)
     except (ApiError, GpuSpecError) as exc:
         raise _fail(getattr(exc, "message", str(exc))) from None
@@ -402,14 +410,3 @@ def register(app: typer.Typer) -> None:
         logs_command)
     app.command(help="Show a job and its report.")(show)
 
-
-def _loopback(host: str) -> bool:
-    """``localhost`` or a loopback address (127.0.0.0/8, ::1): reachable from this box only."""
-    import ipaddress
-
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False

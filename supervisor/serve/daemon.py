@@ -123,7 +123,8 @@ class Daemon(Views, Dispatch, Attempts, Settling, Recovery, StorageFaults, Daemo
             tg.start_soon(self.hooks.run)
             await self._recover()
             for i, sock in enumerate(sockets):
-                server = make_server(self, token=self.config.token if i else None)
+                server = make_server(self, token=self.config.token if i else None,
+                                     tls=self.config.tls if i else None)
                 self._servers.append(server)
                 tg.start_soon(server.serve, [sock])
             for server in self._servers:
@@ -131,7 +132,8 @@ class Daemon(Views, Dispatch, Attempts, Settling, Recovery, StorageFaults, Daemo
                     await anyio.sleep(0.01)
             log.info("serving", state_dir=str(self.state), socket=str(
                 paths.socket_path(self.state)), slots=[s.name for s in self.slots],
-                gpu_mode=self.gpu_mode, listen=self.config.listen)
+                gpu_mode=self.gpu_mode, listen=self.config.listen,
+                tls=self.config.tls is not None)
             self.notifier.ready(self._status())
             tg.start_soon(self.notifier.keep_alive)
             tg.start_soon(self._schedule_loop)

@@ -29,6 +29,8 @@ class DaemonConfig:
     idle: float = 10.0
     listen: str | None = None
     token: str | None = None
+    #: (certificate, key) files: the --listen socket speaks HTTPS
+    tls: tuple[str, str] | None = None
     notify: dict[str, str] = field(default_factory=dict)
     retry_backoff: float = 10.0
     poll_seconds: float = POLL_SECONDS

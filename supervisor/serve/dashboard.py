@@ -2,9 +2,8 @@
 static files, the series, the log tail, a queued job's priority, the daemon-wide stream.
 
 The pages are static files shipped in the wheel (``static/``: no CDN, no web fonts); they
-hold no data, so on ``--listen`` they are served without the token (the page reads the
-token from the address's ``#token=...`` fragment, which browsers never send, keeps it in
-``sessionStorage`` and sends it as ``Authorization: Bearer`` with every data request).
+hold no data, so on ``--listen`` they are served without the token; their data requests
+are authorised by the session cookie the token was exchanged for (session.py).
 """
 
 from __future__ import annotations
@@ -41,18 +40,25 @@ def wants_html(headers: Any) -> bool:
     return "text/html" in accept.lower()
 
 
-def is_public(scope: dict[str, Any]) -> bool:
-    """Requests served without the bearer token: the static shell, which holds no data."""
+def is_page(scope: dict[str, Any]) -> bool:
+    """A browser asking for a page (``/`` or ``/jobs/<id>`` with ``Accept: text/html``)."""
     if scope.get("method") not in ("GET", "HEAD"):
         return False
     path = scope.get("path", "")
-    if path.startswith("/static/") and path[8:] in STATIC_TYPES:
-        return True
     if path == "/" or (path.startswith("/jobs/") and path[6:].isdigit()):
         for name, value in scope.get("headers") or []:
             if name.lower() == b"accept" and b"text/html" in value.lower():
                 return True
     return False
+
+
+def is_public(scope: dict[str, Any]) -> bool:
+    """Requests served without the token: the static shell (pages and their files), which
+    holds no data."""
+    if scope.get("method") not in ("GET", "HEAD"):
+        return False
+    path = scope.get("path", "")
+    return (path.startswith("/static/") and path[8:] in STATIC_TYPES) or is_page(scope)
 
 
 def routes(daemon: JobsApi, job_id: Any, json_response: Any, parse_body: Any) -> list[Any]:

@@ -1,10 +1,9 @@
 """The daemon's outer ASGI layers, what every request passes first: ``Guard`` (bodies over
 1 MiB refused unread, any fault answered as a JSON 500 and logged, never a traceback) and
-``BearerAuth`` (the token of a TCP listener), and the JSON response every answer is."""
+the JSON response every answer is. (The token of a TCP listener: session.py.)"""
 
 from __future__ import annotations
 
-import hmac
 import json
 from collections.abc import Callable
 from typing import Any
@@ -17,8 +16,6 @@ log = structlog.get_logger("lorasup.serve.api")
 
 #: the largest request body (a job is a few KiB); larger ones get 413 unread
 MAX_BODY = 1024 * 1024
-#: set in a request's scope by BearerAuth when the path needs no token
-PUBLIC_KEY = "lorasup.public"
 
 
 def json_response(content: Any, status: int = 200, close: bool = False,
@@ -110,28 +107,3 @@ class Guard:
                       exc_info=exc)
             if not started:
                 await _send_json(send, 500, {"error": _internal(exc)})
-
-
-class BearerAuth:
-    """ASGI middleware for the TCP listener: ``Authorization: Bearer <token>`` or 401."""
-
-    def __init__(self, app: Callable[..., Any], token: str,
-                 public: Callable[[dict[str, Any]], bool] | None = None) -> None:
-        self.app = app
-        self.expected = f"Bearer {token}".encode()
-        #: requests that need no token (the dashboard's static shell, which holds no data)
-        self.public = public or (lambda scope: False)
-
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and self.public(scope):
-            scope = {**scope, PUBLIC_KEY: True}
-        elif scope["type"] == "http":
-            given = dict(scope.get("headers") or []).get(b"authorization", b"")
-            if not hmac.compare_digest(given, self.expected):
-                body = b'{"error":"a bearer token is required (Authorization: Bearer ...)"}'
-                await send({"type": "http.response.start", "status": 401, "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"www-authenticate", b"Bearer")]})
-                await send({"type": "http.response.body", "body": body})
-                return
-        await self.app(scope, receive, send)

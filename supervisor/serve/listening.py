@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import ipaddress
 import os
 import socket
+import ssl
 from pathlib import Path
 
 from lorasup.supervisor.serve import paths
@@ -69,3 +71,45 @@ def bind_tcp(listen: str) -> socket.socket:
         raise ListenError(f"cannot listen on {listen}: {exc.strerror or exc}") from None
     sock.setblocking(False)
     return sock
+
+
+def loopback(host: str) -> bool:
+    """``localhost`` or a loopback address (127.0.0.0/8, ::1): reachable from this box only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_tls(cert: Path | None, key: Path | None) -> tuple[str, str] | None:
+    """``--tls-cert``/``--tls-key`` as (cert, key) paths, loaded once here so that a wrong
+    file, a key that does not match or a key with a passphrase is one line at start (never
+    a passphrase prompt); None without them."""
+    if cert is None and key is None:
+        return None
+    if cert is None or key is None:
+        raise ListenError("--tls-cert and --tls-key go together")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+
+    def no_passphrase() -> bytes:
+        raise ListenError(f"--tls-key {key} is encrypted: give an unencrypted key "
+                          "(readable only by the daemon's user)")
+
+    try:
+        context.load_cert_chain(str(cert), str(key), password=no_passphrase)
+    except OSError as exc:  # FileNotFoundError, PermissionError, ssl.SSLError
+        reason = exc.strerror or getattr(exc, "reason", None) or str(exc)
+        raise ListenError(f"cannot load --tls-cert {cert} / --tls-key {key}: "
+                          f"{str(reason).lower()}") from None
+    return str(cert), str(key)
+
+
+def check_listen(listen: str, tls: tuple[str, str] | None, insecure: bool) -> None:
+    """A non-loopback ``--listen`` needs TLS or an explicit ``--insecure-listen``."""
+    host = listen.rpartition(":")[0].strip("[]")
+    if tls is None and not insecure and not loopback(host):
+        raise ListenError(f"--listen {listen} is not a loopback address: give "
+                          "--tls-cert/--tls-key, forward the socket (ssh -L) or a loopback "
+                          "port instead, or pass --insecure-listen to accept plain HTTP")

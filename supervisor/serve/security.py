@@ -14,8 +14,9 @@ name point at 127.0.0.1. So, for every request:
   other site cannot read the answer). Refused: 403.
 - A state-changing request (any method but GET/HEAD) carries what a simple cross-origin
   request cannot: ``Content-Type: application/json`` or an ``X-Lorasup-CSRF`` header;
-  else 415. Cookies are never read: authorisation is the socket's mode, or the bearer
-  token on ``--listen``.
+  else 415. Authorisation is the socket's mode, or on ``--listen`` the bearer token or the
+  session cookie it was exchanged for (session.py, which also asks the cookie's changes for
+  ``X-Lorasup-CSRF``).
 
 Every answer gets ``Content-Security-Policy: default-src 'self'`` and friends, so the
 dashboard can never load anything from another origin.

@@ -6,29 +6,22 @@
   const FINAL = new Set(["completed", "failed", "cancelled", "lost"]);
   const POINTS = 2000;
 
-  // --- the token on --listen: from the #token=... fragment (never sent to a server) -----
-  (function takeToken() {
-    const m = /(?:^#|&)token=([^&]+)/.exec(location.hash);
-    if (m) {
-      sessionStorage.setItem("lorasup-token", decodeURIComponent(m[1]));
-      history.replaceState(null, "", location.pathname + location.search);
-    }
-  })();
-
+  // --- on --listen the token was exchanged for an HttpOnly session cookie (/?token=...,
+  // once); the browser sends it on its own, and every change carries X-Lorasup-CSRF -------
   function headers(extra) {
-    const h = Object.assign({"X-Lorasup-CSRF": "1"}, extra || {});
-    const token = sessionStorage.getItem("lorasup-token");
-    if (token) h["Authorization"] = "Bearer " + token;
-    return h;
+    return Object.assign({"X-Lorasup-CSRF": "1"}, extra || {});
   }
 
+  const SIGN_IN = "not signed in: open this page once as /?token=<the --token-file token>";
+
   async function api(path, options) {
-    const opts = Object.assign({credentials: "omit", cache: "no-store"}, options || {});
+    const opts = Object.assign({credentials: "same-origin", cache: "no-store"}, options || {});
     opts.headers = headers(opts.headers);
     if (opts.body !== undefined) opts.headers["Content-Type"] = "application/json";
     const r = await fetch(path, opts);
     let data = null;
     try { data = await r.json(); } catch (e) { data = null; }
+    if (r.status === 401) throw new Error(SIGN_IN);
     if (!r.ok) throw new Error((data && data.error) || ("HTTP " + r.status));
     return data;
   }
@@ -105,7 +98,7 @@
     } catch (e) { alert("priority: " + e.message); }
   }
 
-  // --- the daemon-wide stream, read with fetch (so the bearer token can be sent) --------
+  // --- the daemon-wide stream, read with fetch (Last-Event-ID set by hand on a resume) ---
   function connect(handlers) {
     let lastId = null;
     const conn = document.getElementById("conn");
@@ -114,8 +107,10 @@
         try {
           const h = headers({Accept: "text/event-stream"});
           if (lastId) h["Last-Event-ID"] = lastId;
-          const r = await fetch("/events", {headers: h, credentials: "omit", cache: "no-store"});
+          const r = await fetch("/events",
+                                {headers: h, credentials: "same-origin", cache: "no-store"});
           if (r.status === 400 && lastId) { lastId = null; continue; }
+          if (r.status === 401) throw new Error(SIGN_IN);
           if (!r.ok) throw new Error("HTTP " + r.status);
           conn.textContent = "live"; conn.className = "conn live";
           const reader = r.body.getReader();
@@ -142,7 +137,10 @@
             }
           }
         } catch (e) {
-          // fall through: reconnect
+          if (e.message === SIGN_IN) {  // waiting changes nothing: say what to do
+            conn.textContent = SIGN_IN; conn.className = "conn";
+            return;
+          }
         }
         conn.textContent = "reconnecting…"; conn.className = "conn";
         await new Promise((r) => setTimeout(r, 1000));  // never faster than 1 s
