@@ -9,6 +9,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lorasup.supervisor.serve.session import cookie_name, session_value
 from tests.serve_support import bar_job
@@ -160,3 +162,64 @@ def test_tls_options_are_checked_before_anything_starts(
         assert out.returncode == 2, (args, out.stdout, out.stderr)
         assert word in out.stderr and out.stderr.count("\n") == 1, (args, out.stderr)
     assert not (tmp_path / "state" / "lorasup.db").exists()
+
+
+def _call(auth: object, scope: dict) -> list[dict]:
+    """One request through an ASGI layer, in this process; the messages it sent."""
+    import anyio
+
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    anyio.run(auth, scope, receive, send)  # type: ignore[arg-type]
+    return sent
+
+
+@given(cookie=st.binary(max_size=300), query=st.binary(max_size=200),
+       method=st.sampled_from(["GET", "POST", "HEAD"]), page=st.booleans())
+@settings(max_examples=300, deadline=None)
+def test_property_no_cookie_or_address_opens_the_api_without_the_secret(
+        cookie: bytes, query: bytes, method: str, page: bool) -> None:
+    from lorasup.supervisor.serve import dashboard
+    from lorasup.supervisor.serve.session import TokenAuth, _cookies
+
+    _cookies(cookie)  # never raises
+    reached: list[bool] = []
+
+    async def inner(scope: dict, receive: object, send: object) -> None:
+        reached.append(True)
+
+    headers = [(b"cookie", cookie), (b"x-lorasup-csrf", b"1")]
+    if page:
+        headers.append((b"accept", b"text/html"))
+    scope = {"type": "http", "method": method, "path": "/jobs" if not page else "/",
+             "raw_path": b"/", "query_string": query, "headers": headers,
+             "server": ("127.0.0.1", 8710), "scheme": "http"}
+    sent = _call(TokenAuth(inner, TOKEN, is_page=dashboard.is_page,
+                           is_public=lambda s: False), scope)
+    assert not reached  # neither the token nor the session value was given
+    assert sent[0]["status"] == 401
+
+
+@given(value=st.text(max_size=80))
+def test_property_the_right_session_alone_opens_it(value: str) -> None:
+    from lorasup.supervisor.serve.session import TokenAuth
+
+    reached: list[bool] = []
+
+    async def inner(scope: dict, receive: object, send: object) -> None:
+        reached.append(True)
+
+    good = session_value(TOKEN)
+    for given_value in (value, good):
+        reached.clear()
+        header = f"a=1; {cookie_name(8710, False)}={given_value}".encode("utf-8", "replace")
+        _call(TokenAuth(inner, TOKEN, is_page=lambda s: False, is_public=lambda s: False),
+              {"type": "http", "method": "GET", "path": "/jobs", "query_string": b"",
+               "headers": [(b"cookie", header)], "server": ("127.0.0.1", 8710)})
+        assert reached == ([True] if given_value == good else [])
