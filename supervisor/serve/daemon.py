@@ -133,7 +133,7 @@ class Daemon(Views, Dispatch, Attempts, Settling, Recovery, StorageFaults, Daemo
             log.info("serving", state_dir=str(self.state), socket=str(
                 paths.socket_path(self.state)), slots=[s.name for s in self.slots],
                 gpu_mode=self.gpu_mode, listen=self.config.listen,
-                tls=self.config.tls is not None)
+                tls=self.config.tls is not None, dashboard=self._dashboard_address())
             self.notifier.ready(self._status())
             tg.start_soon(self.notifier.keep_alive)
             tg.start_soon(self._schedule_loop)
@@ -310,6 +310,13 @@ class Daemon(Views, Dispatch, Attempts, Settling, Recovery, StorageFaults, Daemo
                 "start_time": start_time(os.getpid())}
 
     # -- the dashboard's additions (issue 18) -----------------------------------------------
+
+    def _dashboard_address(self) -> str | None:
+        """The dashboard on --listen (a browser signs in there once with ``?token=``)."""
+        if not self.config.listen:
+            return None
+        scheme = "https" if self.config.tls else "http"
+        return f"{scheme}://{self.config.listen}/"
 
     @property
     def listen_address(self) -> str | None:
