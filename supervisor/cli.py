@@ -10,7 +10,6 @@ option lists are generated from the trainer registry and the config defaults so 
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -53,16 +52,6 @@ def _default(value: object) -> str:
 
 def _complete_trainer(incomplete: str) -> list[str]:
     return [name for name in sorted(REGISTRY) if name.startswith(incomplete)]
-
-
-def _complete_run(ctx: typer.Context, incomplete: str) -> list[str]:
-    """Run ids under --logs-dir (shell completion of RUN)."""
-    logs_dir = Path(ctx.params.get("logs_dir") or DEFAULT_LOGS_DIR)
-    try:
-        names = sorted(p.name for p in logs_dir.iterdir() if (p / "events.jsonl").is_file())
-    except OSError:
-        return []
-    return [name for name in names if name.startswith(incomplete)]
 
 
 class StartCommand(TyperCommand):
@@ -289,100 +278,7 @@ def _previous_run(ref: str | None, job: Any, *, newest: bool) -> Path | None:
         raise ConfigError(f"--resume-from: {exc}") from None
 
 
-_RUN_HELP = "a run directory, or a run id under --logs-dir"
-_LOGS_DIR_HELP = f"where run ids are looked up {_default(DEFAULT_LOGS_DIR)}"
-_JSON_HELP = "JSON on stdout (the default when stdout is not a terminal)"
-
-
-def _find(run: str, logs_dir: Path) -> Path:
-    from lorasup.supervisor.show import RunNotFound, find_run
-
-    try:
-        return find_run(run, logs_dir)
-    except RunNotFound as exc:
-        raise _fail(str(exc)) from None
-
-
-def _want_json(flag: bool) -> bool:
-    return flag or not sys.stdout.isatty()
-
-
-@app.command(help="Rebuild report.json, losses.csv and loss_curves.png from events.jsonl.",
-             short_help="Rebuild a run's report, CSV and PNG from events.jsonl.")
-def report(
-    run: Annotated[str, typer.Argument(
-        metavar="RUN", help=_RUN_HELP, autocompletion=_complete_run)],
-    logs_dir: Annotated[Path, typer.Option(metavar="DIR", help=_LOGS_DIR_HELP,
-                                                     show_default=False)
-                        ] = DEFAULT_LOGS_DIR,
-    log_format: Annotated[str, typer.Option(
-        metavar="FORMAT", help="auto, json or console (on stderr) [default: auto]",
-        show_default=False)] = "auto",
-    as_json: Annotated[bool, typer.Option("--json", help=_JSON_HELP)] = False,
-) -> None:
-    from lorasup.supervisor import logs
-    from lorasup.supervisor.report.read import rebuild
-    from lorasup.supervisor.show import RunSummary, round_floats, status_text
-
-    logs.configure(_format(log_format), stream=sys.stderr)
-    run_dir = _find(run, logs_dir)
-    rebuilt = rebuild(run_dir)
-    if _want_json(as_json):
-        typer.echo(json.dumps(round_floats({
-            "report": str(run_dir / "report.json"), "outcome": rebuilt.get("outcome"),
-            "steps": rebuilt.get("steps")})))
-    else:
-        typer.echo(f"rebuilt {run_dir / 'report.json'}, losses.csv, loss_curves.png")
-        typer.echo(status_text(RunSummary.of(run_dir, rebuilt)))
-
-
-@app.command(help="Show the outcome and progress of a run (live while it runs).")
-def status(
-    run: Annotated[str, typer.Argument(
-        metavar="RUN", help=_RUN_HELP, autocompletion=_complete_run)],
-    logs_dir: Annotated[Path, typer.Option(metavar="DIR", help=_LOGS_DIR_HELP,
-                                                     show_default=False)
-                        ] = DEFAULT_LOGS_DIR,
-    as_json: Annotated[bool, typer.Option("--json", help=_JSON_HELP)] = False,
-    slurm: Annotated[bool, typer.Option(
-        "--slurm", help="RUN is a SLURM job id (lorasup sbatch): its state and attempts")
-    ] = False,
-) -> None:
-    from lorasup.supervisor.show import RunSummary, load_run, status_json, status_text
-
-    if slurm:
-        from lorasup.supervisor.cluster.commands import slurm_status
-
-        return slurm_status(run, logs_dir, as_json)
-    run_dir = _find(run, logs_dir)
-    data = load_run(run_dir)
-    summary = RunSummary.of(run_dir, data)
-    if _want_json(as_json):
-        typer.echo(json.dumps(status_json(summary, data)))
-    else:
-        typer.echo(status_text(summary))
-
-
-@app.command("ls", help="List the runs in a logs directory, newest last.")
-def list_runs(
-    logs_dir: Annotated[Path, typer.Option(
-        metavar="DIR", help=f"the logs directory {_default(DEFAULT_LOGS_DIR)}",
-        show_default=False)
-                        ] = DEFAULT_LOGS_DIR,
-    as_json: Annotated[bool, typer.Option("--json", help="a JSON list on stdout")] = False,
-) -> None:
-    from lorasup.supervisor.show import list_runs as find_runs
-    from lorasup.supervisor.show import runs_table
-
-    runs = find_runs(logs_dir)
-    if as_json:
-        typer.echo(json.dumps([run.to_json() for run in runs]))
-    elif runs:
-        typer.echo(runs_table(runs))
-    else:
-        typer.echo(f"no runs in {logs_dir}/", err=True)
-
-
+__import__("lorasup.supervisor.runcommands", fromlist=["register"]).register(app)
 __import__("lorasup.supervisor.serve.commands", fromlist=["register"]).register(app)
 __import__("lorasup.supervisor.cluster.commands", fromlist=["register"]).register(app)
 
