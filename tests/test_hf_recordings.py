@@ -20,9 +20,10 @@ from hypothesis import strategies as st
 
 from lorasup.supervisor.events import Checkpoint, Problem, Scalar, Step
 from lorasup.supervisor.streams import LineSplitter
-from lorasup.trainers import get_adapter, hf
+from lorasup.trainers import get_adapter, hflog
 from lorasup.trainers.base import TrainerJob, UsageError
-from lorasup.trainers.hf import HfAdapter, match_bar, parse_log_dict
+from lorasup.trainers.hf import HfAdapter, match_bar
+from lorasup.trainers.hflog import parse_log_dict
 from tests.support import HERE, REPLAY, run_lorasup
 
 RECORDINGS = HERE / "data" / "hf"
@@ -312,7 +313,7 @@ def test_flat_log_dicts_read_as_literal_eval_reads_them(items: list[tuple[str, s
     if with_epoch:
         items = [*items, ("epoch", "'0.5'")]
     text = "{" + ", ".join(f"{key!r}: {value}" for key, value in items) + "}"
-    expected = hf._literal_log_dict(text)
+    expected = hflog._literal_log_dict(text)
     got = parse_log_dict(text)
     if expected is None:
         assert got is None
@@ -325,10 +326,10 @@ def test_flat_log_dicts_read_as_literal_eval_reads_them(items: list[tuple[str, s
 
 def test_flat_log_dicts_skip_the_syntax_tree() -> None:
     line = "{'loss': '4.84', 'grad_norm': '0.4234', 'learning_rate': '0.0002', 'epoch': '0.53'}"
-    assert hf._FLAT_DICT.fullmatch(line) is not None
+    assert hflog._FLAT_DICT.fullmatch(line) is not None
     assert parse_log_dict(line) == {"loss": 4.84, "grad_norm": 0.4234,
                                     "learning_rate": 0.0002, "epoch": 0.53}
-    assert hf._FLAT_DICT.fullmatch("{'loss': 007, 'epoch': 1}") is None  # literal_eval's
+    assert hflog._FLAT_DICT.fullmatch("{'loss': 007, 'epoch': 1}") is None  # literal_eval's
 
 
 @pytest.mark.parametrize(("epoch", "expected"), [

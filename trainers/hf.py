@@ -76,7 +76,6 @@ tensorboard or all; any other reporters are replaced) and ``--logging_dir <run_d
 
 from __future__ import annotations
 
-import ast
 import math
 import os
 import re
@@ -87,7 +86,7 @@ from pathlib import Path
 from types import MappingProxyType
 
 from lorasup.supervisor.events import Checkpoint, Event, Problem, Scalar, Step
-from lorasup.supervisor.numbers import MAX_COUNT, read_count, read_float, read_step
+from lorasup.supervisor.numbers import MAX_COUNT, read_count, read_step
 from lorasup.trainers.base import (
     PYTHON_PROBLEM_NEEDLES,
     AdapterBase,
@@ -102,6 +101,7 @@ from lorasup.trainers.base import (
     replace_flag,
     steps_from_flag,
 )
+from lorasup.trainers.hflog import parse_log_dict
 
 STEPS_FLAG = "--max_steps"
 OUTPUT_FLAG = "--output_dir"
@@ -116,7 +116,6 @@ _BAR = re.compile(r"\s*\d+%\|[^|]*\|\s*(\d+)/(\d+) \[[^\]]*?(?:it/s|s/it)\]")
 _SAVING = "Saving model checkpoint to "
 _CHECKPOINT_STEP = re.compile(r"checkpoint-(\d+)/?$")
 #: dict records longer than this are not Trainer logs (keeps literal_eval cheap)
-_MAX_DICT = 8192
 #: write marks or dicts waiting for their other half, at most (oldest dropped first)
 _MAX_WAITING = 4096
 
@@ -125,66 +124,6 @@ def _epoch(value: float | None) -> int | None:
     if value is None or not math.isfinite(value) or value <= 0 or value > MAX_COUNT:
         return None
     return int(value) if value.is_integer() else math.ceil(value)
-
-
-#: a flat ``Trainer.log`` dict as Python prints it: quoted keys, values that are quoted
-#: text without escapes or plain decimal numbers; anything else goes to literal_eval
-_FLAT_DICT = re.compile(
-    r"\{(?:'[^'\\]*': (?:'[^'\\]*'|-?(?:\d+\.\d*(?:[eE][-+]?\d+)?|\d+[eE][-+]?\d+|0+|[1-9]\d*))"
-    r"(?:, (?=')|\}$))+", re.ASCII)
-_FLAT_ITEM = re.compile(r"'([^'\\]*)': (?:'([^'\\]*)'|([^,}]+))")
-#: shorter than this, no int in the text can exceed ``int()``'s digit limit
-_FLAT_MAX = 4000
-
-
-def _flat_log_dict(text: str) -> dict[str, float] | None:
-    """:func:`parse_log_dict` for a text that :data:`_FLAT_DICT` matched, without building
-    a syntax tree (literal_eval costs ~20 us a line, which a trainer logging every step
-    would make lorasup pay per step). Gives what literal_eval's dict would."""
-    record: dict[str, str | int | float] = {}
-    for key, quoted, plain in _FLAT_ITEM.findall(text):
-        if not plain:
-            record[key] = quoted  # the str literal_eval would give
-        elif "." in plain or "e" in plain or "E" in plain:
-            record[key] = float(plain)
-        else:
-            record[key] = int(plain)
-    if "epoch" not in record:
-        return None
-    return _numbers(record)
-
-
-def parse_log_dict(line: str) -> dict[str, float] | None:
-    """A ``Trainer.log`` record on stdout (numbers, as floats), or None for anything else."""
-    text = line.strip()
-    if not (text.startswith("{") and text.endswith("}") and "'epoch'" in text):
-        return None
-    if len(text) > _MAX_DICT:
-        return None
-    if len(text) < _FLAT_MAX and _FLAT_DICT.fullmatch(text) is not None:
-        return _flat_log_dict(text)
-    return _literal_log_dict(text)
-
-
-def _literal_log_dict(text: str) -> dict[str, float] | None:
-    """:func:`parse_log_dict` for any shape, by ``ast.literal_eval``."""
-    try:
-        record = ast.literal_eval(text)
-    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
-        return None
-    if not isinstance(record, dict) or "epoch" not in record:
-        return None
-    return _numbers(record)
-
-
-def _numbers(record: dict[object, object]) -> dict[str, float]:
-    """The record's numbers (and numeric text) under string keys, as floats."""
-    values: dict[str, float] = {}
-    for key, value in record.items():
-        number = read_float(value)
-        if isinstance(key, str) and number is not None:
-            values[key] = number
-    return values
 
 
 def match_bar(line: str) -> tuple[int, int, int] | None:
