@@ -123,7 +123,9 @@ class GpuMemory(DaemonParts):
         if state == "running" and run is not None and run.gpu_memory is not None:
             out["gpu_memory"] = dict(run.gpu_memory)
             return out
-        if state != "running":
+        if self._gpu_memory_off in ("CPU slot", "no NVML"):  # true of every job here
+            out["gpu_memory_absent"] = self._gpu_memory_off
+        elif state != "running":
             out["gpu_memory_absent"] = "not running"
         else:
             out["gpu_memory_absent"] = (run.gpu_memory_off if run is not None
