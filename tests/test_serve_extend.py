@@ -6,6 +6,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from typer.testing import CliRunner
+
+from lorasup.supervisor.cli import app
 from tests.serve_support import bar_job, events_of
 
 
@@ -40,6 +43,16 @@ def test_a_completed_job_continues_by_n_steps_each_step_once(daemons, tmp_path: 
     assert report["steps"]["resumed_from"] == 20
     assert (report["steps"]["first"], report["steps"]["last"]) == (21, 35)
     assert report["series"]["step"] == list(range(21, 36))
+    # the CLI: the continuation continued once more, through the same route
+    result = CliRunner().invoke(app, ["extend", str(new["id"]), "--steps", "5",
+                                      "--state-dir", str(tmp_path / "state")])
+    assert result.exit_code == 0, result.output
+    third = max(j["id"] for j in d.http.get("/jobs").json()["jobs"])
+    assert result.stdout.strip() == (f"job {third} (demo+15+5) queued: continues job "
+                                     f"{new['id']} to 40 steps")
+    done = d.wait(third, timeout=90)
+    assert (done["state"], done["step"]) == ("completed", 40)
+    assert _steps(d.job(third)["run_dir"]) == list(range(36, 41))
 
 
 def test_jobs_that_cannot_continue_are_refused_saying_why(daemons, tmp_path: Path) -> None:
@@ -50,6 +63,10 @@ def test_jobs_that_cannot_continue_are_refused_saying_why(daemons, tmp_path: Pat
     assert refused.status_code == 409
     assert refused.json()["error"] == (f"job {plain} cannot be continued: the command trainer "
                                        "cannot resume from a checkpoint")
+    result = CliRunner().invoke(app, ["extend", str(plain), "--steps", "5",
+                                      "--state-dir", str(tmp_path / "state")])
+    assert result.exit_code != 0
+    assert "the command trainer cannot resume from a checkpoint" in result.stderr
     running = d.submit_ok(bar_job(600, 0.05))
     d.wait_step(running, 1)
     refused = d.http.post(f"/jobs/{running}/extend", json={"steps": 5})

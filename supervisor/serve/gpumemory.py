@@ -87,7 +87,11 @@ class GpuMemory(DaemonParts):
                                 run.progress.trainer_pid) if pid is not None])
                 for run in runs]
             if wanted:
-                found = await anyio.to_thread.run_sync(_sample, wanted)
+                try:
+                    found = await anyio.to_thread.run_sync(_sample, wanted)
+                except Exception as exc:  # a fault here never takes the daemon down
+                    log.error("gpu_memory_sampling_failed", error=str(exc)[:200])
+                    found = {}
                 for run in runs:
                     sample = found.get(run.job_id)
                     if isinstance(sample, dict):
