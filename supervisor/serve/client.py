@@ -268,6 +268,10 @@ class Client:
     def cancel(self, job_id: int) -> dict[str, Any]:
         return self.request("POST", f"/jobs/{job_id}/cancel")
 
+    def extend(self, job_id: int, steps: int) -> dict[str, Any]:
+        """A new job continuing a finished one by ``steps`` more."""
+        return self.request("POST", f"/jobs/{job_id}/extend", {"steps": steps})
+
     def report(self, job_id: int) -> dict[str, Any] | None:
         try:
             return self.request("GET", f"/jobs/{job_id}/report")

@@ -309,6 +309,16 @@ def cancel(
     typer.echo(f"job {job_id}: {action}")
 
 
+def extend(
+    job_id: Annotated[int, typer.Argument(help="a completed, cancelled or preempted job")],
+    steps: Annotated[int, typer.Option("--steps", help="steps to add")],
+    state_dir: StateDir = None,
+) -> None:
+    job = _call(state_dir, lambda c: c.extend(job_id, steps))
+    typer.echo(f"job {job['id']} ({job['name']}) queued: continues job {job_id} to "
+               f"{job['steps']} steps")
+
+
 def _human(as_json: bool) -> bool:
     """Readable output: stdout is a terminal and --json was not asked for."""
     return not as_json and sys.stdout.isatty()
@@ -405,6 +415,8 @@ def register(app: typer.Typer) -> None:
     app.command(help="List the daemon's jobs (read from its database when it is not "
                      "running).")(ps)
     app.command(help="Cancel a job: queued ones are removed, running ones stopped.")(cancel)
+    app.command(help="Add steps to a finished job: a new job continues it from its "
+                     "newest save.")(extend)
     app.command(name="logs", help="Print a job's run log (readable lines on a terminal, "
                                   "else JSON lines); -f follows it.")(
         logs_command)

@@ -20,12 +20,14 @@ import anyio
 import structlog
 
 from lorasup.supervisor.notify import Notifier
+from lorasup.supervisor.serve import extend as extending
 from lorasup.supervisor.serve import gpus as gpu_slots
 from lorasup.supervisor.serve import jobspec, listening, paths
 from lorasup.supervisor.serve.attempts import Attempts
 from lorasup.supervisor.serve.daemonparts import DaemonConfig, DaemonParts, Running
 from lorasup.supervisor.serve.dispatch import Dispatch
 from lorasup.supervisor.serve.errors import ApiError
+from lorasup.supervisor.serve.gpumemory import GpuMemory
 from lorasup.supervisor.serve.hooks import Webhooks
 from lorasup.supervisor.serve.procid import start_time
 from lorasup.supervisor.serve.recovery import Recovery
@@ -42,7 +44,8 @@ STOP_MARGIN = 15.0
 __all__ = ["ApiError", "Daemon", "DaemonConfig"]
 
 
-class Daemon(Views, Dispatch, Attempts, Settling, Recovery, StorageFaults, DaemonParts):
+class Daemon(Views, Dispatch, Attempts, Settling, Recovery, StorageFaults, GpuMemory,
+             DaemonParts):
     """The daemon: its life (start, serve, stop) and the API's operations that change
     the queue; its other parts are the mixins (one module each). New operations go at
     the end of this class."""
@@ -137,6 +140,7 @@ class Daemon(Views, Dispatch, Attempts, Settling, Recovery, StorageFaults, Daemo
             self.notifier.ready(self._status())
             tg.start_soon(self.notifier.keep_alive)
             tg.start_soon(self._schedule_loop)
+            tg.start_soon(self._sample_gpu_memory)
             await self._stop.wait()
             await self._shutdown()
             for server in self._servers:
@@ -334,3 +338,32 @@ class Daemon(Views, Dispatch, Attempts, Settling, Recovery, StorageFaults, Daemo
         log.info("job_priority", job=job_id, priority=priority, was=job.priority)
         self.wake()
         return self.describe(self._job(job_id))
+
+    async def extend(self, job_id: int, steps: int) -> dict[str, Any]:
+        """"Add N steps": a new queued job continuing a finished one from its newest save
+        to its old target plus ``steps`` (extend.py says which jobs can)."""
+        assert self.store is not None
+        old = self._job(job_id)
+        target = extending.new_target(old, steps)
+        if not self.accepting:
+            raise ApiError(503, "the daemon is stopping; no new jobs")
+        values, name = await anyio.to_thread.run_sync(
+            extending.continued_values, old, steps, target)
+        try:
+            spec = await anyio.to_thread.run_sync(lambda: jobspec.parse(
+                values, cwd=old.spec.cwd, scratch=self.state / paths.RUNS, name=name,
+                priority=old.priority))
+        except jobspec.JobError as exc:
+            raise ApiError(409, f"job {job_id} cannot be continued: {exc}") from None
+        # From here to the commits nothing awaits (as in submit).
+        self._refuse_duplicates(spec)
+        if not self.accepting:
+            raise ApiError(503, "the daemon is stopping; no new jobs")
+        new_id = self.store.add_job(spec)
+        # a retry of the new job resumes from the old save until it saves one of its own
+        self.store.update_job(new_id, target_step=target, saved_step=old.saved_step)
+        log.info("job_extended", job=new_id, continues=job_id, name=spec.name,
+                 steps_added=steps, target_step=target, from_step=old.saved_step)
+        self.wake()
+        self._update_status()
+        return self.describe(self._job(new_id))

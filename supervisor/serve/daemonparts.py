@@ -51,6 +51,10 @@ class Running:
     stop_request: str | None = None
     started: float = field(default_factory=time.time)
     done: anyio.Event = field(default_factory=anyio.Event)
+    #: the newest GPU memory sample (gpumemory.py); None: none taken
+    gpu_memory: dict[str, Any] | None = None
+    #: why the last sample failed; None: it did not
+    gpu_memory_off: str | None = None
 
     @property
     def progress(self) -> Progress:

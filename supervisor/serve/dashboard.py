@@ -118,6 +118,16 @@ def routes(daemon: JobsApi, job_id: Any, json_response: Any, parse_body: Any) ->
             raise ApiError(501, "this daemon cannot change a priority")
         return json_response(setter(ident, value))
 
+    async def extend(request: Request) -> Response:
+        from lorasup.supervisor.serve.extend import check_steps
+
+        ident = job_id(request)
+        steps = check_steps(parse_body(await request.body()).get("steps"))
+        extender = getattr(daemon, "extend", None)
+        if extender is None:
+            raise ApiError(501, "this daemon cannot continue a job")
+        return json_response(await extender(ident, steps), 201)
+
     async def events(request: Request) -> Response:
         given = request.headers.get("last-event-id") or request.query_params.get("from")
         body = await hub.stream(daemon, given)
@@ -131,6 +141,7 @@ def routes(daemon: JobsApi, job_id: Any, json_response: Any, parse_body: Any) ->
         Route("/jobs/{job_id}/series", series, methods=["GET"]),
         Route("/jobs/{job_id}/tail", tail, methods=["GET"]),
         Route("/jobs/{job_id}/priority", priority, methods=["POST"]),
+        Route("/jobs/{job_id}/extend", extend, methods=["POST"]),
     ]
 
 

@@ -90,3 +90,39 @@ def foreign_holders(device: str) -> list[int]:
     except Exception as exc:
         log.warning("nvml_query_failed", device=device, error=str(exc))
     return sorted(pids)
+
+
+def nvml_available() -> bool:
+    """Whether NVML answers here (blocking on first use: it loads the driver library)."""
+    return _nvml() is not None
+
+
+MIB = 1 << 20
+
+
+def memory(devices: tuple[str, ...], pids: set[int]) -> dict[str, Any]:
+    """GPU memory of ``devices`` (indices; summed over them) and of the processes ``pids``
+    on them, in MiB: ``used_mib``/``total_mib`` always, ``job_mib`` only where NVML lists
+    one of ``pids`` with a known ``usedGpuMemory`` (it reports None without the rights, or
+    under MIG). Raises where NVML is missing or a query fails: the caller says why.
+    Blocking: call from a worker thread."""
+    nvml = _nvml()
+    if nvml is None:
+        raise RuntimeError("no NVML")
+    used = total = 0
+    job_bytes: int | None = None
+    for device in devices:
+        handle = nvml.nvmlDeviceGetHandleByIndex(int(device))
+        info = nvml.nvmlDeviceGetMemoryInfo(handle)
+        used += int(info.used)
+        total += int(info.total)
+        with contextlib.suppress(Exception):  # not listed: the job's share stays unknown
+            for proc in nvml.nvmlDeviceGetComputeRunningProcesses(handle):
+                amount = getattr(proc, "usedGpuMemory", None)
+                if int(proc.pid) in pids and isinstance(amount, int):
+                    job_bytes = (job_bytes or 0) + amount
+    out: dict[str, Any] = {"device": ",".join(devices), "used_mib": round(used / MIB, 1),
+                           "total_mib": round(total / MIB, 1)}
+    if job_bytes is not None:
+        out["job_mib"] = round(job_bytes / MIB, 1)
+    return out

@@ -37,7 +37,7 @@ LIST_LIMIT = 500
 POSITION = re.compile(r"([0-9]{1,18})\.([0-9]{1,9})\.([0-9]{1,18})")
 #: the fields of a job row whose change is worth an ``event: job``
 SHOWN = ("state", "priority", "attempt", "slot", "step", "steps", "loss", "outcome",
-         "reason", "waiting", "steps_per_second")
+         "reason", "waiting", "steps_per_second", "gpu_memory", "gpu_memory_absent")
 
 
 def parse_positions(text: str | None) -> dict[int, tuple[int, int]] | None:

@@ -59,7 +59,7 @@ class Views(_Parts):
         waiting = job.waiting
         if job.state == "queued" and job.not_before > now:
             waiting = f"retry in {math.ceil(job.not_before - now)} s"
-        return {
+        out: dict[str, Any] = {
             "id": job.id, "name": job.name, "state": job.state, "priority": job.priority,
             "trainer": None if job.broken else job.spec.trainer, "step": step,
             "steps": None if job.broken else total,
@@ -76,6 +76,10 @@ class Views(_Parts):
             "elapsed_s": None if elapsed is None else round(max(elapsed, 0.0), 3),
             "eta_s": None if eta is None else round(eta, 1),
         }
+        gpu_memory = getattr(self, "gpu_memory_fields", None)  # the daemon's (gpumemory.py)
+        if gpu_memory is not None:
+            out.update(gpu_memory(job.id, job.state))
+        return out
 
     def list_jobs(self, limit: int | None = None, finished: int | None = None
                   ) -> list[dict[str, Any]]:

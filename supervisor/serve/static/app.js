@@ -57,6 +57,30 @@
       : `${sec}s`;
   }
 
+  // GPU memory as the daemon sampled it (absent: not measured, and gpu_memory_absent says why)
+  function mib(x) { return x >= 10240 ? (x / 1024).toFixed(1) + " GiB" : Math.round(x) + " MiB"; }
+  function gpuMemory(job) {
+    const m = job.gpu_memory;
+    if (!m) return "";
+    const device = `${mib(m.used_mib)}/${mib(m.total_mib)} on GPU ${m.device}`;
+    return m.job_mib !== undefined ? `job ${mib(m.job_mib)} · ${device}` : device;
+  }
+  function gpuMemoryWords(job) {
+    const parts = [];
+    if (job.gpu_memory) parts.push(gpuMemory(job));
+    else if (job.gpu_memory_absent) parts.push("not measured — " + job.gpu_memory_absent);
+    const peak = job.gpu_memory_peak;
+    if (peak) parts.push("peak " + [peak.job_mib !== undefined ? "job " + mib(peak.job_mib) : null,
+      peak.used_mib !== undefined ? "GPU " + mib(peak.used_mib) : null]
+      .filter(Boolean).join(", "));
+    return parts.join("; ");
+  }
+  // what "add N steps" can continue: a job that ended well enough (the daemon decides)
+  function extendable(job) {
+    return job.state === "completed" || job.state === "cancelled" ||
+      (job.state === "failed" && job.outcome === "preempted");
+  }
+
   function eta(job) {
     if (job.state !== "running" || !job.steps || job.step === null || !job.steps_per_second)
       return null;
@@ -156,7 +180,8 @@
     const empty = el("div", {class: "empty", text: "No jobs yet. Submit one with lorasup submit."});
     main.append(el("h1", {text: "Jobs"}), el("table", {},
       el("thead", {}, el("tr", {}, ...["id", "name", "state", "priority", "slot", "attempt",
-        "step", "last loss", "ETA", "outcome", ""].map((t) => el("th", {text: t})))),
+        "step", "last loss", "ETA", "outcome", "GPU memory",
+        ""].map((t) => el("th", {text: t})))),
       body), empty);
 
     function row(job) {
@@ -186,6 +211,8 @@
         el("td", {class: "num", text: fmt(job.loss)}),
         el("td", {class: "num", text: duration(eta(job))}),
         el("td", {text: job.outcome || "", title: job.reason || ""}),
+        el("td", {class: "num", "data-testid": "gpu-memory", text: gpuMemory(job),
+                  title: job.gpu_memory ? "" : (job.gpu_memory_absent || "")}),
         actions);
       return tr;
     }
@@ -221,6 +248,14 @@
     const title = el("h1", {text: `Job ${id}`});
     const facts = el("div", {class: "facts"});
     const buttons = el("div", {class: "controls"});
+    const memory = el("div", {class: "facts", "data-testid": "gpu-memory"});
+    // "add N steps": kept across redraws of the buttons (a number being typed stays)
+    const extendSteps = el("input", {type: "number", min: "1", step: "1", value: "100",
+                                     "data-testid": "extend-steps", "aria-label": "steps to add"});
+    const extendError = el("span", {class: "error", "data-testid": "extend-error"});
+    const extendBox = el("span", {class: "extend"}, "add ", extendSteps, " steps ",
+      el("button", {"data-testid": "extend", onclick: () => extendJob()}, "add steps"), " ",
+      extendError);
     const emaLabel = el("span", {text: "0.90"});
     const controls = el("div", {class: "controls"},
       el("label", {}, "EMA ", el("input", {type: "range", min: "0", max: "0.99", step: "0.01",
@@ -240,7 +275,7 @@
     const markerList = el("div", {class: "markers"});
     const stall = el("div", {class: "stall", hidden: true});
     const logTail = el("pre", {"data-testid": "log-tail"});
-    main.append(title, facts, buttons, stall, controls, chart, markerList,
+    main.append(title, facts, memory, buttons, stall, controls, chart, markerList,
                 el("h2", {text: "seconds per step"}), paceChart,
                 el("h2", {text: "trainer log (last 200 lines)"}), logTail);
 
@@ -253,7 +288,10 @@
         ["outcome", job.outcome], ["reason", job.reason]];
       facts.replaceChildren(...items.filter(([, v]) => v !== null && v !== undefined && v !== "")
         .map(([k, v]) => el("span", {"data-testid": "fact-" + k}, el("b", {text: k}), String(v))));
+      memory.replaceChildren(el("b", {text: "GPU memory"}),
+                             gpuMemoryWords(job) || "not measured");
       buttons.replaceChildren();
+      if (extendable(job)) buttons.append(extendBox);
       if (job.state === "queued") {
         buttons.append(el("button", {"data-testid": "priority-up",
                                      onclick: () => movePriority(job, 1)}, "priority ▲"),
@@ -264,6 +302,23 @@
         buttons.append(el("button", {class: "danger", "data-testid": "cancel",
                                      onclick: () => cancelJob(job)}, "cancel (stop and save)"));
       }
+    }
+
+    async function extendJob() {
+      extendError.textContent = "";
+      const n = Number(extendSteps.value);
+      if (!Number.isInteger(n) || n < 1) {
+        extendError.textContent = "steps: a whole number of at least 1";
+        return;
+      }
+      const total = (job.steps || 0) + n;
+      if (!(await ask(`Add ${n} steps to job ${job.id} (${job.name})? A new job continues it ` +
+                      `from its last save to ${total} steps in all.`))) return;
+      try {
+        const made = await api(`/jobs/${job.id}/extend`,
+                               {method: "POST", body: JSON.stringify({steps: n})});
+        location.assign(`/jobs/${made.id}`);
+      } catch (e) { extendError.textContent = "add steps: " + e.message; }
     }
 
     // the points: history buckets, then the live tail (one point per step)

@@ -2,7 +2,9 @@
 
 The GPUs and the processes on them come from the JSON file named by ``$FAKE_NVML``
 (``{"count": 2, "holders": {"0": [1234]}}``), read on every call, so a test can change
-what the daemon sees while it runs.
+what the daemon sees while it runs. Memory, where a test gives it: ``"memory": {"0":
+[used_bytes, total_bytes]}`` per device and ``"used": {"1234": bytes}`` per process (a
+process not named there has ``usedGpuMemory`` None, as NVML reports without the rights).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ class NVMLError(Exception):
 @dataclass
 class _Process:
     pid: int
-    usedGpuMemory: int = 0  # pynvml spells it so
+    usedGpuMemory: int | None = None  # pynvml spells it so
 
 
 def _state() -> dict:
@@ -43,7 +45,25 @@ def nvmlDeviceGetHandleByIndex(index: int) -> int:
 
 
 def nvmlDeviceGetComputeRunningProcesses(handle: int) -> list[_Process]:
-    return [_Process(pid) for pid in _state().get("holders", {}).get(str(handle), [])]
+    state = _state()
+    used = state.get("used", {})
+    return [_Process(pid, used.get(str(pid)))
+            for pid in state.get("holders", {}).get(str(handle), [])]
+
+
+@dataclass
+class _Memory:
+    total: int
+    free: int
+    used: int
+
+
+def nvmlDeviceGetMemoryInfo(handle: int) -> _Memory:
+    found = _state().get("memory", {}).get(str(handle))
+    if found is None:
+        raise NVMLError("Not Supported")
+    used, total = found
+    return _Memory(total=total, free=total - used, used=used)
 
 
 def nvmlDeviceGetGraphicsRunningProcesses(handle: int) -> list[_Process]:
