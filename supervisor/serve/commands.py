@@ -1,4 +1,5 @@
-"""The daemon's commands on the ``lorasup`` CLI: serve, submit, ps, cancel, logs, show.
+"""The daemon's commands on the ``lorasup`` CLI: submit, ps, cancel, extend, logs, show
+(and ``serve``, from servecommand.py).
 
 Registered from cli.py with one call, ``register(app)``; everything heavy (uvicorn,
 starlette, httpx, prometheus_client) is imported inside the commands, so ``lorasup --help``
@@ -8,7 +9,6 @@ stays fast.
 from __future__ import annotations
 
 import json
-import math
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -16,15 +16,7 @@ from typing import Annotated, Any
 import typer
 from typer.core import TyperCommand
 
-USAGE_EXIT = 2
-
-StateDir = Annotated[Path | None, typer.Option(
-    help="state directory [$LORASUP_STATE_DIR, $STATE_DIRECTORY, ~/.local/state/lorasup]")]
-
-
-def _fail(message: str, code: int = USAGE_EXIT) -> typer.Exit:
-    typer.echo(f"lorasup: error: {message}", err=True)
-    return typer.Exit(code)
+from lorasup.supervisor.serve.cliparts import StateDir, fail
 
 
 def _client(state_dir: Path | None) -> Any:
@@ -46,127 +38,7 @@ def _call(state_dir: Path | None, operation: Any) -> Any:
             for line in exc.errors:
                 typer.echo(f"  {line}", err=True)
             raise typer.Exit(exc.code) from None
-        raise _fail(str(exc), exc.code) from None
-
-
-def _daemon_config(config: Path | None) -> dict[str, Any]:
-    """``--config``: daemon-wide settings (``[notify]``, ``retry_backoff``)."""
-    import tomllib
-
-    from lorasup.supervisor.serve.jobspec import JobError, check_notify
-
-    if config is None:
-        return {}
-    try:
-        data = tomllib.loads(config.read_text(encoding="utf-8"))
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise _fail(f"cannot read config file {config}: {exc}") from None
-    unknown = sorted(set(data) - {"notify", "retry_backoff"})
-    if unknown:
-        raise _fail(f"{config}: unknown key {unknown[0]!r} (known: notify, retry_backoff)")
-    try:
-        notify = check_notify(data.get("notify"))
-    except JobError as exc:
-        raise _fail(f"{config}: {exc}") from None
-    backoff = data.get("retry_backoff", 10.0)
-    if isinstance(backoff, bool) or not isinstance(backoff, int | float) or not _seconds(backoff):
-        raise _fail(f"{config}: retry_backoff must be a number of seconds from 0 to "
-                    f"{_max_seconds()} (ten years)")
-    return {"notify": notify, "retry_backoff": float(backoff)}
-
-
-def _max_seconds() -> int:
-    from lorasup.supervisor.config import MAX_SECONDS  # pydantic: not at every CLI start
-
-    return MAX_SECONDS
-
-
-def _seconds(value: float) -> bool:
-    """A duration the daemon can do arithmetic with: finite, 0..MAX_SECONDS (config.py)."""
-    return math.isfinite(value) and 0 <= value <= _max_seconds()
-
-
-def serve(
-    state_dir: StateDir = None,
-    slots: Annotated[int, typer.Option(help="runs at once on a machine without GPUs")] = 1,
-    gpus: Annotated[str, typer.Option(help="auto, none or a list like 0,1: one slot per GPU")
-                    ] = "auto",
-    until_empty: Annotated[bool, typer.Option(
-        "--until-empty", help="exit 0 once the queue has been empty, with nothing "
-                              "running, for --idle seconds")] = False,
-    idle: Annotated[float, typer.Option(
-        metavar="S", help="with --until-empty: seconds of an empty queue (from the start or "
-                          "the last job's end) before exiting")] = 10.0,
-    listen: Annotated[str | None, typer.Option(
-        help="also serve the API on HOST:PORT (needs --token-file)")] = None,
-    token_file: Annotated[Path | None, typer.Option(
-        help="file holding the bearer token for --listen")] = None,
-    tls_cert: Annotated[Path | None, typer.Option(
-        help="with --listen: serve HTTPS with this certificate (PEM, chain included)")] = None,
-    tls_key: Annotated[Path | None, typer.Option(
-        help="with --tls-cert: its private key (PEM, unencrypted)")] = None,
-    insecure_listen: Annotated[bool, typer.Option(
-        "--insecure-listen", help="allow --listen on a non-loopback address in plain HTTP "
-                                  "(the token crosses the network readable)")] = False,
-    config: Annotated[Path | None, typer.Option(
-        help="daemon TOML: a notify table (webhook, secret, format), retry_backoff")] = None,
-    retry_backoff: Annotated[float | None, typer.Option(
-        help="seconds before the first retry, doubling after [10]")] = None,
-    log_format: Annotated[str, typer.Option(help="auto, json or console")] = "auto",
-) -> None:
-    import anyio
-
-    from lorasup.supervisor import logs
-    from lorasup.supervisor.serve import paths
-    from lorasup.supervisor.serve.daemon import Daemon, DaemonConfig
-    from lorasup.supervisor.serve.errors import ApiError
-    from lorasup.supervisor.serve.gpus import GpuSpecError
-
-    if log_format not in ("auto", "json", "console"):
-        raise _fail(f"--log-format must be auto, json or console, not {log_format!r}")
-    token = tls = None
-    if listen is None and (tls_cert or tls_key):
-        raise _fail("--tls-cert/--tls-key need --listen (the UNIX socket speaks no TLS)")
-    if listen is not None:
-        if token_file is None:
-            raise _fail("--listen needs --token-file (the API on TCP requires a bearer token)")
-        from lorasup.supervisor.serve import listening
-
-        try:
-            tls = listening.check_tls(tls_cert, tls_key)
-            listening.check_listen(listen, tls, insecure_listen)
-        except listening.ListenError as exc:
-            raise _fail(str(exc)) from None
-        try:
-            token = token_file.read_text(encoding="utf-8").strip()
-        except OSError as exc:
-            raise _fail(f"cannot read --token-file {token_file}: {exc.strerror}") from None
-        if len(token) < 16:
-            raise _fail(f"the token in {token_file} is too short (16 characters at least)")
-    settings = _daemon_config(config)
-    if retry_backoff is not None:
-        if not _seconds(retry_backoff):
-            raise _fail(f"--retry-backoff must be a number of seconds from 0 to "
-                        f"{_max_seconds()}")
-        settings["retry_backoff"] = retry_backoff
-    if not _seconds(idle):
-        raise _fail(f"--idle must be a number of seconds from 0 to {_max_seconds()}")
-    from lorasup.supervisor.config import SLOTS_RANGE
-
-    if not SLOTS_RANGE[0] <= slots <= SLOTS_RANGE[1]:
-        raise _fail(f"--slots must be from {SLOTS_RANGE[0]} to {SLOTS_RANGE[1]}")
-    logs.configure(log_format)  # type: ignore[arg-type]
-    try:
-        daemon = Daemon(DaemonConfig(state_dir=paths.state_dir(state_dir), slots=slots,
-                                     gpus=gpus, until_empty=until_empty, idle=idle,
-                                     listen=listen, token=token, tls=tls,
-                                     **settings))
-        code = anyio.run(daemon.run)
-    except (ApiError, GpuSpecError) as exc:
-        raise _fail(getattr(exc, "message", str(exc))) from None
-    except OSError as exc:
-        raise _fail(f"cannot use the state directory: {exc}") from None
-    raise typer.Exit(code)
+        raise fail(str(exc), exc.code) from None
 
 
 class SubmitCommand(TyperCommand):
@@ -249,7 +121,7 @@ def _offline(state_dir: Path | None, why: Any) -> Any:
     try:
         jobs = OfflineJobs(state)
     except (NoDatabase, sqlite3.Error, OSError):
-        raise _fail(str(why), why.code) from None
+        raise fail(str(why), why.code) from None
     typer.echo(f"lorasup: the daemon is not running; jobs as last recorded in "
                f"{state / paths.DB_NAME}", err=True)
     return jobs
@@ -270,14 +142,14 @@ def _read(state_dir: Path | None, online: Any, offline: Any) -> Any:
         try:
             return offline(jobs)
         except ApiError as error:
-            raise _fail(error.message) from None
+            raise fail(error.message) from None
         finally:
             jobs.close()
     except Exception as exc:
         from lorasup.supervisor.serve.client import ClientError
 
         if isinstance(exc, ClientError):
-            raise _fail(str(exc), exc.code) from None
+            raise fail(str(exc), exc.code) from None
         raise
 
 
@@ -407,6 +279,8 @@ def show(
 
 def register(app: typer.Typer) -> None:
     """Add the daemon's commands to the ``lorasup`` app."""
+    from lorasup.supervisor.serve.servecommand import serve
+
     app.command(help="Run the queue daemon: jobs from `lorasup submit`, one run per slot.")(
         serve)
     app.command(cls=SubmitCommand, context_settings={"allow_extra_args": True},
