@@ -23,7 +23,8 @@ def test_add_steps_from_the_run_page_continues_the_job(browser, served, tmp_path
     page = context.new_page()
     requests: list[str] = []
     page.on("request", lambda r: requests.append(r.url))
-    page.goto(f"{origin}/jobs/{first}#token={TOKEN}")
+    page.goto(f"{origin}/jobs/{first}?token={TOKEN}")
+    assert page.url == f"{origin}/jobs/{first}"  # exchanged for the session cookie
     page.wait_for_selector('[data-testid=fact-state]:has-text("completed")', timeout=10_000)
     # CPU slots: the memory is not measured, and the page says why
     page.wait_for_selector('[data-testid=gpu-memory]:has-text("not measured — CPU slot")')
