@@ -97,7 +97,8 @@ class _Rows:
             row -= 1
             if row < first:
                 return None
-            line = STEP_LINE.match(seg, seg.rfind(b"\n", 0, line.start() - 1) + 1)  # type: ignore[assignment]
+            above = seg.rfind(b"\n", 0, line.start() - 1) + 1  # the line before
+            line = STEP_LINE.match(seg, above)  # type: ignore[assignment]
 
 
 def _number(value: Any) -> float | None:
