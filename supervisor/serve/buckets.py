@@ -14,6 +14,10 @@ from typing import Any
 BASE_BUCKETS = 4096
 
 
+def finite(values: list[float]) -> list[float]:
+    return [v for v in values if math.isfinite(v)]
+
+
 @dataclass(slots=True)
 class Bucket:
     first: int
@@ -61,6 +65,21 @@ class Bucket:
             self.t = other.t if self.t is None else max(self.t, other.t)
         self.pace_sum += other.pace_sum
         self.pace_n += other.pace_n
+
+    @classmethod
+    def of(cls, first: int, last: int, losses: list[float]) -> Bucket:
+        """A bucket of consecutive losses at once (the series' bulk path): their count,
+        sum, finite min and max, and how many are NaN/inf."""
+        out = cls(first, last, count=len(losses))
+        out.total = sum(losses)
+        if not math.isfinite(out.total):  # a NaN/inf (or an overflow): the finite ones
+            losses = finite(losses)
+            out.total = sum(losses)
+            out.nonfinite = out.count - len(losses)
+        out.finite = len(losses)
+        if losses:
+            out.low, out.high = min(losses), max(losses)
+        return out
 
     def as_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"first": self.first, "last": self.last, "count": self.count,

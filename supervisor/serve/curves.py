@@ -16,6 +16,7 @@ import bisect
 import itertools
 import json
 import math
+import operator
 import re
 import threading
 from collections import OrderedDict
@@ -39,6 +40,15 @@ STEP_LINE = re.compile(
     rb'\{"t":([-0-9.e+]+),"kind":"step","step":([0-9]{1,18})(?:,"total":([0-9]{1,18}))?'
     rb'(?:,"loss":("?[-0-9.e+naif]+"?))?(?:,"avg_loss":("?[-0-9.e+naif]+"?))?'
     rb'(?:,"lr":("?[-0-9.e+naif]+"?))?(?:,"epoch":([0-9]{1,18}))?\}')
+#: the bulk path's pass over a run of step records: each line whole, only the fields read
+#: for every row kept (step, loss, avg_loss, epoch); the rest is read where it is needed
+STEP_ROWS = re.compile(
+    rb'(?m)^\{"t":[-0-9.e+]++,"kind":"step","step":(0|[1-9][0-9]{0,17}+)'
+    rb'(?:,"total":[0-9]{1,18}+)?+'
+    rb'(?:,"loss":("?[-0-9.e+naif]++"?))?+(?:,"avg_loss":("?[-0-9.e+naif]++"?))?+'
+    rb'(?:,"lr":"?[-0-9.e+naif]++"?)?+(?:,"epoch":([0-9]{1,18}+))?+\}\n')
+_STEP, _LOSS, _EPOCH = (operator.itemgetter(g) for g in (0, 1, 3))
+STEP_TOTAL = re.compile(rb'"total":([0-9]{1,18})')
 #: where a record that is not a step names its kind (markers, starts, outcomes)
 OTHER_KIND = re.compile(rb'"kind":\s*"(?!step")')
 #: outcomes that mean the run stopped making progress (the page's stall panel)
@@ -46,6 +56,49 @@ STALL_OUTCOMES = ("stalled", "hung", "no_progress")
 MARKER_KINDS = {"checkpoint": "checkpoint", "resumed": "resume", "signal": "signal",
                 "outcome": "outcome", "started": "resume", "problem": "problem",
                 "stacks": "stacks"}
+
+
+class _Rows:
+    """Where the bulk path's rows are in their segment, found when a bucket needs one's
+    time or lr: each row is one whole line (STEP_ROWS matched it), its step written without
+    leading zeros and followed by a comma (a loss or avg_loss follows), and the steps are
+    sorted, so a row is found by its step, searched from the last row found."""
+
+    def __init__(self, segment: bytes, steps: list[int]) -> None:
+        self.segment, self.steps = segment, steps
+        self.row, self.at = 0, 0  # a row, and where its line starts
+
+    def line(self, row: int) -> re.Match[bytes]:
+        """``row``'s line, matched by STEP_LINE (rows asked for in order)."""
+        seg, steps, at, known = self.segment, self.steps, self.at, self.row
+        if row > known:
+            step = steps[row]
+            first = row if steps[row - 1] < step else bisect.bisect_left(
+                steps, step, known, row)
+            if first > known:  # a larger step: its first row is the first line naming it
+                at = seg.rfind(b"\n", 0, seg.index(b',"step":%d,' % step, at)) + 1
+            else:
+                first = known
+            for _ in range(row - first):  # a repeated step: the lines after its first
+                at = seg.index(b"\n", at) + 1
+            self.row, self.at = row, at
+        return STEP_LINE.match(seg, at)  # type: ignore[return-value]
+
+    def lr(self, line: re.Match[bytes], row: int, first: int) -> float | None:
+        """The last finite lr of rows ``first..row`` (what the line path keeps), ``line``
+        being ``row``'s."""
+        seg = self.segment
+        while True:
+            text = line.group(6)
+            if text is not None:
+                lr = float(text.strip(b'"'))
+                if math.isfinite(lr):
+                    return lr
+            row -= 1
+            if row < first:
+                return None
+            above = seg.rfind(b"\n", 0, line.start() - 1) + 1  # the line before
+            line = STEP_LINE.match(seg, above)  # type: ignore[assignment]
 
 
 def _number(value: Any) -> float | None:
@@ -100,6 +153,10 @@ class Curves:
 
     def _block(self, attempt: int, block: bytes) -> None:
         """Whole lines: runs of step records in bulk, every other line on its own."""
+        lines = block.count(b"\n")
+        if block.count(b'"kind":"step"') == lines:  # no OTHER_KIND scan: if a line is not
+            # a step after all (one naming "step" twice), _steps goes line by line
+            return self._steps(attempt, block, lines)
         at = 0
         for other in OTHER_KIND.finditer(block):
             start = block.rfind(b"\n", 0, other.start()) + 1
@@ -113,57 +170,57 @@ class Curves:
         if at < len(block):
             self._steps(attempt, block[at:])
 
-    def _steps(self, attempt: int, segment: bytes) -> None:
+    def _steps(self, attempt: int, segment: bytes, lines: int | None = None) -> None:
         """A run of step records (one a line): parsed by one regex pass and folded a bucket
-        at a time (a million steps in about a second); anything unusual (a gap in a field,
-        steps out of order) goes line by line."""
-        rows = STEP_LINE.findall(segment)
+        at a time (a million steps in about a second); anything unusual (a line of another
+        shape, a step without a loss, steps out of order) goes line by line. Only steps and
+        losses are read for every row; a bucket's time, lr and pace come from its last rows,
+        parsed when the bucket is made, and so does a NaN marker's time."""
+        rows = STEP_ROWS.findall(segment)
+        n = len(rows)
         b = self.buckets
-        if len(rows) != segment.count(b"\n") or not rows or self._start is None:
+        if lines is None:
+            lines = segment.count(b"\n")
+        if not rows or n != lines or self._start is None:
             return self._slowly(attempt, segment)
-        times, steps, totals, losses, avgs, lrs, epochs = (
-            [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows],
-            [r[3] for r in rows], [r[4] for r in rows], [r[5] for r in rows],
-            [r[6] for r in rows])
-        steps_i = list(map(int, steps))
-        chosen = losses if b"" not in losses else avgs
-        if b"" in chosen or b"" in times or steps_i != sorted(steps_i) or (
-                b.base is not None and steps_i[0] < b.base):
+        steps = list(map(int, map(_STEP, rows)))
+        chosen = list(map(_LOSS, rows))
+        if b"" in chosen:  # the line path takes loss, else avg_loss, row by row
+            chosen = [row[1] or row[2] for row in rows]
+            if b"" in chosen:
+                return self._slowly(attempt, segment)
+        if sorted(steps) != steps or (b.base is not None and steps[0] < b.base):
             return self._slowly(attempt, segment)
-        quoted = b'"nan"' in segment or b'"inf"' in segment or b'"-inf"' in segment
-        values = [float(v.strip(b'"')) for v in chosen] if quoted else list(map(float, chosen))
-        t = list(map(float, times))
-        lr = None if lrs[0] == b"" or b"" in lrs else (
-            [float(v.strip(b'"')) for v in lrs] if quoted else list(map(float, lrs)))
-        n = len(steps_i)
+        try:
+            values = list(map(float, chosen))
+        except ValueError:  # "nan", "inf", "-inf" as JSON strings
+            values = [float(v.strip(b'"')) for v in chosen]
+        line = _Rows(segment, steps)
+        has_lr = b',"lr":' in segment
+        start = self._start
         if b.base is None:
-            b.base = steps_i[0]
+            b.base = steps[0]
         prev = self._prev
         i = 0
         while i < n:
-            k = (steps_i[i] - b.base) // b.width
+            k = (steps[i] - b.base) // b.width
             if k >= b.capacity:
                 b._double()
                 continue
-            j = bisect.bisect_left(steps_i, b.base + (k + 1) * b.width, i)
-            part = values[i:j]
-            chunk = Bucket(steps_i[i], steps_i[j - 1], count=j - i)
-            finite = part if not quoted else [v for v in part if math.isfinite(v)]
-            chunk.finite = len(finite)
-            chunk.nonfinite = chunk.count - chunk.finite
-            if finite:
-                chunk.total, chunk.low, chunk.high = sum(finite), min(finite), max(finite)
+            j = bisect.bisect_left(steps, b.base + (k + 1) * b.width, i)
+            chunk = Bucket.of(steps[i], steps[j - 1], values[i:j])
             for at in range(i, j) if chunk.nonfinite else ():
                 if not math.isfinite(values[at]):
-                    self._marker({"kind": "nan", "step": steps_i[at],
-                                  "t": self._start + t[at], "attempt": attempt})
-            if lr is not None and math.isfinite(lr[j - 1]):
-                chunk.lr = lr[j - 1]
-            chunk.t = self._start + t[j - 1]
-            if prev is not None and steps_i[j - 1] > prev[1] and t[j - 1] > prev[0]:
-                chunk.pace_sum, chunk.pace_n = (t[j - 1] - prev[0]) / (
-                    steps_i[j - 1] - prev[1]), 1
-            prev = (t[j - 1], steps_i[j - 1])
+                    self._marker({"kind": "nan", "step": steps[at], "attempt": attempt,
+                                  "t": start + float(line.line(at).group(1))})
+            end = line.line(j - 1)
+            t, last = float(end.group(1)), steps[j - 1]
+            if has_lr:
+                chunk.lr = line.lr(end, j - 1, i)
+            chunk.t = start + t
+            if prev is not None and last > prev[1] and t > prev[0]:
+                chunk.pace_sum, chunk.pace_n = (t - prev[0]) / (last - prev[1]), 1
+            prev = (t, last)
             into = b.slots.get(k)
             if into is None:
                 b.slots[k] = chunk
@@ -171,18 +228,19 @@ class Curves:
                 into.merge(chunk)
             i = j
         self._prev = prev
-        self.last_step = steps_i[-1]
-        at = 0
-        for epoch, run in itertools.groupby(epochs):  # runs of one epoch, summed at once
-            length = sum(1 for _ in run)
-            if epoch:
-                part = values[at:at + length]
-                finite = part if not quoted else [v for v in part if math.isfinite(v)]
-                self._epoch(int(epoch), sum(finite), len(finite), steps_i[at + length - 1])
-            at += length
-        last_total = next((x for x in reversed(totals) if x), b"")
-        if last_total:
-            self.steps_total = int(last_total)
+        self.last_step = steps[-1]
+        epochs = list(map(_EPOCH, rows))
+        if any(epochs):
+            at = 0
+            for epoch, run in itertools.groupby(epochs):  # runs of one epoch, summed at once
+                length = sum(1 for _ in run)
+                if epoch:
+                    part = Bucket.of(0, 0, values[at:at + length])
+                    self._epoch(int(epoch), part.total, part.finite, steps[at + length - 1])
+                at += length
+        last_total = STEP_TOTAL.match(segment, segment.rfind(b',"total":') + 1)
+        if last_total is not None:
+            self.steps_total = int(last_total.group(1))
         return None
 
     def _slowly(self, attempt: int, segment: bytes) -> None:
