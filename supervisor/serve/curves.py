@@ -16,7 +16,6 @@ import bisect
 import itertools
 import json
 import math
-import operator
 import re
 import threading
 from collections import OrderedDict
@@ -25,6 +24,15 @@ from pathlib import Path
 from typing import Any
 
 from lorasup.supervisor.serve.buckets import BASE_BUCKETS, Bucket, Buckets
+from lorasup.supervisor.serve.steprows import (
+    ROW_EPOCH,
+    ROW_LOSS,
+    ROW_STEP,
+    STEP_LINE,
+    STEP_ROWS,
+    STEP_TOTAL,
+    Rows,
+)
 
 MAX_POINTS = BASE_BUCKETS
 #: markers kept per job (the first ones of each kind, then only counted)
@@ -34,21 +42,6 @@ CACHED_JOBS = 16
 #: epochs whose mean is kept per job (later epochs are counted, not kept)
 MAX_EPOCHS = 10_000
 READ_BLOCK = 4 * 1024 * 1024
-#: a step record as events.step_json writes it (the fast path; anything else goes through
-#: json.loads): t, step, total, loss, avg_loss, lr
-STEP_LINE = re.compile(
-    rb'\{"t":([-0-9.e+]+),"kind":"step","step":([0-9]{1,18})(?:,"total":([0-9]{1,18}))?'
-    rb'(?:,"loss":("?[-0-9.e+naif]+"?))?(?:,"avg_loss":("?[-0-9.e+naif]+"?))?'
-    rb'(?:,"lr":("?[-0-9.e+naif]+"?))?(?:,"epoch":([0-9]{1,18}))?\}')
-#: the bulk path's pass over a run of step records: each line whole, only the fields read
-#: for every row kept (step, loss, avg_loss, epoch); the rest is read where it is needed
-STEP_ROWS = re.compile(
-    rb'(?m)^\{"t":[-0-9.e+]++,"kind":"step","step":(0|[1-9][0-9]{0,17}+)'
-    rb'(?:,"total":[0-9]{1,18}+)?+'
-    rb'(?:,"loss":("?[-0-9.e+naif]++"?))?+(?:,"avg_loss":("?[-0-9.e+naif]++"?))?+'
-    rb'(?:,"lr":"?[-0-9.e+naif]++"?)?+(?:,"epoch":([0-9]{1,18}+))?+\}\n')
-_STEP, _LOSS, _EPOCH = (operator.itemgetter(g) for g in (0, 1, 3))
-STEP_TOTAL = re.compile(rb'"total":([0-9]{1,18})')
 #: where a record that is not a step names its kind (markers, starts, outcomes)
 OTHER_KIND = re.compile(rb'"kind":\s*"(?!step")')
 #: outcomes that mean the run stopped making progress (the page's stall panel)
@@ -56,49 +49,6 @@ STALL_OUTCOMES = ("stalled", "hung", "no_progress")
 MARKER_KINDS = {"checkpoint": "checkpoint", "resumed": "resume", "signal": "signal",
                 "outcome": "outcome", "started": "resume", "problem": "problem",
                 "stacks": "stacks"}
-
-
-class _Rows:
-    """Where the bulk path's rows are in their segment, found when a bucket needs one's
-    time or lr: each row is one whole line (STEP_ROWS matched it), its step written without
-    leading zeros and followed by a comma (a loss or avg_loss follows), and the steps are
-    sorted, so a row is found by its step, searched from the last row found."""
-
-    def __init__(self, segment: bytes, steps: list[int]) -> None:
-        self.segment, self.steps = segment, steps
-        self.row, self.at = 0, 0  # a row, and where its line starts
-
-    def line(self, row: int) -> re.Match[bytes]:
-        """``row``'s line, matched by STEP_LINE (rows asked for in order)."""
-        seg, steps, at, known = self.segment, self.steps, self.at, self.row
-        if row > known:
-            step = steps[row]
-            first = row if steps[row - 1] < step else bisect.bisect_left(
-                steps, step, known, row)
-            if first > known:  # a larger step: its first row is the first line naming it
-                at = seg.rfind(b"\n", 0, seg.index(b',"step":%d,' % step, at)) + 1
-            else:
-                first = known
-            for _ in range(row - first):  # a repeated step: the lines after its first
-                at = seg.index(b"\n", at) + 1
-            self.row, self.at = row, at
-        return STEP_LINE.match(seg, at)  # type: ignore[return-value]
-
-    def lr(self, line: re.Match[bytes], row: int, first: int) -> float | None:
-        """The last finite lr of rows ``first..row`` (what the line path keeps), ``line``
-        being ``row``'s."""
-        seg = self.segment
-        while True:
-            text = line.group(6)
-            if text is not None:
-                lr = float(text.strip(b'"'))
-                if math.isfinite(lr):
-                    return lr
-            row -= 1
-            if row < first:
-                return None
-            above = seg.rfind(b"\n", 0, line.start() - 1) + 1  # the line before
-            line = STEP_LINE.match(seg, above)  # type: ignore[assignment]
 
 
 def _number(value: Any) -> float | None:
@@ -183,8 +133,8 @@ class Curves:
             lines = segment.count(b"\n")
         if not rows or n != lines or self._start is None:
             return self._slowly(attempt, segment)
-        steps = list(map(int, map(_STEP, rows)))
-        chosen = list(map(_LOSS, rows))
+        steps = list(map(int, map(ROW_STEP, rows)))
+        chosen = list(map(ROW_LOSS, rows))
         if b"" in chosen:  # the line path takes loss, else avg_loss, row by row
             chosen = [row[1] or row[2] for row in rows]
             if b"" in chosen:
@@ -195,7 +145,7 @@ class Curves:
             values = list(map(float, chosen))
         except ValueError:  # "nan", "inf", "-inf" as JSON strings
             values = [float(v.strip(b'"')) for v in chosen]
-        line = _Rows(segment, steps)
+        line = Rows(segment, steps)
         has_lr = b',"lr":' in segment
         start = self._start
         if b.base is None:
@@ -229,7 +179,7 @@ class Curves:
             i = j
         self._prev = prev
         self.last_step = steps[-1]
-        epochs = list(map(_EPOCH, rows))
+        epochs = list(map(ROW_EPOCH, rows))
         if any(epochs):
             at = 0
             for epoch, run in itertools.groupby(epochs):  # runs of one epoch, summed at once
