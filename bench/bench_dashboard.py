@@ -101,24 +101,19 @@ def main() -> int:
                 context = browser.new_context()
                 page = context.new_page()
                 page.goto(f"{origin}/?token={TOKEN}")
-                timing: dict[str, Any] = {}
-
-                def seen(response: Any, timing: dict[str, Any] = timing) -> None:
-                    if "/series" in response.url:
-                        timing["rows"] = len(response.json()["count"])
-                        timing["series_s"] = response.request.timing["responseEnd"] / 1000
-
-                page.on("response", seen)
                 started = time.monotonic()
-                page.goto(f"{origin}/jobs/{ident}")
+                with page.expect_response(lambda r: "/series" in r.url,
+                                          timeout=60_000) as answer:
+                    page.goto(f"{origin}/jobs/{ident}")
                 page.wait_for_function(
                     "() => Number(document.querySelector('[data-testid=loss-chart]')"
                     "?.dataset.points) > 0", timeout=60_000)
                 pages.append(time.monotonic() - started)
-                series.append(timing.get("series_s", float("nan")))
+                response = answer.value
+                rows = len(response.json()["count"])
+                series.append(response.request.timing["responseEnd"] / 1000)
                 print(f"page drawn {pages[-1]:.2f} s; /series answered in "
-                      f"{series[-1]:.2f} s with {timing.get('rows')} rows "
-                      f"(points={args.points})")
+                      f"{series[-1]:.2f} s with {rows} rows (points={args.points})")
                 context.close()
             browser.close()
         stop(daemon)
