@@ -81,27 +81,30 @@ class GpuMemory(DaemonParts):
             return
         self._gpu_memory_off = None
         while True:
-            runs = [run for run in self.running.values() if self._devices(run)]
-            wanted = [(run.job_id, self._devices(run), [
-                pid for pid in (run.identity.pid if run.identity else None,
-                                run.progress.trainer_pid) if pid is not None])
-                for run in runs]
-            if wanted:
-                try:
-                    found = await anyio.to_thread.run_sync(_sample, wanted)
-                except Exception as exc:  # a fault here never takes the daemon down
-                    log.error("gpu_memory_sampling_failed", error=str(exc)[:200])
-                    found = {}
-                for run in runs:
-                    sample = found.get(run.job_id)
-                    if isinstance(sample, dict):
-                        run.gpu_memory, run.gpu_memory_off = sample, None
-                        self._keep_peak(run.job_id, sample)
-                    elif sample is not None:
-                        if run.gpu_memory_off != sample:
-                            log.warning("gpu_memory_unknown", job=run.job_id, why=sample)
-                        run.gpu_memory, run.gpu_memory_off = None, sample
+            try:
+                await self._sample_once()
+            except Exception as exc:  # a fault here never takes the daemon down
+                log.error("gpu_memory_sampling_failed", error=str(exc)[:200])
             await anyio.sleep(SAMPLE_SECONDS)
+
+    async def _sample_once(self) -> None:
+        runs = [run for run in self.running.values() if self._devices(run)]
+        wanted = [(run.job_id, self._devices(run), [
+            pid for pid in (run.identity.pid if run.identity else None,
+                            run.progress.trainer_pid) if pid is not None])
+            for run in runs]
+        if not wanted:
+            return
+        found = await anyio.to_thread.run_sync(_sample, wanted)
+        for run in runs:
+            sample = found.get(run.job_id)
+            if isinstance(sample, dict):
+                run.gpu_memory, run.gpu_memory_off = sample, None
+                self._keep_peak(run.job_id, sample)
+            elif sample is not None:
+                if run.gpu_memory_off != sample:
+                    log.warning("gpu_memory_unknown", job=run.job_id, why=sample)
+                run.gpu_memory, run.gpu_memory_off = None, sample
 
     def _devices(self, run: Running) -> tuple[str, ...]:
         return tuple(d for s in run.slots for d in s.devices)
