@@ -216,3 +216,41 @@ def test_a_page_on_another_port_cannot_use_the_session(browser, served) -> None:
         context.close()
         evil.shutdown()
         evil.server_close()
+
+
+def test_the_page_over_tls_signs_in_with_a_secure_cookie(browser, daemons, tmp_path: Path
+                                                         ) -> None:
+    """``--tls-cert/--tls-key``: the same page over HTTPS; the session cookie is ``Secure``
+    with the ``__Host-`` prefix (the certificate is trustme's, so the context skips its
+    check; tests/test_serve_session.py checks it with its CA)."""
+    trustme = pytest.importorskip("trustme", reason="pip trustme (the test extra) missing")
+    ca = trustme.CA()
+    issued = ca.issue_cert("127.0.0.1")
+    chain, key = tmp_path / "chain.pem", tmp_path / "key.pem"
+    issued.private_key_pem.write_to_path(str(key))
+    for i, pem in enumerate(issued.cert_chain_pems):
+        pem.write_to_path(str(chain), append=i > 0)
+    token = tmp_path / "token"
+    token.write_text(TOKEN, encoding="utf-8")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    d = daemons("--listen", f"127.0.0.1:{port}", "--token-file", str(token),
+                "--tls-cert", str(chain), "--tls-key", str(key)).start()
+    job = d.submit_ok(bar_job(5, 0.01))
+    d.wait(job)
+    origin = f"https://127.0.0.1:{port}"
+    context = browser.new_context(ignore_https_errors=True)
+    try:
+        page = context.new_page()
+        page.goto(f"{origin}/?token={TOKEN}")
+        assert page.url == f"{origin}/"
+        page.wait_for_selector("#conn.live")
+        page.wait_for_selector(f'[data-testid=job-row][data-job-id="{job}"]'
+                               '[data-state="completed"]')
+        [cookie] = context.cookies()
+        assert cookie["name"] == f"__Host-lorasup_{port}"
+        assert (cookie["secure"], cookie["httpOnly"], cookie["sameSite"]) == (
+            True, True, "Strict")
+    finally:
+        context.close()
