@@ -43,6 +43,11 @@ def _complete_run(ctx: typer.Context, incomplete: str) -> list[str]:
 _RUN_HELP = "a run directory, or a run id under --logs-dir"
 _LOGS_DIR_HELP = f"where run ids are looked up {_default(DEFAULT_LOGS_DIR)}"
 _JSON_HELP = "JSON on stdout (the default when stdout is not a terminal)"
+RunArgument = Annotated[str, typer.Argument(metavar="RUN", help=_RUN_HELP,
+                                            autocompletion=_complete_run)]
+LogsDirOption = Annotated[Path, typer.Option(metavar="DIR", help=_LOGS_DIR_HELP,
+                                             show_default=False)]
+JsonFlag = Annotated[bool, typer.Option("--json", help=_JSON_HELP)]
 
 
 def _find(run: str, logs_dir: Path) -> Path:
@@ -59,15 +64,12 @@ def _want_json(flag: bool) -> bool:
 
 
 def report(
-    run: Annotated[str, typer.Argument(
-        metavar="RUN", help=_RUN_HELP, autocompletion=_complete_run)],
-    logs_dir: Annotated[Path, typer.Option(metavar="DIR", help=_LOGS_DIR_HELP,
-                                                     show_default=False)
-                        ] = DEFAULT_LOGS_DIR,
+    run: RunArgument,
+    logs_dir: LogsDirOption = DEFAULT_LOGS_DIR,
     log_format: Annotated[str, typer.Option(
         metavar="FORMAT", help="auto, json or console (on stderr) [default: auto]",
         show_default=False)] = "auto",
-    as_json: Annotated[bool, typer.Option("--json", help=_JSON_HELP)] = False,
+    as_json: JsonFlag = False,
 ) -> None:
     from lorasup.supervisor import logs
     from lorasup.supervisor.report.read import rebuild
@@ -86,12 +88,9 @@ def report(
 
 
 def status(
-    run: Annotated[str, typer.Argument(
-        metavar="RUN", help=_RUN_HELP, autocompletion=_complete_run)],
-    logs_dir: Annotated[Path, typer.Option(metavar="DIR", help=_LOGS_DIR_HELP,
-                                                     show_default=False)
-                        ] = DEFAULT_LOGS_DIR,
-    as_json: Annotated[bool, typer.Option("--json", help=_JSON_HELP)] = False,
+    run: RunArgument,
+    logs_dir: LogsDirOption = DEFAULT_LOGS_DIR,
+    as_json: JsonFlag = False,
     slurm: Annotated[bool, typer.Option(
         "--slurm", help="RUN is a SLURM job id (lorasup sbatch): its state and attempts")
     ] = False,
