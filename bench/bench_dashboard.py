@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from serve_common import env
+from serve_common import start_daemon
 
 BENCH = Path(__file__).resolve().parent
 TOKEN = "bench-" + "d" * 26
@@ -38,22 +38,8 @@ def free_port() -> int:
 
 def start(state: Path, port: int, token: Path, log: Any) -> tuple[subprocess.Popen[bytes],
                                                                     httpx.Client]:
-    daemon = subprocess.Popen(
-        [sys.executable, "-m", "lorasup", "serve", "--state-dir", str(state), "--gpus", "none",
-         "--log-format", "json", "--listen", f"127.0.0.1:{port}", "--token-file", str(token)],
-        stdout=log, stderr=subprocess.STDOUT, env=env())
-    http = httpx.Client(transport=httpx.HTTPTransport(uds=str(state / "lorasup.sock")),
-                        base_url="http://lorasup", timeout=30,
-                        headers={"X-Lorasup-CSRF": "1"})
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            if http.get("/healthz").status_code == 200:
-                return daemon, http
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.05)
-    raise SystemExit("the daemon did not answer within 30 s")
+    return start_daemon(state, log, "--listen", f"127.0.0.1:{port}", "--token-file",
+                        str(token))
 
 
 def stop(daemon: subprocess.Popen[bytes]) -> None:

@@ -33,14 +33,18 @@ def job_spec(name: str, retries: int = 0) -> JobSpec:
                    steps=100, grace=30.0, run_dir=None, logs_dir=None)
 
 
-def start_daemon(state: Path, log: IO[bytes]) -> tuple[subprocess.Popen[bytes], httpx.Client]:
-    """``lorasup serve`` on ``state`` (CPU slots), and a client of its socket, once it
-    answers ``/healthz`` (30 s at most)."""
+def start_daemon(state: Path, log: IO[bytes], *extra: str
+                 ) -> tuple[subprocess.Popen[bytes], httpx.Client]:
+    """``lorasup serve`` on ``state`` (CPU slots; ``extra``: more of its flags), and a
+    client of its socket (sending the CLI's CSRF header), once it answers ``/healthz``
+    (30 s at most)."""
     daemon = subprocess.Popen(
         [sys.executable, "-m", "lorasup", "serve", "--state-dir", str(state), "--gpus",
-         "none", "--log-format", "json"], stdout=log, stderr=subprocess.STDOUT, env=env())
+         "none", "--log-format", "json", *extra], stdout=log, stderr=subprocess.STDOUT,
+        env=env())
     http = httpx.Client(transport=httpx.HTTPTransport(uds=str(state / "lorasup.sock")),
-                        base_url="http://lorasup", timeout=30)
+                        base_url="http://lorasup", timeout=30,
+                        headers={"X-Lorasup-CSRF": "1"})
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         try:
