@@ -40,13 +40,14 @@ def _internal(exc: BaseException) -> str:
     return f"internal: {type(exc).__name__}" + (f": {text}" if text else "")
 
 
-async def _send_json(send: Any, status: int, content: dict[str, Any]) -> None:
-    """A JSON answer written by Guard itself; the connection is closed after it (a body may
-    be left unread)."""
+async def send_json(send: Any, status: int, content: dict[str, Any],
+                    headers: list[tuple[bytes, bytes]] | None = None) -> None:
+    """A JSON answer written by an ASGI layer itself (Guard, Shield, TokenAuth), before any
+    route; the connection is closed after it (a body may be left unread)."""
     body = json.dumps(content).encode()
     await send({"type": "http.response.start", "status": status, "headers": [
         (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-        (b"connection", b"close")]})
+        (b"connection", b"close"), *(headers or [])]})
     await send({"type": "http.response.body", "body": body})
 
 
@@ -67,10 +68,10 @@ class Guard:
         too_big = ApiError(413, f"the body is larger than {self.max_body} bytes")
         length = dict(scope.get("headers") or []).get(b"content-length")
         if length is not None and (not length.isdigit() or len(length) > 18):
-            await _send_json(send, 400, {"error": "invalid Content-Length"})
+            await send_json(send, 400, {"error": "invalid Content-Length"})
             return
         if length is not None and int(length) > self.max_body:
-            await _send_json(send, too_big.status, {"error": too_big.message})
+            await send_json(send, too_big.status, {"error": too_big.message})
             return
         started = False
         received = 0
@@ -94,7 +95,7 @@ class Guard:
             await self.app(scope, counting_receive, watching_send)
         except ApiError as exc:  # raised outside starlette's handlers (none today)
             if not started:
-                await _send_json(send, exc.status, {"error": exc.message})
+                await send_json(send, exc.status, {"error": exc.message})
         except Exception as exc:
             from starlette.requests import ClientDisconnect
 
@@ -106,4 +107,4 @@ class Guard:
                       path=ascii(str(scope.get("path", ""))[:200]), error=_internal(exc),
                       exc_info=exc)
             if not started:
-                await _send_json(send, 500, {"error": _internal(exc)})
+                await send_json(send, 500, {"error": _internal(exc)})

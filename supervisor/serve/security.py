@@ -25,9 +25,10 @@ dashboard can never load anything from another origin.
 from __future__ import annotations
 
 import ipaddress
-import json
 from collections.abc import Callable
 from typing import Any
+
+from lorasup.supervisor.serve.door import send_json
 
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1", "lorasup"})
 SAFE_METHODS = frozenset({"GET", "HEAD"})
@@ -143,12 +144,7 @@ class Shield:
         refused = self.refusal(scope)
         if refused is not None:
             status, message = refused
-            body = json.dumps({"error": message}).encode()
-            await send({"type": "http.response.start", "status": status, "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()), (b"connection", b"close"),
-                *SECURITY_HEADERS]})
-            await send({"type": "http.response.body", "body": body})
+            await send_json(send, status, {"error": message}, SECURITY_HEADERS)
             return
 
         async def secured_send(message: Any) -> None:

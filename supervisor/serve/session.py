@@ -22,16 +22,22 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import parse_qsl
 
+from lorasup.supervisor.serve.door import send_json
 from lorasup.supervisor.serve.security import CSRF_HEADER, SAFE_METHODS
 
 #: set in a request's scope when it was let through without credentials (a page shell)
 PUBLIC_KEY = "lorasup.public"
 _PURPOSE = b"lorasup dashboard session v1"
+
+
+async def _refuse(send: Any, status: int, message: str) -> None:
+    """A JSON refusal; a 401 names the way in (``WWW-Authenticate: Bearer``)."""
+    challenge = [(b"www-authenticate", b"Bearer")] if status == 401 else None
+    await send_json(send, status, {"error": message}, challenge)
 
 
 def session_value(token: str) -> str:
@@ -54,15 +60,6 @@ def _cookies(header: bytes) -> dict[str, str]:
     return out
 
 
-async def _refuse(send: Any, status: int, message: str,
-                  extra: list[tuple[bytes, bytes]] | None = None) -> None:
-    body = json.dumps({"error": message}).encode()
-    await send({"type": "http.response.start", "status": status, "headers": [
-        (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-        *(extra or [])]})
-    await send({"type": "http.response.body", "body": body})
-
-
 class TokenAuth:
     """ASGI layer of the TCP listener applying the module's rules. ``is_page(scope)``: a
     browser asking for a page; ``is_public(scope)``: served without credentials."""
@@ -77,24 +74,22 @@ class TokenAuth:
         self.is_page = is_page
         self.is_public = is_public
 
-    def _set_cookie(self, scope: dict[str, Any]) -> tuple[bytes, bytes]:
-        tls = scope.get("scheme") == "https"
+    def _cookie_name(self, scope: dict[str, Any]) -> str:
+        """This listener's cookie name (its port; ``__Host-`` under TLS)."""
         server = scope.get("server")
         port = server[1] if isinstance(server, tuple | list) and len(server) > 1 else None
-        name = cookie_name(port if isinstance(port, int) else None, tls)
-        value = (f"{name}={self.session.decode()}; Path=/; HttpOnly; SameSite=Strict"
-                 + ("; Secure" if tls else ""))
+        return cookie_name(port if isinstance(port, int) else None,
+                           scope.get("scheme") == "https")
+
+    def _set_cookie(self, scope: dict[str, Any]) -> tuple[bytes, bytes]:
+        secure = "; Secure" if scope.get("scheme") == "https" else ""
+        value = (f"{self._cookie_name(scope)}={self.session.decode()}; Path=/; HttpOnly; "
+                 f"SameSite=Strict{secure}")
         return b"set-cookie", value.encode()
 
     def _cookie_ok(self, scope: dict[str, Any], headers: dict[bytes, bytes]) -> bool:
         raw = headers.get(b"cookie")
-        if raw is None:
-            return False
-        given = _cookies(raw)
-        tls = scope.get("scheme") == "https"
-        server = scope.get("server")
-        port = server[1] if isinstance(server, tuple | list) and len(server) > 1 else None
-        value = given.get(cookie_name(port if isinstance(port, int) else None, tls))
+        value = None if raw is None else _cookies(raw).get(self._cookie_name(scope))
         return value is not None and hmac.compare_digest(value.encode(), self.session)
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -125,21 +120,18 @@ class TokenAuth:
         if self.is_public(scope):
             await self.app({**scope, PUBLIC_KEY: True}, receive, send)
             return
-        await _refuse(send, 401, "a bearer token is required (Authorization: Bearer ..., or "
-                                 "open the dashboard once as /?token=...)",
-                      [(b"www-authenticate", b"Bearer")])
+        await _refuse(send, 401, "a bearer token is required (Authorization: Bearer ..., "
+                                 "or open the dashboard once as /?token=...)")
 
     async def _exchange(self, scope: dict[str, Any], send: Any, given: str) -> None:
         """``?token=``: only on a page, answered with the cookie and a redirect that takes
         the token off the address."""
         if not self.is_page(scope):
             await _refuse(send, 401, "the token goes in an Authorization: Bearer header; "
-                                     "?token= is taken only by the dashboard's pages",
-                          [(b"www-authenticate", b"Bearer")])
+                                     "?token= is taken only by the dashboard's pages")
             return
         if not hmac.compare_digest(given.encode("utf-8", "surrogateescape"), self.token):
-            await _refuse(send, 401, "wrong token in the address (?token=...)",
-                          [(b"www-authenticate", b"Bearer")])
+            await _refuse(send, 401, "wrong token in the address (?token=...)")
             return
         path = scope.get("raw_path") or scope.get("path", "/").encode()
         location = path if path.startswith(b"/") and not path.startswith(b"//") else b"/"
