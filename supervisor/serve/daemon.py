@@ -14,6 +14,7 @@ import os
 import signal
 import socket
 import time
+from collections import OrderedDict
 from typing import Any
 
 import anyio
@@ -75,6 +76,8 @@ class Daemon(Views, Dispatch, Attempts, Settling, Recovery, StorageFaults, GpuMe
         self._child_umask = -1
         #: --until-empty counts its idle time from the start (the first submit may follow)
         self._idle_since: float | None = time.monotonic()
+        #: GPU memory peaks per job (gpumemory.py), the newest kept
+        self._gpu_peaks: OrderedDict[int, dict[str, Any]] = OrderedDict()
 
     async def run(self) -> int:
         """Serve until SIGTERM/SIGINT (or an empty queue with --until-empty); the exit code."""

@@ -72,7 +72,6 @@ class GpuMemory(DaemonParts):
     async def _sample_gpu_memory(self) -> None:
         """Every SAMPLE_SECONDS: the memory of each running job's devices (a task of the
         daemon's task group)."""
-        self._gpu_peaks = OrderedDict()
         if not self.gpu_mode:
             self._gpu_memory_off = "CPU slot"
             return
@@ -124,9 +123,8 @@ class GpuMemory(DaemonParts):
         this daemon sampled the job."""
         out: dict[str, Any] = {}
         run = self.running.get(job_id)
-        peaks = getattr(self, "_gpu_peaks", None) or {}
-        if job_id in peaks:
-            out["gpu_memory_peak"] = dict(peaks[job_id])
+        if job_id in self._gpu_peaks:
+            out["gpu_memory_peak"] = dict(self._gpu_peaks[job_id])
         if state == "running" and run is not None and run.gpu_memory is not None:
             out["gpu_memory"] = dict(run.gpu_memory)
             return out
